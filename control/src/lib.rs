@@ -1,0 +1,1 @@
+//! HAST control plane.

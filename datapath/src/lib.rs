@@ -1,0 +1,9 @@
+//! HAST data path: on-disk metadata and activemap, direct local I/O, the
+//! block export (NBD), and (later) replication and synchronisation.
+//!
+//! Pure logic (metadata codec, activemap, NBD protocol codec) lives in
+//! modules with no I/O so that it is unit- and property-tested without
+//! glommio; the I/O modules drive it.
+
+pub mod export;
+pub mod nbd;

@@ -1,0 +1,1 @@
+//! NBD export (being written).

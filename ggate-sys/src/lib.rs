@@ -1,0 +1,1 @@
+//! FreeBSD GEOM Gate bindings (placeholder while being written).
