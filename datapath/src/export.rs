@@ -77,8 +77,12 @@ pub trait BlockBackend: 'static {
     async fn read(&self, offset: u64, len: u32) -> Result<Self::ReadBuf, BackendError>;
 
     /// Write `data` (its whole length) at `offset`.
-    async fn write(&self, offset: u64, data: DmaBuffer, flags: WriteFlags)
-        -> Result<(), BackendError>;
+    async fn write(
+        &self,
+        offset: u64,
+        data: DmaBuffer,
+        flags: WriteFlags,
+    ) -> Result<(), BackendError>;
 
     /// Make every write completed before this call durable.
     async fn flush(&self) -> Result<(), BackendError>;
@@ -88,6 +92,10 @@ pub trait BlockBackend: 'static {
     async fn trim(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<(), BackendError>;
 
     /// Write zeros over a range.
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags)
-        -> Result<(), BackendError>;
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> Result<(), BackendError>;
 }

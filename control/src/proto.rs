@@ -1,0 +1,189 @@
+//! The control socket protocol between `hastctl` and `hastd`: one JSON
+//! object per line in each direction, one request per connection. See
+//! `docs/control.md`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use hast_datapath::metadata::Role;
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; bumped on incompatible changes.
+pub const CONTROL_VERSION: u32 = 1;
+/// Longest request or reply line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A request from hastctl.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// Status of resources (`all` or names); used by `status` and `list`.
+    Status {
+        /// Resource names, or `["all"]`.
+        resources: Vec<String>,
+    },
+    /// Change the role of resources.
+    Role {
+        /// The new role.
+        role: Role,
+        /// Resource names, or `["all"]`.
+        resources: Vec<String>,
+    },
+}
+
+/// Envelope of a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    /// Protocol version of the client.
+    pub version: u32,
+    /// The request.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// Counters of `hastctl list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statistics {
+    /// Reads served.
+    pub reads: u64,
+    /// Writes served.
+    pub writes: u64,
+    /// Discards served.
+    pub deletes: u64,
+    /// Flushes served.
+    pub flushes: u64,
+    /// Activemap metadata writes.
+    pub activemap_updates: u64,
+}
+
+/// Local error counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalErrors {
+    /// Failed local reads.
+    pub read: u64,
+    /// Failed local writes.
+    pub write: u64,
+    /// Failed local discards.
+    pub delete: u64,
+    /// Failed local flushes.
+    pub flush: u64,
+}
+
+/// Queue depths.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queues {
+    /// Requests in local processing.
+    pub local: u64,
+    /// Requests waiting to be sent to the peer.
+    pub send: u64,
+    /// Requests waiting for the peer's reply.
+    pub recv: u64,
+    /// Requests completed, reply not yet sent to the client.
+    pub done: u64,
+    /// Free request slots.
+    pub idle: u64,
+}
+
+/// Everything `hastctl status`/`list` shows about one resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceReport {
+    /// Resource name.
+    pub name: String,
+    /// Current role.
+    pub role: String,
+    /// Provider (device) name.
+    pub provname: String,
+    /// Local provider path.
+    pub localpath: String,
+    /// Extent size in bytes (0 when the provider is not open).
+    pub extentsize: u64,
+    /// Keepdirty (0 when the provider is not open).
+    pub keepdirty: u64,
+    /// Remote address, or `none`.
+    pub remoteaddr: String,
+    /// Source address, when configured.
+    pub sourceaddr: Option<String>,
+    /// Replication mode.
+    pub replication: String,
+    /// `complete`, `degraded`, or None in role init.
+    pub status: Option<String>,
+    /// Process serving the resource (0 when idle).
+    pub workerpid: u32,
+    /// Bytes needing synchronisation.
+    pub dirty: u64,
+    /// Extents marked in the on-disk activemap.
+    pub ondisk_extents: u64,
+    /// Exported size in bytes (0 when the provider is not open).
+    pub datasize: u64,
+    /// The primary's NBD socket, when exporting.
+    pub export: Option<String>,
+    /// Connected NBD clients.
+    pub clients: u64,
+    /// Counters.
+    pub statistics: Statistics,
+    /// Local error counters.
+    pub local_errors: LocalErrors,
+    /// Queue depths.
+    pub queues: Queues,
+    /// Per-resource error of a role change.
+    pub error: Option<String>,
+    /// Role before a role change.
+    pub previous_role: Option<String>,
+}
+
+/// Reply of hastd.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version of the server.
+    pub version: u32,
+    /// A request-level error (bad request, unknown resource).
+    pub error: Option<String>,
+    /// Per-resource results.
+    pub resources: Vec<ResourceReport>,
+}
+
+/// Sends one request and waits for the reply.
+pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Response, String> {
+    let stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot connect to hastd via {}: {e} (is hastd running with this configuration?)",
+            socket.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|_| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let env = RequestEnvelope {
+        version: CONTROL_VERSION,
+        request,
+    };
+    let mut line = serde_json::to_string(&env).map_err(|e| e.to_string())?;
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("cannot send command to hastd via {}: {e}", socket.display()))?;
+    let reply = read_line(&stream).map_err(|e| {
+        format!(
+            "cannot receive reply from hastd via {}: {e}",
+            socket.display()
+        )
+    })?;
+    serde_json::from_str(&reply).map_err(|e| format!("malformed reply from hastd: {e}"))
+}
+
+/// Reads one bounded line.
+pub fn read_line(stream: &UnixStream) -> std::io::Result<String> {
+    let mut reader = BufReader::new(stream).take(MAX_LINE as u64);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.ends_with('\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "line too long or connection closed",
+        ));
+    }
+    Ok(line)
+}

@@ -1,0 +1,169 @@
+//! Human output of `hastctl status`, `list` and `dump`, in the original's
+//! `field: value` form.
+
+use std::fmt::Write as _;
+
+use hast_datapath::metadata::Metadata;
+
+use crate::proto::ResourceReport;
+use crate::size::with_human;
+
+/// `hastctl status`: the terse table.
+pub fn status_table(resources: &[ResourceReport]) -> String {
+    let mut out = String::new();
+    if resources.is_empty() {
+        return out;
+    }
+    out.push_str("Name\tStatus\t Role\t\tComponents\n");
+    for r in resources {
+        let _ = write!(out, "{}\t", r.name);
+        if let Some(e) = &r.error {
+            let _ = writeln!(out, "ERROR {e}");
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "{:<9}{:<15}{}\t{}",
+            r.status.as_deref().unwrap_or("-"),
+            r.role,
+            r.localpath,
+            r.remoteaddr
+        );
+    }
+    out
+}
+
+/// `hastctl list`: every field, one per line.
+pub fn list(resources: &[ResourceReport]) -> String {
+    let mut out = String::new();
+    for r in resources {
+        let _ = writeln!(out, "{}:", r.name);
+        if let Some(e) = &r.error {
+            let _ = writeln!(out, "  error: {e}");
+            continue;
+        }
+        let _ = writeln!(out, "  role: {}", r.role);
+        let _ = writeln!(out, "  provname: {}", r.provname);
+        let _ = writeln!(out, "  localpath: {}", r.localpath);
+        let _ = writeln!(out, "  extentsize: {}", with_human(r.extentsize));
+        let _ = writeln!(out, "  keepdirty: {}", r.keepdirty);
+        let _ = writeln!(out, "  remoteaddr: {}", r.remoteaddr);
+        if let Some(s) = &r.sourceaddr {
+            let _ = writeln!(out, "  sourceaddr: {s}");
+        }
+        let _ = writeln!(out, "  replication: {}", r.replication);
+        if let Some(s) = &r.status {
+            let _ = writeln!(out, "  status: {s}");
+        }
+        if r.workerpid != 0 {
+            let _ = writeln!(out, "  workerpid: {}", r.workerpid);
+        }
+        let _ = writeln!(out, "  dirty: {}", with_human(r.dirty));
+        if r.datasize != 0 {
+            let _ = writeln!(out, "  datasize: {}", with_human(r.datasize));
+        }
+        if let Some(e) = &r.export {
+            let _ = writeln!(out, "  export: {e}");
+            let _ = writeln!(out, "  clients: {}", r.clients);
+        }
+        let s = &r.statistics;
+        let _ = writeln!(out, "  statistics:");
+        let _ = writeln!(out, "    reads: {}", s.reads);
+        let _ = writeln!(out, "    writes: {}", s.writes);
+        let _ = writeln!(out, "    deletes: {}", s.deletes);
+        let _ = writeln!(out, "    flushes: {}", s.flushes);
+        let _ = writeln!(out, "    activemap updates: {}", s.activemap_updates);
+        let e = &r.local_errors;
+        let _ = writeln!(
+            out,
+            "    local errors: read: {}, write: {}, delete: {}, flush: {}",
+            e.read, e.write, e.delete, e.flush
+        );
+        let q = &r.queues;
+        let _ = writeln!(
+            out,
+            "    queues: local: {}, send: {}, recv: {}, done: {}, idle: {}",
+            q.local, q.send, q.recv, q.done, q.idle
+        );
+    }
+    out
+}
+
+/// `hastctl dump`: the metadata read from disk, plus what the on-disk
+/// activemap marks (the extents a restart would resynchronise).
+pub fn dump(md: &Metadata, ondisk_extents: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "resource: {}", md.resource);
+    let _ = writeln!(out, "    datasize: {}", with_human(md.datasize));
+    let _ = writeln!(
+        out,
+        "    extentsize: {}",
+        with_human(u64::from(md.extentsize))
+    );
+    let _ = writeln!(out, "    keepdirty: {}", md.keepdirty);
+    let _ = writeln!(out, "    localoff: {}", md.localoff);
+    let _ = writeln!(out, "    resuid: {}", md.resuid);
+    let _ = writeln!(out, "    localcnt: {}", md.localcnt);
+    let _ = writeln!(out, "    remotecnt: {}", md.remotecnt);
+    let _ = writeln!(out, "    prevrole: {}", md.prevrole);
+    let bytes = (ondisk_extents * u64::from(md.extentsize)).min(md.datasize);
+    let _ = writeln!(
+        out,
+        "    dirty: {ondisk_extents} extents, {}",
+        with_human(bytes)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ResourceReport {
+        ResourceReport {
+            name: "disk1".into(),
+            role: "primary".into(),
+            provname: "disk1".into(),
+            localpath: "/tmp/d1.img".into(),
+            extentsize: 2 << 20,
+            keepdirty: 64,
+            remoteaddr: "none".into(),
+            replication: "memsync".into(),
+            status: Some("degraded".into()),
+            workerpid: 42,
+            dirty: 4 << 20,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn list_has_the_original_fields() {
+        let text = list(&[sample()]);
+        for line in [
+            "disk1:",
+            "  role: primary",
+            "  extentsize: 2097152 (2.0MB)",
+            "  status: degraded",
+            "  dirty: 4194304 (4.0MB)",
+            "    activemap updates: 0",
+            "    local errors: read: 0, write: 0, delete: 0, flush: 0",
+            "    queues: local: 0, send: 0, recv: 0, done: 0, idle: 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_table_columns() {
+        let text = status_table(&[sample()]);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("Name\tStatus\t Role\t\tComponents"));
+        assert_eq!(
+            lines.next(),
+            Some("disk1\tdegraded primary        /tmp/d1.img\tnone")
+        );
+    }
+}

@@ -1,0 +1,527 @@
+//! The transmission phase of one connection.
+//!
+//! Structure (all tasks on the export's executor):
+//!
+//! - the **reader** (the connection task itself) reads one request at a
+//!   time: header, validation, then a write's payload straight into a
+//!   backend buffer; it spawns one **request task** per valid request and
+//!   queues an error reply for an invalid one;
+//! - **request tasks** call the backend and queue their reply; they run
+//!   concurrently, so replies leave in completion order, not request order;
+//! - the **writer** task is the only one that writes to the socket: it takes
+//!   replies from a bounded channel and sends header (+ read data).
+//!
+//! glommio streams cannot be split, so the stream is split with
+//! [`futures_lite::io::split`]: both halves share the stream behind a mutex
+//! that is only held inside a single `poll_read`/`poll_write` call (never
+//! across an await), and glommio keeps separate read and write wakers, so
+//! the reader and the writer never block each other. (Duplicating the file
+//! descriptor would need the raw fd, which glommio's `UnixStream` does not
+//! expose.)
+//!
+//! Bounds:
+//! - in-flight requests: a semaphore of `max_inflight` permits, taken before
+//!   a request header is read and released only when its reply has been
+//!   written (or dropped), so at most `max_inflight` requests are executing
+//!   or queued for the writer; the reply channel has that capacity and never
+//!   fills;
+//! - payload bytes: the export-wide budget semaphore; a read or write takes
+//!   `len` units before its buffer exists and gives them back when the reply
+//!   has been written;
+//! - a rejected write's payload is discarded in chunks of at most
+//!   [`DISCARD_CHUNK`] bytes.
+//!
+//! Ending: on `NBD_CMD_DISC`, end of stream, a framing error, a writer
+//! failure or the export's stop signal the reader stops reading; every
+//! request task is then awaited (backend operations are never cancelled),
+//! the writer drains the queued replies (for at most [`DRAIN_TIMEOUT`]) and
+//! shuts the socket down.
+
+use std::io;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::io::DmaBuffer;
+use glommio::net::UnixStream;
+use glommio::sync::{Gate, Semaphore, StaticPermit};
+use tracing::Instrument;
+
+use super::proto::{self, Errno, ExportLimits, Op, Request, RequestError, SimpleReplyHeader};
+use super::signal::Signal;
+use crate::export::{BlockBackend, WriteFlags};
+
+/// How long the writer may take to send the replies still queued once the
+/// connection is ending (the client may have stopped reading).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest chunk read at once when discarding a rejected write's payload.
+pub(crate) const DISCARD_CHUNK: usize = 64 * 1024;
+/// Read data up to this size is copied behind the reply header so that the
+/// reply leaves in one `send`; larger data is sent from the backend buffer.
+const SMALL_REPLY: usize = 4096;
+
+/// What a connection needs from its export.
+pub(crate) struct ConnParams<B: BlockBackend> {
+    /// The backend.
+    pub backend: Rc<B>,
+    /// Size, payload limit, read-only.
+    pub limits: ExportLimits,
+    /// In-flight requests on this connection.
+    pub max_inflight: usize,
+    /// Export-wide payload byte budget.
+    pub budget: Rc<Semaphore>,
+    /// Fired when the export shuts down.
+    pub stop: Signal,
+}
+
+/// Why the transmission phase ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnEnd {
+    /// `NBD_CMD_DISC`.
+    #[error("client disconnected")]
+    Disconnect,
+    /// End of stream between requests.
+    #[error("client closed the connection without NBD_CMD_DISC")]
+    ClientClosed,
+    /// The export is shutting down.
+    #[error("export shutting down")]
+    Stopped,
+    /// A reply could not be written.
+    #[error("writing a reply failed")]
+    WriterFailed,
+    /// Bad request magic: framing is lost.
+    #[error("protocol error: {0}")]
+    Framing(RequestError),
+    /// Socket error (including end of stream inside a request).
+    #[error("I/O error: {0}")]
+    Io(io::Error),
+}
+
+impl ConnEnd {
+    /// Whether this is an ordinary end (info) rather than a failure (warn).
+    pub(crate) fn is_ordinary(&self) -> bool {
+        matches!(self, Self::Disconnect | Self::ClientClosed | Self::Stopped)
+    }
+}
+
+/// Permits held by a request until its reply has been written.
+struct Permits {
+    _inflight: StaticPermit,
+    _budget: Option<StaticPermit>,
+}
+
+/// A reply waiting for the writer.
+struct Reply<R> {
+    handle: u64,
+    result: Result<Option<R>, Errno>,
+    _permits: Permits,
+}
+
+/// Work for the backend.
+enum Job {
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        buf: DmaBuffer,
+        flags: WriteFlags,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u32,
+        flags: WriteFlags,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        flags: WriteFlags,
+    },
+}
+
+/// One request taken off the socket.
+enum Incoming {
+    /// A valid request for the backend.
+    Job {
+        req: Request,
+        job: Job,
+        permits: Permits,
+    },
+    /// An invalid request (payload already discarded): reply `errno`.
+    Reject {
+        req: Request,
+        errno: Errno,
+        permits: Permits,
+    },
+    /// `NBD_CMD_DISC`.
+    Disconnect,
+}
+
+/// Serve requests on `stream` (after a successful handshake) until the
+/// connection ends; returns why, and how many requests were answered or
+/// rejected.
+pub(crate) async fn serve<B: BlockBackend>(
+    stream: UnixStream,
+    params: ConnParams<B>,
+) -> (ConnEnd, u64) {
+    let (mut reader, writer) = futures_lite::io::split(stream);
+    let (tx, rx) = local_channel::new_bounded(params.max_inflight);
+    let tx = Rc::new(tx);
+    let abort = Signal::new();
+    let writer_task = glommio::spawn_local(
+        write_replies(writer, rx, abort.clone()).instrument(tracing::Span::current()),
+    );
+    let requests = Gate::new();
+    let inflight = Rc::new(Semaphore::new(params.max_inflight as u64));
+    let mut count = 0u64;
+    let end = read_loop(
+        &mut reader,
+        &params,
+        &inflight,
+        &requests,
+        &tx,
+        &abort,
+        &mut count,
+    )
+    .await;
+
+    // Backend operations already started always run to completion.
+    let _ = requests.close().await;
+    drop(tx);
+    let drained = future::or(
+        async {
+            writer_task.await;
+            true
+        },
+        async {
+            glommio::timer::sleep(DRAIN_TIMEOUT).await;
+            false
+        },
+    )
+    .await;
+    if !drained {
+        tracing::warn!("client did not read its replies within {DRAIN_TIMEOUT:?}; closing");
+    }
+    (end, count)
+}
+
+/// Read and dispatch requests until the connection must end.
+async fn read_loop<B, R>(
+    reader: &mut R,
+    params: &ConnParams<B>,
+    inflight: &Rc<Semaphore>,
+    requests: &Gate,
+    tx: &Rc<LocalSender<Reply<B::ReadBuf>>>,
+    abort: &Signal,
+    count: &mut u64,
+) -> ConnEnd
+where
+    B: BlockBackend,
+    R: AsyncRead + Unpin,
+{
+    loop {
+        if abort.is_fired() {
+            return ConnEnd::WriterFailed;
+        }
+        if params.stop.is_fired() {
+            return ConnEnd::Stopped;
+        }
+        let next = future::or(
+            async { Some(next_request(reader, params, inflight).await) },
+            async {
+                future::or(params.stop.wait(), abort.wait()).await;
+                None
+            },
+        )
+        .await;
+        let incoming = match next {
+            None => continue, // the checks at the top say why
+            Some(Ok(incoming)) => incoming,
+            Some(Err(end)) => return end,
+        };
+        *count += 1;
+        match incoming {
+            Incoming::Disconnect => return ConnEnd::Disconnect,
+            Incoming::Reject {
+                req,
+                errno,
+                permits,
+            } => {
+                tracing::warn!(?req, error = %errno, "rejected request");
+                let reply = Reply {
+                    handle: req.handle,
+                    result: Err(errno),
+                    _permits: permits,
+                };
+                let _ = tx.send(reply).await;
+            }
+            Incoming::Job { req, job, permits } => {
+                spawn_request(params, requests, tx, req, job, permits);
+            }
+        }
+    }
+}
+
+/// Take the next request off the socket: header, validation, payload.
+async fn next_request<B, R>(
+    reader: &mut R,
+    params: &ConnParams<B>,
+    inflight: &Rc<Semaphore>,
+) -> Result<Incoming, ConnEnd>
+where
+    B: BlockBackend,
+    R: AsyncRead + Unpin,
+{
+    let inflight = inflight
+        .acquire_static_permit(1)
+        .await
+        .map_err(|_| ConnEnd::Stopped)?;
+    let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
+    if !read_header(reader, &mut hdr).await.map_err(ConnEnd::Io)? {
+        return Err(ConnEnd::ClientClosed);
+    }
+    let req = Request::parse(&hdr).map_err(ConnEnd::Framing)?;
+    let op = match proto::validate(&req, &params.limits) {
+        Ok(op) => op,
+        Err(errno) => {
+            discard(reader, req.payload_len())
+                .await
+                .map_err(ConnEnd::Io)?;
+            let permits = Permits {
+                _inflight: inflight,
+                _budget: None,
+            };
+            return Ok(Incoming::Reject {
+                req,
+                errno,
+                permits,
+            });
+        }
+    };
+    let (job, budget) = match op {
+        Op::Disconnect => return Ok(Incoming::Disconnect),
+        Op::Flush => (Job::Flush, None),
+        Op::Trim { offset, len, flags } => (Job::Trim { offset, len, flags }, None),
+        Op::WriteZeroes { offset, len, flags } => (Job::WriteZeroes { offset, len, flags }, None),
+        Op::Read { offset, len } => (Job::Read { offset, len }, Some(budget(params, len).await?)),
+        Op::Write { offset, len, flags } => {
+            let permit = budget(params, len).await?;
+            match receive_payload(reader, params, len)
+                .await
+                .map_err(ConnEnd::Io)?
+            {
+                Some(buf) => (Job::Write { offset, buf, flags }, Some(permit)),
+                None => {
+                    let permits = Permits {
+                        _inflight: inflight,
+                        _budget: None,
+                    };
+                    return Ok(Incoming::Reject {
+                        req,
+                        errno: Errno::Io,
+                        permits,
+                    });
+                }
+            }
+        }
+    };
+    let permits = Permits {
+        _inflight: inflight,
+        _budget: budget,
+    };
+    Ok(Incoming::Job { req, job, permits })
+}
+
+/// Take `len` bytes of the export's payload budget.
+async fn budget<B: BlockBackend>(
+    params: &ConnParams<B>,
+    len: u32,
+) -> Result<StaticPermit, ConnEnd> {
+    params
+        .budget
+        .acquire_static_permit(u64::from(len))
+        .await
+        .map_err(|_| ConnEnd::Stopped)
+}
+
+/// Read a write's payload into a backend buffer. `None` (payload discarded)
+/// if the backend handed out a buffer shorter than asked for.
+async fn receive_payload<B, R>(
+    reader: &mut R,
+    params: &ConnParams<B>,
+    len: u32,
+) -> io::Result<Option<DmaBuffer>>
+where
+    B: BlockBackend,
+    R: AsyncRead + Unpin,
+{
+    let want = len as usize;
+    let mut buf = params.backend.alloc_buffer(want);
+    if buf.len() < want {
+        tracing::warn!(
+            asked = want,
+            got = buf.len(),
+            "backend returned a short buffer"
+        );
+        discard(reader, len).await?;
+        return Ok(None);
+    }
+    if buf.len() > want {
+        buf.trim_to_size(want);
+    }
+    reader.read_exact(buf.as_bytes_mut()).await?;
+    Ok(Some(buf))
+}
+
+/// Spawn the task that runs `job` and queues its reply.
+fn spawn_request<B: BlockBackend>(
+    params: &ConnParams<B>,
+    requests: &Gate,
+    tx: &Rc<LocalSender<Reply<B::ReadBuf>>>,
+    req: Request,
+    job: Job,
+    permits: Permits,
+) {
+    let backend = params.backend.clone();
+    let task_tx = tx.clone();
+    let task = async move {
+        let result = run_job(&*backend, job).await;
+        if let Err(errno) = result {
+            tracing::warn!(?req, error = %errno, "request failed");
+        }
+        let reply = Reply {
+            handle: req.handle,
+            result,
+            _permits: permits,
+        };
+        // Fails only if the writer is gone; the connection is ending then.
+        let _ = task_tx.send(reply).await;
+    };
+    match requests.spawn(task.instrument(tracing::Span::current())) {
+        Ok(task) => {
+            task.detach();
+        }
+        Err(_) => {
+            // The gate closes only after the read loop, so this is not
+            // expected; the future (and its permits) has been dropped.
+            tracing::warn!(?req, "could not start request");
+        }
+    }
+}
+
+/// Run one job on the backend.
+async fn run_job<B: BlockBackend>(backend: &B, job: Job) -> Result<Option<B::ReadBuf>, Errno> {
+    match job {
+        Job::Read { offset, len } => {
+            let data = backend.read(offset, len).await?;
+            if data.len() != len as usize {
+                tracing::warn!(
+                    offset,
+                    len,
+                    got = data.len(),
+                    "backend read returned a wrong length"
+                );
+                return Err(Errno::Io);
+            }
+            Ok(Some(data))
+        }
+        Job::Write { offset, buf, flags } => {
+            backend.write(offset, buf, flags).await?;
+            Ok(None)
+        }
+        Job::Flush => {
+            backend.flush().await?;
+            Ok(None)
+        }
+        Job::Trim { offset, len, flags } => {
+            backend.trim(offset, u64::from(len), flags).await?;
+            Ok(None)
+        }
+        Job::WriteZeroes { offset, len, flags } => {
+            backend.write_zeroes(offset, u64::from(len), flags).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The writer task: send queued replies until every sender is gone, then
+/// shut the socket down for writing. On a write error, fire `abort` so the
+/// reader stops, and drop the queue (which releases its permits).
+async fn write_replies<W, D>(mut w: W, rx: LocalReceiver<Reply<D>>, abort: Signal)
+where
+    W: AsyncWrite + Unpin,
+    D: std::ops::Deref<Target = [u8]>,
+{
+    let mut staging = Vec::with_capacity(proto::SIMPLE_REPLY_HEADER_LEN + SMALL_REPLY);
+    while let Some(reply) = rx.recv().await {
+        if let Err(e) = write_reply(&mut w, &reply, &mut staging).await {
+            tracing::info!(error = %e, "cannot send reply; closing connection");
+            abort.fire();
+            return;
+        }
+    }
+    let _ = w.close().await;
+}
+
+/// Send one simple reply: header, then the data of a successful read.
+async fn write_reply<W, D>(w: &mut W, reply: &Reply<D>, staging: &mut Vec<u8>) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    D: std::ops::Deref<Target = [u8]>,
+{
+    let (error, data) = match &reply.result {
+        Ok(data) => (None, data.as_deref()),
+        Err(errno) => (Some(*errno), None),
+    };
+    let hdr = SimpleReplyHeader::new(reply.handle, error).to_bytes();
+    match data {
+        Some(data) if data.len() > SMALL_REPLY => {
+            w.write_all(&hdr).await?;
+            w.write_all(data).await?;
+        }
+        Some(data) => {
+            staging.clear();
+            staging.extend_from_slice(&hdr);
+            staging.extend_from_slice(data);
+            w.write_all(staging).await?;
+        }
+        None => w.write_all(&hdr).await?,
+    }
+    w.flush().await
+}
+
+/// Read a request header. `Ok(false)` on a clean end of stream (nothing
+/// read); end of stream inside the header is an error.
+async fn read_header<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = r.read(&mut buf[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// Read and drop `len` bytes, at most [`DISCARD_CHUNK`] at a time.
+async fn discard<R: AsyncRead + Unpin>(r: &mut R, len: u32) -> io::Result<()> {
+    let mut left = len as usize;
+    if left == 0 {
+        return Ok(());
+    }
+    let mut scratch = vec![0u8; left.min(DISCARD_CHUNK)];
+    while left > 0 {
+        let n = left.min(scratch.len());
+        r.read_exact(&mut scratch[..n]).await?;
+        left -= n;
+    }
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! The node runtime: glommio executors ("shards"), each owning a fixed set
+//! of resources, and a thread-safe handle the control plane uses to change
+//! roles, read counters and shut down.
+//!
+//! The control plane reaches a resource only through its shard's bounded
+//! command channel and the resource's shared atomic counters: nothing on the
+//! data path takes a lock or hops cores.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::local::LocalDisk;
+use crate::metadata::Role;
+use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
+use crate::primary::Primary;
+use crate::stats::ResourceStats;
+
+/// Commands queued per shard at most (role changes are rare; the control
+/// socket handles one request at a time).
+const SHARD_QUEUE: usize = 64;
+
+/// What the data path needs to know about one resource.
+#[derive(Debug, Clone)]
+pub struct ResourceSpec {
+    /// Resource name (must match the provider's metadata).
+    pub name: String,
+    /// Provider name: the export name.
+    pub provname: String,
+    /// Local provider path.
+    pub localpath: PathBuf,
+    /// Flush the activemap after each update.
+    pub metaflush: bool,
+    /// Unix socket the primary serves NBD on.
+    pub export_socket: PathBuf,
+    /// Requests in flight per NBD connection.
+    pub max_inflight: usize,
+    /// Bytes of write payload buffered per export.
+    pub buffer_budget: usize,
+}
+
+/// Executor placement.
+#[derive(Debug, Clone, Default)]
+pub enum CpuPlacement {
+    /// Let the kernel schedule the executor threads.
+    #[default]
+    Unbound,
+    /// Pin shard `i` to `cpus[i % cpus.len()]`.
+    Pinned(Vec<usize>),
+}
+
+enum Cmd {
+    SetRole {
+        name: String,
+        role: Role,
+        reply: flume::Sender<Result<Role, String>>,
+    },
+    Shutdown {
+        reply: flume::Sender<()>,
+    },
+}
+
+struct Shard {
+    tx: flume::Sender<Cmd>,
+    join: std::sync::Mutex<Option<glommio::ExecutorJoinHandle<()>>>,
+}
+
+/// Handle on the running data path. `Send + Sync`: the control plane calls
+/// it from its own threads.
+pub struct Node {
+    shards: Vec<Shard>,
+    index: HashMap<String, (usize, Arc<ResourceStats>)>,
+}
+
+impl Node {
+    /// Starts `shards` executors (at least one, at most one per resource)
+    /// and assigns resources to them round-robin. Every resource starts in
+    /// role init.
+    pub fn start(
+        specs: Vec<ResourceSpec>,
+        shards: usize,
+        placement: CpuPlacement,
+    ) -> std::io::Result<Node> {
+        let nshards = shards.clamp(1, specs.len().max(1));
+        let mut per_shard: Vec<Vec<(ResourceSpec, Arc<ResourceStats>)>> =
+            (0..nshards).map(|_| Vec::new()).collect();
+        let mut index = HashMap::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let stats = Arc::new(ResourceStats::default());
+            index.insert(spec.name.clone(), (i % nshards, stats.clone()));
+            per_shard[i % nshards].push((spec, stats));
+        }
+        let mut out = Vec::with_capacity(nshards);
+        for (i, resources) in per_shard.into_iter().enumerate() {
+            let (tx, rx) = flume::bounded(SHARD_QUEUE);
+            let place = match &placement {
+                CpuPlacement::Unbound => Placement::Unbound,
+                CpuPlacement::Pinned(cpus) if !cpus.is_empty() => {
+                    Placement::Fixed(cpus[i % cpus.len()])
+                }
+                CpuPlacement::Pinned(_) => Placement::Unbound,
+            };
+            let join = LocalExecutorBuilder::new(place)
+                .name(&format!("hast-shard{i}"))
+                .spawn(move || shard_main(rx, resources))
+                .map_err(|e| std::io::Error::other(format!("cannot start executor {i}: {e}")))?;
+            out.push(Shard {
+                tx,
+                join: std::sync::Mutex::new(Some(join)),
+            });
+        }
+        Ok(Node { shards: out, index })
+    }
+
+    /// Counters of a resource.
+    pub fn stats(&self, name: &str) -> Option<Arc<ResourceStats>> {
+        self.index.get(name).map(|(_, s)| s.clone())
+    }
+
+    /// Changes the role of each named resource (concurrently across
+    /// shards). Returns, per resource, the previous role or an error text.
+    pub fn set_roles(&self, names: &[String], role: Role) -> Vec<(String, Result<Role, String>)> {
+        let mut pending = Vec::new();
+        for name in names {
+            let Some((shard, _)) = self.index.get(name) else {
+                pending.push((name.clone(), Err(format!("unknown resource '{name}'"))));
+                continue;
+            };
+            let (reply, rx) = flume::bounded(1);
+            let cmd = Cmd::SetRole {
+                name: name.clone(),
+                role,
+                reply,
+            };
+            match self.shards[*shard].tx.send(cmd) {
+                Ok(()) => pending.push((name.clone(), Ok(rx))),
+                Err(_) => pending.push((name.clone(), Err("data path is not running".into()))),
+            }
+        }
+        pending
+            .into_iter()
+            .map(|(name, r)| {
+                let res = match r {
+                    Ok(rx) => rx
+                        .recv()
+                        .unwrap_or_else(|_| Err("data path stopped during the role change".into())),
+                    Err(e) => Err(e),
+                };
+                (name, res)
+            })
+            .collect()
+    }
+
+    /// Stops every resource cleanly (exports drained, activemaps and
+    /// metadata stored) and joins the executors. Later calls do nothing.
+    pub fn shutdown(&self) {
+        let mut waits = Vec::new();
+        for shard in &self.shards {
+            let (reply, rx) = flume::bounded(1);
+            if shard.tx.send(Cmd::Shutdown { reply }).is_ok() {
+                waits.push(rx);
+            }
+        }
+        for rx in waits {
+            let _ = rx.recv();
+        }
+        for shard in &self.shards {
+            let join = shard.join.lock().map(|mut j| j.take()).unwrap_or(None);
+            if let Some(j) = join {
+                if let Err(e) = j.join() {
+                    tracing::error!(error = %e, "executor ended with an error");
+                }
+            }
+        }
+    }
+}
+
+/// State of one resource on its shard.
+struct Res {
+    spec: ResourceSpec,
+    stats: Arc<ResourceStats>,
+    role: Role,
+    active: Active,
+}
+
+enum Active {
+    Idle,
+    Primary {
+        primary: Rc<Primary>,
+        export: NbdHandle,
+    },
+    Secondary {
+        disk: Rc<LocalDisk>,
+    },
+}
+
+async fn shard_main(rx: flume::Receiver<Cmd>, resources: Vec<(ResourceSpec, Arc<ResourceStats>)>) {
+    let mut state: HashMap<String, Res> = resources
+        .into_iter()
+        .map(|(spec, stats)| {
+            stats.set_role(Role::Init);
+            (
+                spec.name.clone(),
+                Res {
+                    spec,
+                    stats,
+                    role: Role::Init,
+                    active: Active::Idle,
+                },
+            )
+        })
+        .collect();
+    while let Ok(cmd) = rx.recv_async().await {
+        match cmd {
+            Cmd::SetRole { name, role, reply } => {
+                let res = match state.get_mut(&name) {
+                    Some(r) => r.set_role(role).await,
+                    None => Err(format!("resource '{name}' is not on this shard")),
+                };
+                let _ = reply.send(res);
+            }
+            Cmd::Shutdown { reply } => {
+                for r in state.values_mut() {
+                    r.deactivate().await;
+                }
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+    // The handle was dropped without a shutdown: still store the maps.
+    for r in state.values_mut() {
+        r.deactivate().await;
+    }
+}
+
+impl Res {
+    async fn set_role(&mut self, role: Role) -> Result<Role, String> {
+        let old = self.role;
+        if old == role {
+            return Ok(old);
+        }
+        self.deactivate().await;
+        self.role = Role::Init;
+        self.stats.set_role(Role::Init);
+        let active = match role {
+            Role::Init => Active::Idle,
+            Role::Primary => self.activate_primary().await?,
+            Role::Secondary => self.activate_secondary().await?,
+        };
+        self.active = active;
+        self.role = role;
+        self.stats.set_role(role);
+        tracing::info!(resource = %self.spec.name, from = %old, to = %role, "role changed");
+        Ok(old)
+    }
+
+    async fn open_disk(&self, role: Role) -> Result<Rc<LocalDisk>, String> {
+        let disk = LocalDisk::open(
+            &self.spec.localpath,
+            &self.spec.name,
+            self.spec.metaflush,
+            self.stats.clone(),
+        )
+        .await
+        .map_err(|e| format!("[{}] {e}", self.spec.name))?;
+        if let Err(e) = disk.set_prevrole(role).await {
+            let msg = format!(
+                "[{}] {}: cannot write metadata: {e}",
+                self.spec.name,
+                self.spec.localpath.display()
+            );
+            let _ = disk.close(role).await;
+            return Err(msg);
+        }
+        Ok(disk)
+    }
+
+    async fn activate_primary(&mut self) -> Result<Active, String> {
+        let disk = self.open_disk(Role::Primary).await?;
+        let primary = Rc::new(Primary::new(disk.clone(), self.stats.clone()));
+        let cfg = NbdConfig {
+            export_name: self.spec.provname.clone(),
+            max_inflight: self.spec.max_inflight,
+            buffer_budget: self.spec.buffer_budget,
+            read_only: false,
+        };
+        if let Some(dir) = self.spec.export_socket.parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                let _ = disk.close(Role::Primary).await;
+                return Err(format!(
+                    "[{}] cannot create export directory {}: {e}",
+                    self.spec.name,
+                    dir.display()
+                ));
+            }
+        }
+        match NbdExport::bind(&self.spec.export_socket, cfg, primary.clone()) {
+            Ok(export) => {
+                let export = export.start();
+                tracing::info!(resource = %self.spec.name,
+                    socket = %self.spec.export_socket.display(), "export ready");
+                Ok(Active::Primary { primary, export })
+            }
+            Err(e) => {
+                drop(primary);
+                let _ = disk.close(Role::Primary).await;
+                Err(format!(
+                    "[{}] cannot serve {}: {e}",
+                    self.spec.name,
+                    self.spec.export_socket.display()
+                ))
+            }
+        }
+    }
+
+    async fn activate_secondary(&mut self) -> Result<Active, String> {
+        // Replication is not wired yet: the secondary holds its provider
+        // open and validated, and records the role.
+        let disk = self.open_disk(Role::Secondary).await?;
+        Ok(Active::Secondary { disk })
+    }
+
+    /// Tears down whatever runs: the export first (so clients see the
+    /// device go before anything else changes), then the provider.
+    async fn deactivate(&mut self) {
+        let role = self.role;
+        match std::mem::replace(&mut self.active, Active::Idle) {
+            Active::Idle => {}
+            Active::Primary { primary, export } => {
+                export.shutdown().await;
+                let disk = primary.disk().clone();
+                drop(primary);
+                if let Err(e) = disk.close(role).await {
+                    tracing::error!(resource = %self.spec.name, error = %e,
+                        "cannot store the activemap and metadata");
+                }
+            }
+            Active::Secondary { disk } => {
+                if let Err(e) = disk.close(role).await {
+                    tracing::error!(resource = %self.spec.name, error = %e,
+                        "cannot store the activemap and metadata");
+                }
+            }
+        }
+    }
+}
