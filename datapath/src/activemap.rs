@@ -449,7 +449,7 @@ mod tests {
 
     const EXT: u32 = 4096;
 
-    fn persist_all(map: &mut ActiveMap, disk: &mut Vec<u8>) {
+    fn persist_all(map: &mut ActiveMap, disk: &mut [u8]) {
         while let Some(b) = map.take_persist() {
             for (s, img) in &b.sectors {
                 disk[s * map.sectorsize()..(s + 1) * map.sectorsize()].copy_from_slice(img);

@@ -352,7 +352,7 @@ impl LocalDisk {
         let ss = self.sectorsize();
         let len = data.len() as u64;
         let localoff = self.md.borrow().localoff;
-        if offset % ss == 0 && len % ss == 0 {
+        if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
             let n = self
                 .file
                 .write_at(data, localoff + offset)

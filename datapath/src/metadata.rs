@@ -227,7 +227,7 @@ pub fn compute_geometry(
             "sector size {sectorsize} is not a power of two between 512 and 65536"
         )));
     }
-    if extentsize == 0 || extentsize % sectorsize != 0 {
+    if extentsize == 0 || !extentsize.is_multiple_of(sectorsize) {
         return Err(MetadataError::InvalidParameters(format!(
             "extent size {extentsize} is not a multiple of the sector size {sectorsize}"
         )));
@@ -381,7 +381,7 @@ impl Metadata {
         if self.sectorsize < 512 || !self.sectorsize.is_power_of_two() {
             return bad(format!("sector size {} is invalid", self.sectorsize));
         }
-        if self.extentsize == 0 || self.extentsize % self.sectorsize != 0 {
+        if self.extentsize == 0 || !self.extentsize.is_multiple_of(self.sectorsize) {
             return bad(format!(
                 "extent size {} is not a multiple of the sector size {}",
                 self.extentsize, self.sectorsize
@@ -390,11 +390,13 @@ impl Metadata {
         if self.keepdirty == 0 {
             return bad("keepdirty is 0".into());
         }
-        if self.mapoff < METADATA_SIZE as u64 || self.mapoff % u64::from(self.sectorsize) != 0 {
+        if self.mapoff < METADATA_SIZE as u64
+            || !self.mapoff.is_multiple_of(u64::from(self.sectorsize))
+        {
             return bad(format!("activemap offset {} is invalid", self.mapoff));
         }
         let need = bitmap_size(self.datasize, self.extentsize, self.sectorsize);
-        if self.mapsize < need || self.mapsize % u64::from(self.sectorsize) != 0 {
+        if self.mapsize < need || !self.mapsize.is_multiple_of(u64::from(self.sectorsize)) {
             return bad(format!(
                 "activemap size {} cannot hold {} extents",
                 self.mapsize,
@@ -402,14 +404,14 @@ impl Metadata {
             ));
         }
         if self.localoff < self.mapoff + self.mapsize
-            || self.localoff % u64::from(self.sectorsize) != 0
+            || !self.localoff.is_multiple_of(u64::from(self.sectorsize))
         {
             return bad(format!(
                 "data offset {} overlaps the activemap",
                 self.localoff
             ));
         }
-        if self.datasize == 0 || self.datasize % u64::from(self.sectorsize) != 0 {
+        if self.datasize == 0 || !self.datasize.is_multiple_of(u64::from(self.sectorsize)) {
             return bad(format!("data size {} is invalid", self.datasize));
         }
         match self.localoff.checked_add(self.datasize) {

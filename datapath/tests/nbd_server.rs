@@ -7,7 +7,7 @@
 //! data held by the backend and returned on the wire, not only on exit
 //! codes.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,8 @@ struct Stats {
     flushes: AtomicU64,
     trims: AtomicU64,
     zeroes: AtomicU64,
+    /// Backend operations in progress.
+    running: AtomicU64,
     /// Highest number of backend operations in progress at once.
     max_concurrent: AtomicU64,
 }
@@ -58,7 +60,6 @@ impl Stats {
 struct MemBackend {
     data: RefCell<Vec<u8>>,
     stats: Arc<Stats>,
-    running: Cell<u64>,
     geometry: BackendGeometry,
 }
 
@@ -67,17 +68,15 @@ struct Running<'a>(&'a MemBackend);
 
 impl<'a> Running<'a> {
     fn new(b: &'a MemBackend) -> Self {
-        b.running.set(b.running.get() + 1);
-        b.stats
-            .max_concurrent
-            .fetch_max(b.running.get(), Ordering::SeqCst);
+        let now = b.stats.running.fetch_add(1, Ordering::SeqCst) + 1;
+        b.stats.max_concurrent.fetch_max(now, Ordering::SeqCst);
         Self(b)
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.running.set(self.0.running.get() - 1);
+        self.0.stats.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -86,7 +85,6 @@ impl MemBackend {
         Self {
             data: RefCell::new(vec![0; SIZE as usize]),
             stats,
-            running: Cell::new(0),
             geometry: BackendGeometry {
                 size: SIZE,
                 min_block: 512,
@@ -439,7 +437,7 @@ fn require_qemu_io() {
 }
 
 #[test]
-fn qemu_io_read_write_flush() {
+fn nbd_qemu_io_read_write_flush() {
     require_qemu_io();
     let server = Server::start();
     qemu_io(
@@ -467,7 +465,7 @@ fn qemu_io_read_write_flush() {
 }
 
 #[test]
-fn qemu_io_zeroes_discard_fua() {
+fn nbd_qemu_io_zeroes_discard_fua() {
     require_qemu_io();
     let server = Server::start();
     let m = 1 << 20;
@@ -501,7 +499,7 @@ fn qemu_io_zeroes_discard_fua() {
 }
 
 #[test]
-fn qemu_io_aio_in_flight() {
+fn nbd_qemu_io_aio_in_flight() {
     require_qemu_io();
     let server = Server::start();
     let base = SLOW_START;
@@ -593,7 +591,7 @@ fn nbdcopy_roundtrip() {
 }
 
 #[test]
-fn fio_verify() {
+fn nbd_fio_verify() {
     let nbd_engine = Command::new("fio")
         .arg("--enghelp")
         .output()
@@ -750,7 +748,7 @@ const EPERM: u32 = 1;
 const ENOTSUP: u32 = 95;
 
 #[test]
-fn raw_options() {
+fn nbd_raw_options() {
     let server = Server::start();
     let mut c = Raw::negotiating(&server.sock);
 
@@ -875,7 +873,7 @@ fn raw_options() {
 }
 
 #[test]
-fn raw_invalid_requests_keep_connection() {
+fn nbd_raw_invalid_requests_keep_connection() {
     let server = Server::start();
     let mut c = Raw::transmitting(&server.sock);
     c.write(1, 0, &[0x42; 4096]);
@@ -946,7 +944,7 @@ fn raw_invalid_requests_keep_connection() {
 }
 
 #[test]
-fn raw_pipelined_out_of_order() {
+fn nbd_raw_pipelined_out_of_order() {
     let server = Server::start();
     let mut c = Raw::transmitting(&server.sock);
     c.write(1, SLOW_START, &[0xa1; 4096]);
@@ -977,7 +975,7 @@ fn raw_pipelined_out_of_order() {
 }
 
 #[test]
-fn raw_bad_magic_closes_after_in_flight() {
+fn nbd_raw_bad_magic_closes_after_in_flight() {
     let server = Server::start();
     let mut c = Raw::transmitting(&server.sock);
     c.request(Cmd::Read, 0, 1, SLOW_START, 512);
@@ -1005,7 +1003,7 @@ fn raw_bad_magic_closes_after_in_flight() {
 }
 
 #[test]
-fn raw_disc_finishes_in_flight() {
+fn nbd_raw_disc_finishes_in_flight() {
     let server = Server::start();
     let mut c = Raw::transmitting(&server.sock);
     c.write(1, SLOW_START + 8192, &[0x5e; 4096]);
@@ -1019,7 +1017,7 @@ fn raw_disc_finishes_in_flight() {
 }
 
 #[test]
-fn raw_read_only_export() {
+fn nbd_raw_read_only_export() {
     let server = Server::start_with(true);
     let mut c = Raw::negotiating(&server.sock);
     let r = c.option(proto::OPT_GO, &InfoRequest::encode(b"", &[]));
@@ -1039,15 +1037,22 @@ fn raw_read_only_export() {
 }
 
 #[test]
-fn shutdown_completes_in_flight_requests() {
+fn nbd_shutdown_completes_in_flight_requests() {
     let server = Server::start();
     let mut c = Raw::transmitting(&server.sock);
     let mut idle = Raw::negotiating(&server.sock);
     // Two slow requests in flight.
     c.write(1, SLOW_START, &[0x77; 4096]);
     c.request(Cmd::Read, 0, 2, SLOW_START + 65536, 4096);
-    // Let the server read them (the backend takes SLOW_DELAY), then stop.
-    std::thread::sleep(SLOW_DELAY / 3);
+    // Stop once both are in the backend (where each spends SLOW_DELAY).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Stats::get(&server.stats.running) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let done = server.begin_shutdown();
     let mut got = Vec::new();
     for _ in 0..2 {
@@ -1070,7 +1075,7 @@ fn shutdown_completes_in_flight_requests() {
 }
 
 #[test]
-fn stale_socket_is_replaced_and_non_socket_refused() {
+fn nbd_stale_socket_is_replaced_and_non_socket_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
@@ -1106,7 +1111,7 @@ fn stale_socket_is_replaced_and_non_socket_refused() {
 }
 
 #[test]
-fn connection_limit() {
+fn nbd_connection_limit() {
     let server = Server::start();
     let mut idle: Vec<Raw> = (0..MAX_CONNECTIONS)
         .map(|_| Raw::negotiating(&server.sock))

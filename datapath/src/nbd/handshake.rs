@@ -209,7 +209,8 @@ where
         ClientOption::Info(req) => info(io, option, &req, export, None).await,
         ClientOption::Go(req) => info(io, option, &req, export, Some(Entered::Go)).await,
         ClientOption::StructuredReply | ClientOption::Unsupported(_) => {
-            send(io, &proto::option_reply(option, proto::REP_ERR_UNSUP, &[])).await?;
+            let msg = b"option not supported by this server";
+            send(io, &proto::option_reply(option, proto::REP_ERR_UNSUP, msg)).await?;
             Ok(Next::Continue)
         }
     }

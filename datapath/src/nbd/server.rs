@@ -16,6 +16,7 @@
 use std::cell::Cell;
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -389,20 +390,37 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
             format!("{} exists and is not a socket", path.display()),
         ));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
+    if socket_is_live(path)? {
+        return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
             format!("{} is in use by a running server", path.display()),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(socket = %path.display(), "removing stale socket");
-            match fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+        ));
+    }
+    tracing::info!(socket = %path.display(), "removing stale socket");
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a server accepts connections on the socket at `path`. The probe
+/// connect is non-blocking, so a live server with a full backlog (EAGAIN)
+/// cannot stall the executor; it counts as live.
+fn socket_is_live(path: &Path) -> io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) | Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => Ok(true),
+        Err(Errno::ECONNREFUSED) | Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -161,33 +161,52 @@ enum Incoming {
     Disconnect,
 }
 
+impl Incoming {
+    /// A rejection holding only the in-flight permit.
+    fn reject(req: Request, errno: Errno, inflight: StaticPermit) -> Self {
+        let permits = Permits {
+            _inflight: inflight,
+            _budget: None,
+        };
+        Self::Reject {
+            req,
+            errno,
+            permits,
+        }
+    }
+}
+
 /// Serve requests on `stream` (after a successful handshake) until the
 /// connection ends; returns why, and how many requests were answered or
 /// rejected.
 pub(crate) async fn serve<B: BlockBackend>(
     stream: UnixStream,
     params: ConnParams<B>,
-) -> (ConnEnd, u64) {
+) -> (ConnEnd, u64)
+where
+    B::ReadBuf: 'static,
+{
     let (mut reader, writer) = futures_lite::io::split(stream);
     let (tx, rx) = local_channel::new_bounded(params.max_inflight);
-    let tx = Rc::new(tx);
     let abort = Signal::new();
     let writer_task = glommio::spawn_local(
         write_replies(writer, rx, abort.clone()).instrument(tracing::Span::current()),
     );
-    let requests = Gate::new();
-    let inflight = Rc::new(Semaphore::new(params.max_inflight as u64));
-    let mut count = 0u64;
-    let end = read_loop(
-        &mut reader,
-        &params,
-        &inflight,
-        &requests,
-        &tx,
-        &abort,
-        &mut count,
-    )
-    .await;
+    let mut conn = Conn {
+        inflight: Rc::new(Semaphore::new(params.max_inflight as u64)),
+        params,
+        requests: Gate::new(),
+        tx: Rc::new(tx),
+        abort,
+        count: 0,
+    };
+    let end = conn.read_loop(&mut reader).await;
+    let Conn {
+        requests,
+        tx,
+        count,
+        ..
+    } = conn;
 
     // Backend operations already started always run to completion.
     let _ = requests.close().await;
@@ -209,206 +228,183 @@ pub(crate) async fn serve<B: BlockBackend>(
     (end, count)
 }
 
-/// Read and dispatch requests until the connection must end.
-async fn read_loop<B, R>(
-    reader: &mut R,
-    params: &ConnParams<B>,
-    inflight: &Rc<Semaphore>,
-    requests: &Gate,
-    tx: &Rc<LocalSender<Reply<B::ReadBuf>>>,
-    abort: &Signal,
-    count: &mut u64,
-) -> ConnEnd
-where
-    B: BlockBackend,
-    R: AsyncRead + Unpin,
-{
-    loop {
-        if abort.is_fired() {
-            return ConnEnd::WriterFailed;
-        }
-        if params.stop.is_fired() {
-            return ConnEnd::Stopped;
-        }
-        let next = future::or(
-            async { Some(next_request(reader, params, inflight).await) },
-            async {
-                future::or(params.stop.wait(), abort.wait()).await;
-                None
-            },
-        )
-        .await;
-        let incoming = match next {
-            None => continue, // the checks at the top say why
-            Some(Ok(incoming)) => incoming,
-            Some(Err(end)) => return end,
-        };
-        *count += 1;
-        match incoming {
-            Incoming::Disconnect => return ConnEnd::Disconnect,
-            Incoming::Reject {
-                req,
-                errno,
-                permits,
-            } => {
-                tracing::warn!(?req, error = %errno, "rejected request");
-                let reply = Reply {
-                    handle: req.handle,
-                    result: Err(errno),
-                    _permits: permits,
-                };
-                let _ = tx.send(reply).await;
-            }
-            Incoming::Job { req, job, permits } => {
-                spawn_request(params, requests, tx, req, job, permits);
-            }
-        }
-    }
+/// The reading side of a connection.
+struct Conn<B: BlockBackend> {
+    params: ConnParams<B>,
+    /// `max_inflight` permits.
+    inflight: Rc<Semaphore>,
+    /// Every request task, so that the end of the connection can wait for
+    /// them.
+    requests: Gate,
+    /// Replies to the writer (shared with the request tasks).
+    tx: Rc<LocalSender<Reply<B::ReadBuf>>>,
+    /// Fired by the writer when it cannot write.
+    abort: Signal,
+    /// Requests taken off the socket.
+    count: u64,
 }
 
-/// Take the next request off the socket: header, validation, payload.
-async fn next_request<B, R>(
-    reader: &mut R,
-    params: &ConnParams<B>,
-    inflight: &Rc<Semaphore>,
-) -> Result<Incoming, ConnEnd>
+impl<B: BlockBackend> Conn<B>
 where
-    B: BlockBackend,
-    R: AsyncRead + Unpin,
+    B::ReadBuf: 'static,
 {
-    let inflight = inflight
-        .acquire_static_permit(1)
-        .await
-        .map_err(|_| ConnEnd::Stopped)?;
-    let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
-    if !read_header(reader, &mut hdr).await.map_err(ConnEnd::Io)? {
-        return Err(ConnEnd::ClientClosed);
-    }
-    let req = Request::parse(&hdr).map_err(ConnEnd::Framing)?;
-    let op = match proto::validate(&req, &params.limits) {
-        Ok(op) => op,
-        Err(errno) => {
-            discard(reader, req.payload_len())
-                .await
-                .map_err(ConnEnd::Io)?;
-            let permits = Permits {
-                _inflight: inflight,
-                _budget: None,
+    /// Read and dispatch requests until the connection must end.
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> ConnEnd {
+        loop {
+            if self.abort.is_fired() {
+                return ConnEnd::WriterFailed;
+            }
+            if self.params.stop.is_fired() {
+                return ConnEnd::Stopped;
+            }
+            let next = future::or(async { Some(self.next_request(reader).await) }, async {
+                future::or(self.params.stop.wait(), self.abort.wait()).await;
+                None
+            })
+            .await;
+            let incoming = match next {
+                None => continue, // the checks at the top say why
+                Some(Ok(incoming)) => incoming,
+                Some(Err(end)) => return end,
             };
-            return Ok(Incoming::Reject {
-                req,
-                errno,
-                permits,
-            });
-        }
-    };
-    let (job, budget) = match op {
-        Op::Disconnect => return Ok(Incoming::Disconnect),
-        Op::Flush => (Job::Flush, None),
-        Op::Trim { offset, len, flags } => (Job::Trim { offset, len, flags }, None),
-        Op::WriteZeroes { offset, len, flags } => (Job::WriteZeroes { offset, len, flags }, None),
-        Op::Read { offset, len } => (Job::Read { offset, len }, Some(budget(params, len).await?)),
-        Op::Write { offset, len, flags } => {
-            let permit = budget(params, len).await?;
-            match receive_payload(reader, params, len)
-                .await
-                .map_err(ConnEnd::Io)?
-            {
-                Some(buf) => (Job::Write { offset, buf, flags }, Some(permit)),
-                None => {
-                    let permits = Permits {
-                        _inflight: inflight,
-                        _budget: None,
+            self.count += 1;
+            match incoming {
+                Incoming::Disconnect => return ConnEnd::Disconnect,
+                Incoming::Reject {
+                    req,
+                    errno,
+                    permits,
+                } => {
+                    tracing::warn!(?req, error = %errno, "rejected request");
+                    let reply = Reply {
+                        handle: req.handle,
+                        result: Err(errno),
+                        _permits: permits,
                     };
-                    return Ok(Incoming::Reject {
-                        req,
-                        errno: Errno::Io,
-                        permits,
-                    });
+                    // Never waits: the channel has room for every permit.
+                    let _ = self.tx.send(reply).await;
+                }
+                Incoming::Job { req, job, permits } => self.spawn_request(req, job, permits),
+            }
+        }
+    }
+
+    /// Take the next request off the socket: in-flight permit, header,
+    /// validation, then budget and payload.
+    async fn next_request<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+    ) -> Result<Incoming, ConnEnd> {
+        let inflight = self
+            .inflight
+            .acquire_static_permit(1)
+            .await
+            .map_err(|_| ConnEnd::Stopped)?;
+        let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
+        if !read_header(reader, &mut hdr).await.map_err(ConnEnd::Io)? {
+            return Err(ConnEnd::ClientClosed);
+        }
+        let req = Request::parse(&hdr).map_err(ConnEnd::Framing)?;
+        let op = match proto::validate(&req, &self.params.limits) {
+            Ok(op) => op,
+            Err(errno) => {
+                discard(reader, req.payload_len())
+                    .await
+                    .map_err(ConnEnd::Io)?;
+                return Ok(Incoming::reject(req, errno, inflight));
+            }
+        };
+        let (job, budget) = match op {
+            Op::Disconnect => return Ok(Incoming::Disconnect),
+            Op::Flush => (Job::Flush, None),
+            Op::Trim { offset, len, flags } => (Job::Trim { offset, len, flags }, None),
+            Op::WriteZeroes { offset, len, flags } => {
+                (Job::WriteZeroes { offset, len, flags }, None)
+            }
+            Op::Read { offset, len } => (Job::Read { offset, len }, Some(self.budget(len).await?)),
+            Op::Write { offset, len, flags } => {
+                let permit = self.budget(len).await?;
+                match self
+                    .receive_payload(reader, len)
+                    .await
+                    .map_err(ConnEnd::Io)?
+                {
+                    Some(buf) => (Job::Write { offset, buf, flags }, Some(permit)),
+                    None => return Ok(Incoming::reject(req, Errno::Io, inflight)),
                 }
             }
-        }
-    };
-    let permits = Permits {
-        _inflight: inflight,
-        _budget: budget,
-    };
-    Ok(Incoming::Job { req, job, permits })
-}
-
-/// Take `len` bytes of the export's payload budget.
-async fn budget<B: BlockBackend>(
-    params: &ConnParams<B>,
-    len: u32,
-) -> Result<StaticPermit, ConnEnd> {
-    params
-        .budget
-        .acquire_static_permit(u64::from(len))
-        .await
-        .map_err(|_| ConnEnd::Stopped)
-}
-
-/// Read a write's payload into a backend buffer. `None` (payload discarded)
-/// if the backend handed out a buffer shorter than asked for.
-async fn receive_payload<B, R>(
-    reader: &mut R,
-    params: &ConnParams<B>,
-    len: u32,
-) -> io::Result<Option<DmaBuffer>>
-where
-    B: BlockBackend,
-    R: AsyncRead + Unpin,
-{
-    let want = len as usize;
-    let mut buf = params.backend.alloc_buffer(want);
-    if buf.len() < want {
-        tracing::warn!(
-            asked = want,
-            got = buf.len(),
-            "backend returned a short buffer"
-        );
-        discard(reader, len).await?;
-        return Ok(None);
-    }
-    if buf.len() > want {
-        buf.trim_to_size(want);
-    }
-    reader.read_exact(buf.as_bytes_mut()).await?;
-    Ok(Some(buf))
-}
-
-/// Spawn the task that runs `job` and queues its reply.
-fn spawn_request<B: BlockBackend>(
-    params: &ConnParams<B>,
-    requests: &Gate,
-    tx: &Rc<LocalSender<Reply<B::ReadBuf>>>,
-    req: Request,
-    job: Job,
-    permits: Permits,
-) {
-    let backend = params.backend.clone();
-    let task_tx = tx.clone();
-    let task = async move {
-        let result = run_job(&*backend, job).await;
-        if let Err(errno) = result {
-            tracing::warn!(?req, error = %errno, "request failed");
-        }
-        let reply = Reply {
-            handle: req.handle,
-            result,
-            _permits: permits,
         };
-        // Fails only if the writer is gone; the connection is ending then.
-        let _ = task_tx.send(reply).await;
-    };
-    match requests.spawn(task.instrument(tracing::Span::current())) {
-        Ok(task) => {
-            task.detach();
+        let permits = Permits {
+            _inflight: inflight,
+            _budget: budget,
+        };
+        Ok(Incoming::Job { req, job, permits })
+    }
+
+    /// Take `len` bytes of the export's payload budget.
+    async fn budget(&self, len: u32) -> Result<StaticPermit, ConnEnd> {
+        self.params
+            .budget
+            .acquire_static_permit(u64::from(len))
+            .await
+            .map_err(|_| ConnEnd::Stopped)
+    }
+
+    /// Read a write's payload straight into a backend buffer. `None`
+    /// (payload discarded) if the backend handed out a buffer shorter than
+    /// asked for.
+    async fn receive_payload<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+        len: u32,
+    ) -> io::Result<Option<DmaBuffer>> {
+        let want = len as usize;
+        let mut buf = self.params.backend.alloc_buffer(want);
+        if buf.len() < want {
+            tracing::warn!(
+                asked = want,
+                got = buf.len(),
+                "backend returned a short buffer"
+            );
+            discard(reader, len).await?;
+            return Ok(None);
         }
-        Err(_) => {
-            // The gate closes only after the read loop, so this is not
-            // expected; the future (and its permits) has been dropped.
-            tracing::warn!(?req, "could not start request");
+        if buf.len() > want {
+            buf.trim_to_size(want);
+        }
+        reader.read_exact(buf.as_bytes_mut()).await?;
+        Ok(Some(buf))
+    }
+
+    /// Spawn the task that runs `job` and queues its reply.
+    fn spawn_request(&self, req: Request, job: Job, permits: Permits) {
+        let backend = self.params.backend.clone();
+        let tx = self.tx.clone();
+        let task = async move {
+            let result = run_job(&*backend, job).await;
+            if let Err(errno) = result {
+                tracing::warn!(?req, error = %errno, "request failed");
+            }
+            let reply = Reply {
+                handle: req.handle,
+                result,
+                _permits: permits,
+            };
+            // Fails only if the writer is gone; the connection is ending.
+            let _ = tx.send(reply).await;
+        };
+        match self
+            .requests
+            .spawn(task.instrument(tracing::Span::current()))
+        {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(_) => {
+                // The gate closes only after the read loop, so this is not
+                // expected; the future (and its permits) has been dropped.
+                tracing::warn!(?req, "could not start request");
+            }
         }
     }
 }
