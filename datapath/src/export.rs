@@ -63,17 +63,17 @@ pub struct BackendGeometry {
 #[allow(async_fn_in_trait)] // single-threaded executor: futures are never sent
 pub trait BlockBackend: 'static {
     /// Buffer returned by a read; it dereferences to exactly `len` bytes.
-    type ReadBuf: Deref<Target = [u8]>;
+    type ReadBuf: Deref<Target = [u8]> + 'static;
 
     /// Geometry of the export.
     fn geometry(&self) -> BackendGeometry;
 
-    /// An aligned buffer of `len` bytes to receive a write payload into, so
+    /// An aligned buffer of exactly `len` bytes to receive a write payload into, so
     /// that it can be written to the provider (and sent to the peer) without
     /// a copy.
     fn alloc_buffer(&self, len: usize) -> DmaBuffer;
 
-    /// Read `len` bytes at `offset`.
+    /// Read `len` bytes at `offset`; the buffer holds exactly `len` bytes.
     async fn read(&self, offset: u64, len: u32) -> Result<Self::ReadBuf, BackendError>;
 
     /// Write `data` (its whole length) at `offset`.

@@ -3,7 +3,7 @@
 //!
 //! This module is pure: it never touches a socket, so every function here is
 //! unit- and property-tested without an executor. The server
-//! ([`super::server`]) reads bytes, hands them to these functions and writes
+//! (`super::server`) reads bytes, hands them to these functions and writes
 //! what they return.
 //!
 //! All integers on the wire are big-endian. Headers are `#[repr(C)]`
@@ -673,7 +673,8 @@ pub fn check_geometry(g: &BackendGeometry) -> Result<(), GeometryError> {
     if !g.preferred_block.is_power_of_two() || g.preferred_block < g.min_block.max(512) {
         return Err(GeometryError::PreferredBlock(g.preferred_block));
     }
-    if g.max_payload == 0 || !g.max_payload.is_multiple_of(g.min_block) {
+    // `min_block` is a power of two here, so this is `max_payload % min_block`.
+    if g.max_payload == 0 || g.max_payload & (g.min_block - 1) != 0 {
         return Err(GeometryError::MaxPayload(g.max_payload));
     }
     Ok(())

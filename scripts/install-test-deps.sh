@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the external tools the test suite drives: qemu-io/qemu-img
+# (qemu-utils), nbdcopy/nbdinfo/nbdfuse (libnbd-bin), fio, nbdkit, and the
+# FUSE/loop/network tools later tests use. Idempotent; needs root (apt).
+set -euo pipefail
+
+need=()
+command -v qemu-io  >/dev/null || need+=(qemu-utils)
+command -v nbdcopy  >/dev/null || need+=(libnbd-bin)
+command -v fio      >/dev/null || need+=(fio)
+command -v nbdkit   >/dev/null || need+=(nbdkit)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v losetup  >/dev/null || need+=(mount)
+command -v nft      >/dev/null || need+=(nftables)
+command -v ip       >/dev/null || need+=(iproute2)
+
+if [ ${#need[@]} -eq 0 ]; then
+    echo "install-test-deps: all tools present"
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps: missing ${need[*]}; run as root (apt-get)" >&2
+    exit 1
+fi
+echo "install-test-deps: installing ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}"
