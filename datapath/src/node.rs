@@ -300,7 +300,7 @@ impl Res {
         }
         match NbdExport::bind(&self.spec.export_socket, cfg, primary.clone()) {
             Ok(export) => {
-                let export = export.start();
+                let export = export.start_with_gauge(self.stats.clients_gauge());
                 tracing::info!(resource = %self.spec.name,
                     socket = %self.spec.export_socket.display(), "export ready");
                 Ok(Active::Primary { primary, export })

@@ -3,6 +3,7 @@
 //! them for `hastctl list`/`status` without a cross-core hop).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 
 use crate::metadata::Role;
 
@@ -41,7 +42,7 @@ pub struct ResourceStats {
     /// Exported size (0 when not open).
     pub datasize: AtomicU64,
     /// Connected NBD clients.
-    pub clients: AtomicU64,
+    pub clients: Arc<AtomicU64>,
 }
 
 impl ResourceStats {
@@ -58,6 +59,11 @@ impl ResourceStats {
     /// Adds one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// The connected-clients gauge, shared with the export.
+    pub fn clients_gauge(&self) -> Arc<AtomicU64> {
+        self.clients.clone()
     }
 
     /// Reads a counter.

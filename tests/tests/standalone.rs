@@ -267,6 +267,11 @@ fn sigterm_with_a_client_connected_exits_cleanly() {
     let mut node = primary(16 * MIB);
     let mut c = Client::connect(&node.export_socket("r1"), "r1").expect("connect");
     assert_eq!(c.write(0, &[0x77; 4096]).expect("write").error, 0);
+    assert_eq!(
+        node.list("r1")["clients"].as_u64(),
+        Some(1),
+        "list counts the client"
+    );
     let start = std::time::Instant::now();
     node.stop();
     assert!(

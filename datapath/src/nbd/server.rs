@@ -20,6 +20,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::future;
@@ -101,6 +103,16 @@ where
 
     /// Start serving on the current executor.
     pub fn start(self) -> NbdHandle {
+        self.start_counting(None)
+    }
+
+    /// Start serving, also mirroring the number of connected clients into
+    /// `gauge` (readable from other threads, e.g. for `hastctl list`).
+    pub fn start_with_gauge(self, gauge: Arc<AtomicU64>) -> NbdHandle {
+        self.start_counting(Some(gauge))
+    }
+
+    fn start_counting(self, gauge: Option<Arc<AtomicU64>>) -> NbdHandle {
         let stop = Signal::new();
         let active = Rc::new(Cell::new(0));
         let path = self.socket.path.clone();
@@ -110,6 +122,7 @@ where
             budget: Rc::new(Semaphore::new(self.cfg.buffer_budget as u64)),
             stop: stop.clone(),
             active: active.clone(),
+            gauge,
             cfg: self.cfg,
         };
         let task = glommio::spawn_local(
@@ -174,6 +187,7 @@ struct Exporter<B: BlockBackend> {
     budget: Rc<Semaphore>,
     stop: Signal,
     active: Rc<Cell<usize>>,
+    gauge: Option<Arc<AtomicU64>>,
 }
 
 /// Accept connections until stopped, then close the listener, remove the
@@ -232,7 +246,7 @@ fn spawn_connection<B: BlockBackend>(
     }
     // Counted from here (not from when the task first runs), so that a burst
     // of accepts cannot overshoot the limit.
-    let active = ActiveGuard::new(&exporter.active);
+    let active = ActiveGuard::new(&exporter.active, exporter.gauge.clone());
     let span = tracing::info_span!("conn", conn = id);
     let fut = run_connection(exporter.clone(), stream, active).instrument(span);
     match connections.spawn(fut) {
@@ -245,18 +259,24 @@ fn spawn_connection<B: BlockBackend>(
 
 /// Decrements the active connection count when a connection task ends,
 /// however it ends.
-struct ActiveGuard(Rc<Cell<usize>>);
+struct ActiveGuard(Rc<Cell<usize>>, Option<Arc<AtomicU64>>);
 
 impl ActiveGuard {
-    fn new(active: &Rc<Cell<usize>>) -> Self {
+    fn new(active: &Rc<Cell<usize>>, gauge: Option<Arc<AtomicU64>>) -> Self {
         active.set(active.get() + 1);
-        Self(active.clone())
+        if let Some(g) = &gauge {
+            g.fetch_add(1, Ordering::Relaxed);
+        }
+        Self(active.clone(), gauge)
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.set(self.0.get().saturating_sub(1));
+        if let Some(g) = &self.1 {
+            g.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
