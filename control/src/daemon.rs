@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use hast_datapath::events::{PeerEvent, PeerEventKind};
 use hast_datapath::metadata::Role;
-use hast_datapath::node::{CpuPlacement, Node, ResourceSpec};
+use hast_datapath::node::{CpuPlacement, Node, NodeOptions, ResourceSpec};
+use hast_datapath::peer::remote::ReplicationMode;
 use hast_datapath::stats::ResourceStats;
 
-use crate::config::{self, Config, NodeIdentity, ResourceConfig};
+use crate::config::{self, Config, NodeIdentity, Replication, ResourceConfig};
 use crate::exit;
+use crate::hooks::{Event, EventKind, HookRunner};
 use crate::proto::{
     self, LocalErrors, Queues, Request, RequestEnvelope, ResourceReport, Response, Statistics,
     CONTROL_VERSION,
@@ -25,6 +28,8 @@ use crate::proto::{
 pub const MAX_INFLIGHT: usize = 128;
 /// Write payload bytes buffered per export.
 pub const BUFFER_BUDGET: usize = 64 << 20;
+/// Payload bytes queued for the secondary per resource (the async backlog).
+pub const ASYNC_BACKLOG: usize = 256 << 20;
 
 /// Command-line options of hastd.
 #[derive(Debug, Clone)]
@@ -98,7 +103,47 @@ pub fn run(opts: Options) -> i32 {
         tracing::error!(pidfile = %pidpath.display(), error = %e, "cannot write pidfile");
         return exit::OSERR;
     }
-    let specs = cfg.resources.iter().map(|r| spec_of(&cfg, r)).collect();
+    let specs = match cfg
+        .resources
+        .iter()
+        .map(|r| spec_of(&cfg, r))
+        .collect::<Result<Vec<_>, String>>()
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = std::fs::remove_file(&cfg.control);
+            return exit::CONFIG;
+        }
+    };
+    let listen = match resolve_listen(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = std::fs::remove_file(&cfg.control);
+            return exit::CONFIG;
+        }
+    };
+    let hooks = {
+        let execs: std::collections::HashMap<String, PathBuf> = cfg
+            .resources
+            .iter()
+            .filter_map(|r| r.exec.clone().map(|e| (r.name.clone(), e)))
+            .collect();
+        HookRunner::start(move |res: &str| execs.get(res).cloned())
+    };
+    let (ev_tx, ev_rx) = flume::bounded::<PeerEvent>(4096);
+    {
+        let submit = hooks.submitter();
+        std::thread::Builder::new()
+            .name("hast-events".into())
+            .spawn(move || {
+                for ev in ev_rx.iter() {
+                    submit.submit(Event::new(ev.resource, event_kind(ev.kind)));
+                }
+            })
+            .expect("spawn event thread");
+    }
     let threads = opts.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -109,7 +154,13 @@ pub fn run(opts: Options) -> i32 {
         .clone()
         .map(CpuPlacement::Pinned)
         .unwrap_or_default();
-    let node = match Node::start(specs, threads, placement) {
+    let node_opts = NodeOptions {
+        shards: threads,
+        placement,
+        listen,
+        events: Some(ev_tx),
+    };
+    let node = match Node::start(specs, node_opts) {
         Ok(n) => Arc::new(n),
         Err(e) => {
             tracing::error!(error = %e, "cannot start the data path");
@@ -127,14 +178,16 @@ pub fn run(opts: Options) -> i32 {
     );
     {
         let (cfg, node) = (cfg.clone(), node.clone());
+        let submit = hooks.submitter();
         std::thread::Builder::new()
             .name("hast-control".into())
-            .spawn(move || control_loop(control, cfg, node))
+            .spawn(move || control_loop(control, cfg, node, submit))
             .expect("spawn control thread");
     }
     wait_for_termination();
     tracing::info!("shutting down: draining exports and storing activemaps");
     node.shutdown();
+    hooks.shutdown(std::time::Duration::from_secs(5));
     let _ = std::fs::remove_file(&cfg.control);
     drop(pidfile);
     let _ = std::fs::remove_file(&pidpath);
@@ -142,8 +195,36 @@ pub fn run(opts: Options) -> i32 {
     exit::OK
 }
 
-fn spec_of(cfg: &Config, r: &ResourceConfig) -> ResourceSpec {
-    ResourceSpec {
+fn event_kind(k: PeerEventKind) -> EventKind {
+    match k {
+        PeerEventKind::Connect => EventKind::Connect,
+        PeerEventKind::Disconnect => EventKind::Disconnect,
+        PeerEventKind::SyncStart => EventKind::Syncstart,
+        PeerEventKind::SyncDone => EventKind::Syncdone,
+        PeerEventKind::SyncIntr => EventKind::Syncintr,
+        PeerEventKind::SplitBrain => EventKind::SplitBrain,
+    }
+}
+
+fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, String> {
+    let remote = match &r.remote {
+        None => None,
+        Some(a) => Some(
+            a.resolve()
+                .map_err(|e| format!("[{}] cannot resolve remote address {a}: {e}", r.name))?,
+        ),
+    };
+    let source = match &r.source {
+        None => None,
+        Some(a) => Some(
+            a.resolve()
+                .map_err(|e| format!("[{}] cannot resolve source address {a}: {e}", r.name))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| format!("[{}] source address {a} resolves to nothing", r.name))?,
+        ),
+    };
+    Ok(ResourceSpec {
         name: r.name.clone(),
         provname: r.provname.clone(),
         localpath: r.localpath.clone(),
@@ -151,7 +232,32 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> ResourceSpec {
         export_socket: export_socket(cfg, r),
         max_inflight: MAX_INFLIGHT,
         buffer_budget: BUFFER_BUDGET,
+        node: r.node_name.clone(),
+        remote,
+        source,
+        mode: match r.replication {
+            Replication::FullSync => ReplicationMode::FullSync,
+            Replication::MemSync => ReplicationMode::MemSync,
+            Replication::Async => ReplicationMode::Async,
+        },
+        timeout: r.timeout,
+        async_backlog: ASYNC_BACKLOG,
+    })
+}
+
+fn resolve_listen(cfg: &Config) -> Result<Vec<std::net::SocketAddr>, String> {
+    let mut out = Vec::new();
+    for a in &cfg.listen {
+        let addrs = a
+            .resolve()
+            .map_err(|e| format!("cannot resolve listen address {a}: {e}"))?;
+        out.extend(addrs);
     }
+    // The built-in defaults include IPv6; skip it where the host has none.
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        out.retain(|a| a.is_ipv4());
+    }
+    Ok(out)
 }
 
 /// Where the primary serves resource `r`.
@@ -262,11 +368,16 @@ fn bind_control(path: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
-fn control_loop(listener: UnixListener, cfg: Arc<Config>, node: Arc<Node>) {
+fn control_loop(
+    listener: UnixListener,
+    cfg: Arc<Config>,
+    node: Arc<Node>,
+    hooks: crate::hooks::HookSubmitter,
+) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                if let Err(e) = handle_control(&stream, &cfg, &node) {
+                if let Err(e) = handle_control(&stream, &cfg, &node, &hooks) {
                     tracing::warn!(error = %e, "control connection failed");
                 }
             }
@@ -275,11 +386,16 @@ fn control_loop(listener: UnixListener, cfg: Arc<Config>, node: Arc<Node>) {
     }
 }
 
-fn handle_control(stream: &UnixStream, cfg: &Config, node: &Node) -> std::io::Result<()> {
+fn handle_control(
+    stream: &UnixStream,
+    cfg: &Config,
+    node: &Node,
+    hooks: &crate::hooks::HookSubmitter,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let line = proto::read_line(stream)?;
     let response = match serde_json::from_str::<RequestEnvelope>(&line) {
-        Ok(env) => dispatch(env.request, cfg, node),
+        Ok(env) => dispatch(env.request, cfg, node, hooks),
         Err(e) => Response {
             version: CONTROL_VERSION,
             error: Some(format!("malformed request: {e}")),
@@ -292,7 +408,12 @@ fn handle_control(stream: &UnixStream, cfg: &Config, node: &Node) -> std::io::Re
     w.write_all(out.as_bytes())
 }
 
-fn dispatch(req: Request, cfg: &Config, node: &Node) -> Response {
+fn dispatch(
+    req: Request,
+    cfg: &Config,
+    node: &Node,
+    hooks: &crate::hooks::HookSubmitter,
+) -> Response {
     let names = match &req {
         Request::Status { resources } | Request::Role { resources, .. } => resources.clone(),
     };
@@ -320,7 +441,18 @@ fn dispatch(req: Request, cfg: &Config, node: &Node) -> Response {
             for (r, (_, res)) in selected.into_iter().zip(results) {
                 let mut rep = report(cfg, r, node);
                 match res {
-                    Ok(old) => rep.previous_role = Some(old.to_string()),
+                    Ok(old) => {
+                        rep.previous_role = Some(old.to_string());
+                        if old != role {
+                            hooks.submit(Event::new(
+                                r.name.clone(),
+                                EventKind::Role {
+                                    old: old.to_string(),
+                                    new: role.to_string(),
+                                },
+                            ));
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(resource = %r.name, error = %e, "role change failed");
                         rep.error = Some(e);
@@ -359,8 +491,15 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
             .unwrap_or_else(|| "none".into()),
         sourceaddr: r.source.as_ref().map(|a| a.to_string()),
         replication: r.replication.to_string(),
-        // Without replication connections a working resource is degraded.
-        status: active.then(|| "degraded".to_string()),
+        // `complete`: the replication connection is up. Not "in sync":
+        // that is `dirty: 0`.
+        status: active.then(|| {
+            if stats.connected.load(Relaxed) {
+                "complete".to_string()
+            } else {
+                "degraded".to_string()
+            }
+        }),
         workerpid: if active { std::process::id() } else { 0 },
         dirty: g(&stats.dirty_bytes),
         ondisk_extents: g(&stats.ondisk_extents),
@@ -380,10 +519,18 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
             delete: g(&stats.delete_errors),
             flush: g(&stats.flush_errors),
         },
+        sync: sync_report(&stats),
+        split_brain: stats.split_brain.load(Relaxed),
+        last_error: stats
+            .last_error
+            .lock()
+            .map(|e| e.clone())
+            .ok()
+            .filter(|e| !e.is_empty()),
         queues: Queues {
             local,
             send: 0,
-            recv: 0,
+            recv: g(&stats.remote_inflight),
             done: 0,
             idle: if active {
                 (MAX_INFLIGHT as u64).saturating_sub(local)
@@ -394,4 +541,37 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
         error: None,
         previous_role: None,
     }
+}
+
+fn sync_report(stats: &ResourceStats) -> Option<crate::proto::SyncReport> {
+    let dir = stats.sync_direction.load(Relaxed);
+    if dir == 0 {
+        return None;
+    }
+    let total = stats.sync_total.load(Relaxed);
+    let done = stats.sync_done.load(Relaxed).min(total.max(1));
+    let started = stats.sync_started_ms.load(Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let secs = (now.saturating_sub(started) as f64 / 1000.0).max(0.001);
+    let rate = (done as f64 / secs) as u64;
+    let eta = if rate > 0 {
+        Some(total.saturating_sub(done) / rate.max(1))
+    } else {
+        None
+    };
+    Some(crate::proto::SyncReport {
+        direction: if dir == 1 {
+            "to-secondary"
+        } else {
+            "from-secondary"
+        }
+        .into(),
+        done,
+        total,
+        rate,
+        eta_seconds: eta,
+    })
 }

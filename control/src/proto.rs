@@ -86,6 +86,21 @@ pub struct Queues {
     pub idle: u64,
 }
 
+/// Progress of a synchronisation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// `to-secondary` or `from-secondary`.
+    pub direction: String,
+    /// Bytes copied in this pass.
+    pub done: u64,
+    /// Bytes to copy when the pass started.
+    pub total: u64,
+    /// Bytes per second so far.
+    pub rate: u64,
+    /// Estimated seconds left.
+    pub eta_seconds: Option<u64>,
+}
+
 /// Everything `hastctl status`/`list` shows about one resource.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceReport {
@@ -127,6 +142,12 @@ pub struct ResourceReport {
     pub local_errors: LocalErrors,
     /// Queue depths.
     pub queues: Queues,
+    /// Synchronisation in progress.
+    pub sync: Option<SyncReport>,
+    /// The last handshake found a split-brain.
+    pub split_brain: bool,
+    /// The last replication problem, if any.
+    pub last_error: Option<String>,
     /// Per-resource error of a role change.
     pub error: Option<String>,
     /// Role before a role change.

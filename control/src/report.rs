@@ -59,6 +59,27 @@ pub fn list(resources: &[ResourceReport]) -> String {
             let _ = writeln!(out, "  workerpid: {}", r.workerpid);
         }
         let _ = writeln!(out, "  dirty: {}", with_human(r.dirty));
+        if let Some(sy) = &r.sync {
+            let pct = (sy.done * 100).checked_div(sy.total).unwrap_or(100);
+            let eta = sy
+                .eta_seconds
+                .map(|s| format!("{s}s"))
+                .unwrap_or_else(|| "unknown".into());
+            let _ = writeln!(
+                out,
+                "  sync: {}, {} of {} ({pct}%), {}/s, eta {eta}",
+                sy.direction,
+                crate::size::humanize(sy.done),
+                crate::size::humanize(sy.total),
+                crate::size::humanize(sy.rate)
+            );
+        }
+        if r.split_brain {
+            let _ = writeln!(out, "  split-brain: yes");
+        }
+        if let Some(e) = &r.last_error {
+            let _ = writeln!(out, "  last error: {e}");
+        }
         if r.datasize != 0 {
             let _ = writeln!(out, "  datasize: {}", with_human(r.datasize));
         }

@@ -62,6 +62,10 @@ pub struct ActiveMap {
     syncmap: BitVec<u8, Lsb0>,
     /// Bytes of the extents in `syncmap`.
     dirty_bytes: u64,
+    /// Extents a synchronisation pass is copying.
+    syncing: BitVec<u8, Lsb0>,
+    /// Extents marked again while being synchronised.
+    redirtied: BitVec<u8, Lsb0>,
     /// Bits guaranteed set on disk whatever order outstanding writes land in.
     durable: BitVec<u8, Lsb0>,
     /// Sectors whose wanted image may differ from the disk.
@@ -104,6 +108,8 @@ impl ActiveMap {
             pending: vec![0; n],
             syncmap: bitvec![u8, Lsb0; 0; n],
             dirty_bytes: 0,
+            syncing: bitvec![u8, Lsb0; 0; n],
+            redirtied: bitvec![u8, Lsb0; 0; n],
             durable: bitvec![u8, Lsb0; 0; n],
             changed: bitvec![u8, Lsb0; 0; sectors],
             lru_prev: vec![NIL; n],
@@ -299,6 +305,9 @@ impl ActiveMap {
         let mut need = None;
         for e in self.extent_range(offset, len) {
             self.set_sync(e as usize);
+            if self.syncing[e as usize] {
+                self.redirtied.set(e as usize, true);
+            }
             if let Some(s) = self.require(e as usize) {
                 need = Some(s);
             }
@@ -312,7 +321,88 @@ impl ActiveMap {
             self.syncmap.set(e as usize, false);
             self.dirty_bytes -= self.extent_bytes(e);
         }
+        self.redirtied.set(e as usize, false);
         self.maybe_clear(e as usize);
+    }
+
+    /// A synchronisation pass over extent `e` begins: from now on a
+    /// [`ActiveMap::need_sync`] on it is remembered, so that
+    /// [`ActiveMap::sync_finish`] does not clear a bit that was set again
+    /// while the pass ran.
+    pub fn sync_begin(&mut self, e: u32) {
+        self.redirtied.set(e as usize, false);
+        self.syncing.set(e as usize, true);
+    }
+
+    /// The pass over `e` copied every byte. Clears its sync bit unless it
+    /// was marked again meanwhile; returns whether it was cleared.
+    pub fn sync_finish(&mut self, e: u32) -> bool {
+        self.syncing.set(e as usize, false);
+        if self.redirtied[e as usize] {
+            self.redirtied.set(e as usize, false);
+            return false;
+        }
+        self.sync_done(e);
+        true
+    }
+
+    /// The pass over `e` was interrupted: the bit stays.
+    pub fn sync_abort(&mut self, e: u32) {
+        self.syncing.set(e as usize, false);
+        self.redirtied.set(e as usize, false);
+    }
+
+    /// The next extent at or after `from` that needs synchronisation.
+    pub fn next_dirty(&self, from: u32) -> Option<u32> {
+        let from = from as usize;
+        if from >= self.syncmap.len() {
+            return None;
+        }
+        self.syncmap[from..].first_one().map(|i| (from + i) as u32)
+    }
+
+    /// Marks every extent set in `bitmap` (one bit per extent, LSB first,
+    /// as on disk) as needing synchronisation: the peer's dirty map at
+    /// handshake. Returns a sequence to wait for when bits had to be added
+    /// to the on-disk map.
+    pub fn merge(&mut self, bitmap: &[u8]) -> Option<u64> {
+        let bits = bitmap.view_bits::<Lsb0>();
+        let mut need = None;
+        for e in 0..(self.nextents as usize).min(bits.len()) {
+            if bits[e] {
+                self.set_sync(e);
+                if let Some(s) = self.require(e) {
+                    need = Some(s);
+                }
+            }
+        }
+        need
+    }
+
+    /// Marks every extent as needing synchronisation (full sync).
+    pub fn mark_all(&mut self) -> Option<u64> {
+        let mut need = None;
+        for e in 0..self.nextents as usize {
+            self.set_sync(e);
+            if let Some(s) = self.require(e) {
+                need = Some(s);
+            }
+        }
+        need
+    }
+
+    /// Forgets every sync bit: the legs are known identical (the peer
+    /// completed a synchronisation). Bits drop from disk lazily.
+    pub fn clear_all_sync(&mut self) {
+        let ones: Vec<usize> = self.syncmap.iter_ones().collect();
+        for e in ones {
+            self.sync_done(e as u32);
+        }
+    }
+
+    /// The sync bits as an on-disk style bitmap (for the handshake).
+    pub fn sync_bitmap(&self) -> Vec<u8> {
+        self.syncmap.as_raw_slice().to_vec()
     }
 
     /// Does extent `e` need synchronisation?
@@ -545,6 +635,47 @@ mod tests {
         assert!(!m.is_durable(s));
         persist_all(&mut m, &mut disk);
         assert!(m.is_durable(s));
+    }
+
+    #[test]
+    fn sync_pass_keeps_bits_marked_again_meanwhile() {
+        let mut m = ActiveMap::new(8 * u64::from(EXT), EXT, 2, 512);
+        m.need_sync(0, 3 * u64::from(EXT));
+        assert_eq!(m.next_dirty(0), Some(0));
+        m.sync_begin(0);
+        assert!(m.sync_finish(0));
+        m.sync_begin(1);
+        m.need_sync(u64::from(EXT), 1); // a remote leg failed meanwhile
+        assert!(!m.sync_finish(1), "re-dirtied extent stays");
+        assert!(m.needs_sync(1));
+        m.sync_begin(2);
+        m.sync_abort(2);
+        assert!(m.needs_sync(2));
+        assert_eq!(m.next_dirty(0), Some(1));
+        assert_eq!(m.next_dirty(3), None);
+        assert_eq!(m.next_dirty(100), None);
+        m.clear_all_sync();
+        assert_eq!(m.dirty_extents(), 0);
+        assert_eq!(m.dirty_bytes(), 0);
+    }
+
+    #[test]
+    fn merge_and_mark_all() {
+        let mut m = ActiveMap::new(20 * u64::from(EXT), EXT, 2, 512);
+        let mut disk = vec![0u8; 512];
+        let s = m
+            .merge(&[0b0000_0101, 0b1000_0000])
+            .expect("new bits persist");
+        persist_all(&mut m, &mut disk);
+        assert!(m.is_durable(s));
+        assert_eq!(m.dirty_extents(), 3);
+        assert!(m.needs_sync(0) && m.needs_sync(2) && m.needs_sync(15));
+        assert_eq!(m.sync_bitmap()[..2], [0b0000_0101, 0b1000_0000]);
+        m.mark_all();
+        persist_all(&mut m, &mut disk);
+        assert_eq!(m.dirty_extents(), 20);
+        assert_eq!(m.dirty_bytes(), 20 * u64::from(EXT));
+        assert_eq!(disk[..3], [0xff, 0xff, 0x0f]);
     }
 
     #[test]

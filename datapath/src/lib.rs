@@ -6,11 +6,14 @@
 //! without glommio; the I/O modules drive it.
 
 pub mod activemap;
+pub mod events;
 pub mod export;
+pub mod generation;
 pub mod local;
 pub mod metadata;
 pub mod nbd;
 pub mod node;
+pub mod peer;
 pub mod primary;
 pub mod provider;
 pub mod rangelock;

@@ -17,7 +17,7 @@ use glommio::sync::Semaphore;
 use crate::activemap::{ActiveMap, PersistBatch};
 use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METADATA_SIZE};
 use crate::provider::{self, ProviderError, ProviderInfo};
-use crate::rangelock::{RangeGuard, RangeLock};
+use crate::rangelock::{Acquire, RangeLock};
 use crate::stats::ResourceStats;
 
 /// Largest zero-fill write issued at once when zeroing without hole
@@ -213,12 +213,15 @@ impl LocalDisk {
         .await
     }
 
-    /// Locks the sector-aligned span of `[offset, offset+len)`.
-    pub async fn lock_range(&self, offset: u64, len: u64) -> RangeGuard {
+    /// Locks the sector-aligned span of `[offset, offset+len)`. The place
+    /// in the queue is taken when this is called, not when the future is
+    /// first polled, so callers fix the order of overlapping requests by
+    /// the order of their calls.
+    pub fn lock_range(&self, offset: u64, len: u64) -> Acquire {
         let ss = self.sectorsize();
         let start = round_down(offset, ss);
         let end = round_up(offset + len.max(1), ss);
-        self.locks.lock(start, end).await
+        self.locks.lock(start, end)
     }
 
     /// Marks the range in the activemap and waits until the mark is
@@ -346,6 +349,45 @@ impl LocalDisk {
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short read"))
     }
 
+    /// Starts a new generation before the first write made without the
+    /// peer (`localcnt` is bumped once per disconnected epoch, durably,
+    /// before the data write), so that a reconnect tells who wrote.
+    pub async fn bump_generation_if_needed(&self) -> io::Result<()> {
+        let needed = {
+            let md = self.md.borrow();
+            md.localcnt == md.remotecnt
+        };
+        if !needed {
+            return Ok(());
+        }
+        self.update_metadata(|md| {
+            if md.localcnt == md.remotecnt {
+                md.localcnt += 1;
+            }
+        })
+        .await
+    }
+
+    /// Writes a shared buffer at `offset` (the same buffer is being sent to
+    /// the peer). The caller holds the range lock and has marked the
+    /// activemap.
+    pub async fn write_rc(&self, offset: u64, data: Rc<DmaBuffer>) -> io::Result<()> {
+        let ss = self.sectorsize();
+        let len = data.len() as u64;
+        if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
+            let localoff = self.md.borrow().localoff;
+            let n = self
+                .file
+                .write_rc_at(data, localoff + offset)
+                .await
+                .map_err(io_err)?;
+            return check_len(n, len);
+        }
+        let mut copy = self.file.alloc_dma_buffer(data.len());
+        copy.as_bytes_mut().copy_from_slice(data.as_bytes());
+        self.write(offset, copy).await
+    }
+
     /// Writes `data` at `offset` of the data area. The caller holds the
     /// range lock and has marked the activemap.
     pub async fn write(&self, offset: u64, data: DmaBuffer) -> io::Result<()> {
@@ -443,6 +485,61 @@ impl LocalDisk {
     /// Bytes needing synchronisation.
     pub fn dirty_bytes(&self) -> u64 {
         self.map.borrow().dirty_bytes()
+    }
+
+    /// The extents needing synchronisation, as an on-disk style bitmap.
+    pub fn sync_bitmap(&self) -> Vec<u8> {
+        self.map.borrow().sync_bitmap()
+    }
+
+    /// Forgets every sync bit (the peer confirmed both legs identical).
+    pub fn clear_all_sync(&self) {
+        let mut map = self.map.borrow_mut();
+        map.clear_all_sync();
+        self.stats.dirty_bytes.store(map.dirty_bytes(), Relaxed);
+    }
+
+    /// Marks the extents of `bitmap` (the peer's dirty map) as needing
+    /// synchronisation, durably.
+    pub async fn merge_peer_map(&self, bitmap: &[u8]) -> io::Result<()> {
+        let need = self.map.borrow_mut().merge(bitmap);
+        self.after_marking(need).await
+    }
+
+    /// Marks every extent as needing synchronisation, durably (full sync).
+    pub async fn mark_all(&self) -> io::Result<()> {
+        let need = self.map.borrow_mut().mark_all();
+        self.after_marking(need).await
+    }
+
+    /// Marks a range as needing synchronisation, durably (a leg failed
+    /// outside of a write, e.g. a flush).
+    pub async fn need_sync(&self, offset: u64, len: u64) -> io::Result<()> {
+        let need = self.map.borrow_mut().need_sync(offset, len);
+        self.after_marking(need).await
+    }
+
+    async fn after_marking(&self, need: Option<u64>) -> io::Result<()> {
+        self.stats
+            .dirty_bytes
+            .store(self.map.borrow().dirty_bytes(), Relaxed);
+        match need {
+            Some(seq) => self.persist_until(seq).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` on the activemap (synchronisation bookkeeping).
+    pub fn with_map<T>(&self, f: impl FnOnce(&mut ActiveMap) -> T) -> T {
+        let mut map = self.map.borrow_mut();
+        let out = f(&mut map);
+        self.stats.dirty_bytes.store(map.dirty_bytes(), Relaxed);
+        out
+    }
+
+    /// Extent size.
+    pub fn extentsize(&self) -> u64 {
+        u64::from(self.md.borrow().extentsize)
     }
 
     /// Stores the activemap (lazy clears included) and the metadata with

@@ -31,6 +31,11 @@ pub const DEFAULT_KEEPDIRTY: u32 = 64;
 /// 4 KiB requests from clients map to 4 KiB-aligned provider I/O.
 pub const DATA_ALIGN: u64 = 4096;
 
+/// Metadata flag: this node's data is the target of an unfinished
+/// synchronisation (some extents are older than the peer's): it must not
+/// be promoted without knowing it.
+pub const FLAG_INCONSISTENT: u64 = 1;
+
 /// Role a node last held for a resource, stored as `prevrole`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -148,7 +153,7 @@ pub struct Metadata {
     pub remotecnt: u64,
     /// Role held when the metadata was last written.
     pub prevrole: Role,
-    /// Reserved flag bits (0 in format version 1).
+    /// Flag bits ([`FLAG_INCONSISTENT`]).
     pub flags: u64,
 }
 

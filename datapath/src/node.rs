@@ -7,15 +7,23 @@
 //! data path takes a lock or hops cores.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::events::{EventSink, PeerEvent};
 use crate::local::LocalDisk;
 use crate::metadata::Role;
 use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
+use crate::peer::listener::{self, Listener, Route};
+use crate::peer::proto::Refusal;
+use crate::peer::remote::{Remote, RemoteConfig, ReplicationMode};
+use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
 use crate::primary::Primary;
 use crate::stats::ResourceStats;
 
@@ -40,6 +48,33 @@ pub struct ResourceSpec {
     pub max_inflight: usize,
     /// Bytes of write payload buffered per export.
     pub buffer_budget: usize,
+    /// This node's name (sent in the handshake, for logs).
+    pub node: String,
+    /// The peer's addresses; None for `remote none`.
+    pub remote: Option<Vec<SocketAddr>>,
+    /// Local address to connect from (`source`).
+    pub source: Option<SocketAddr>,
+    /// Replication mode.
+    pub mode: ReplicationMode,
+    /// Peer timeout.
+    pub timeout: Duration,
+    /// Payload bytes queued for the secondary at most; in async mode,
+    /// writes beyond it are left to the background synchronisation.
+    pub async_backlog: usize,
+}
+
+/// Node-wide settings.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Executors (at least one, at most one per resource).
+    pub shards: usize,
+    /// Executor placement.
+    pub placement: CpuPlacement,
+    /// Addresses the secondary listens on (used only when some resource
+    /// has a remote).
+    pub listen: Vec<SocketAddr>,
+    /// Where events go (hooks, event stream).
+    pub events: Option<flume::Sender<PeerEvent>>,
 }
 
 /// Executor placement.
@@ -58,6 +93,10 @@ enum Cmd {
         role: Role,
         reply: flume::Sender<Result<Role, String>>,
     },
+    Incoming {
+        name: String,
+        incoming: Incoming,
+    },
     Shutdown {
         reply: flume::Sender<()>,
     },
@@ -73,18 +112,29 @@ struct Shard {
 pub struct Node {
     shards: Vec<Shard>,
     index: HashMap<String, (usize, Arc<ResourceStats>)>,
+    listener: std::sync::Mutex<Option<Listener>>,
 }
 
 impl Node {
     /// Starts `shards` executors (at least one, at most one per resource)
     /// and assigns resources to them round-robin. Every resource starts in
     /// role init.
-    pub fn start(
-        specs: Vec<ResourceSpec>,
-        shards: usize,
-        placement: CpuPlacement,
-    ) -> std::io::Result<Node> {
+    pub fn start(specs: Vec<ResourceSpec>, opts: NodeOptions) -> std::io::Result<Node> {
+        let (shards, placement) = (opts.shards, opts.placement.clone());
         let nshards = shards.clamp(1, specs.len().max(1));
+        let replicated: Vec<(String, Vec<IpAddr>)> = specs
+            .iter()
+            .filter_map(|s| {
+                s.remote
+                    .as_ref()
+                    .map(|r| (s.name.clone(), r.iter().map(|a| a.ip()).collect()))
+            })
+            .collect();
+        let timeout = specs
+            .iter()
+            .map(|s| s.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(20));
         let mut per_shard: Vec<Vec<(ResourceSpec, Arc<ResourceStats>)>> =
             (0..nshards).map(|_| Vec::new()).collect();
         let mut index = HashMap::new();
@@ -96,6 +146,7 @@ impl Node {
         let mut out = Vec::with_capacity(nshards);
         for (i, resources) in per_shard.into_iter().enumerate() {
             let (tx, rx) = flume::bounded(SHARD_QUEUE);
+            let events = opts.events.clone();
             let place = match &placement {
                 CpuPlacement::Unbound => Placement::Unbound,
                 CpuPlacement::Pinned(cpus) if !cpus.is_empty() => {
@@ -105,14 +156,50 @@ impl Node {
             };
             let join = LocalExecutorBuilder::new(place)
                 .name(&format!("hast-shard{i}"))
-                .spawn(move || shard_main(rx, resources))
+                .spawn(move || shard_main(rx, resources, events))
                 .map_err(|e| std::io::Error::other(format!("cannot start executor {i}: {e}")))?;
             out.push(Shard {
                 tx,
                 join: std::sync::Mutex::new(Some(join)),
             });
         }
-        Ok(Node { shards: out, index })
+        let mut node = Node {
+            shards: out,
+            index,
+            listener: std::sync::Mutex::new(None),
+        };
+        if !replicated.is_empty() {
+            let mut routes = HashMap::new();
+            for (name, allowed) in replicated {
+                let shard = node.index[&name].0;
+                let tx = node.shards[shard].tx.clone();
+                let rname = name.clone();
+                routes.insert(
+                    name,
+                    Route {
+                        allowed,
+                        deliver: Box::new(move |incoming| {
+                            tx.try_send(Cmd::Incoming {
+                                name: rname.clone(),
+                                incoming,
+                            })
+                            .map_err(|e| match e.into_inner() {
+                                Cmd::Incoming { incoming, .. } => Box::new(incoming),
+                                _ => unreachable!("only Incoming is sent here"),
+                            })
+                        }),
+                    },
+                );
+            }
+            match Listener::start(&opts.listen, routes, timeout) {
+                Ok(l) => node.listener = std::sync::Mutex::new(Some(l)),
+                Err(e) => {
+                    node.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(node)
     }
 
     /// Counters of a resource.
@@ -157,6 +244,10 @@ impl Node {
     /// Stops every resource cleanly (exports drained, activemaps and
     /// metadata stored) and joins the executors. Later calls do nothing.
     pub fn shutdown(&self) {
+        let listener = self.listener.lock().map(|mut l| l.take()).unwrap_or(None);
+        if let Some(l) = listener {
+            l.stop();
+        }
         let mut waits = Vec::new();
         for shard in &self.shards {
             let (reply, rx) = flume::bounded(1);
@@ -182,6 +273,7 @@ impl Node {
 struct Res {
     spec: ResourceSpec,
     stats: Arc<ResourceStats>,
+    events: EventSink,
     role: Role,
     active: Active,
 }
@@ -193,11 +285,15 @@ enum Active {
         export: NbdHandle,
     },
     Secondary {
-        disk: Rc<LocalDisk>,
+        secondary: Rc<Secondary>,
     },
 }
 
-async fn shard_main(rx: flume::Receiver<Cmd>, resources: Vec<(ResourceSpec, Arc<ResourceStats>)>) {
+async fn shard_main(
+    rx: flume::Receiver<Cmd>,
+    resources: Vec<(ResourceSpec, Arc<ResourceStats>)>,
+    events: Option<flume::Sender<PeerEvent>>,
+) {
     let mut state: HashMap<String, Res> = resources
         .into_iter()
         .map(|(spec, stats)| {
@@ -205,6 +301,7 @@ async fn shard_main(rx: flume::Receiver<Cmd>, resources: Vec<(ResourceSpec, Arc<
             (
                 spec.name.clone(),
                 Res {
+                    events: EventSink::new(&spec.name, events.clone()),
                     spec,
                     stats,
                     role: Role::Init,
@@ -222,6 +319,10 @@ async fn shard_main(rx: flume::Receiver<Cmd>, resources: Vec<(ResourceSpec, Arc<
                 };
                 let _ = reply.send(res);
             }
+            Cmd::Incoming { name, incoming } => match state.get_mut(&name) {
+                Some(r) => r.incoming(incoming).await,
+                None => refuse_incoming(incoming, Refusal::UnknownResource, "unknown resource"),
+            },
             Cmd::Shutdown { reply } => {
                 for r in state.values_mut() {
                     r.deactivate().await;
@@ -281,7 +382,31 @@ impl Res {
 
     async fn activate_primary(&mut self) -> Result<Active, String> {
         let disk = self.open_disk(Role::Primary).await?;
-        let primary = Rc::new(Primary::new(disk.clone(), self.stats.clone()));
+        let remote = self.spec.remote.as_ref().map(|addrs| {
+            Remote::start(
+                RemoteConfig {
+                    resource: self.spec.name.clone(),
+                    node: self.spec.node.clone(),
+                    remote: addrs.clone(),
+                    source: self.spec.source,
+                    timeout: self.spec.timeout,
+                    mode: self.spec.mode,
+                    max_inflight: 1024,
+                    max_bytes: self.spec.async_backlog,
+                    sync_window: 16,
+                    sync_chunk: 1 << 20,
+                    retry: self.spec.timeout.min(Duration::from_secs(2)),
+                },
+                disk.clone(),
+                self.stats.clone(),
+                self.events.clone(),
+            )
+        });
+        let primary = Rc::new(Primary::new(
+            disk.clone(),
+            self.stats.clone(),
+            remote.clone(),
+        ));
         let cfg = NbdConfig {
             export_name: self.spec.provname.clone(),
             max_inflight: self.spec.max_inflight,
@@ -306,6 +431,9 @@ impl Res {
                 Ok(Active::Primary { primary, export })
             }
             Err(e) => {
+                if let Some(r) = &remote {
+                    r.stop().await;
+                }
                 drop(primary);
                 let _ = disk.close(Role::Primary).await;
                 Err(format!(
@@ -318,10 +446,33 @@ impl Res {
     }
 
     async fn activate_secondary(&mut self) -> Result<Active, String> {
-        // Replication is not wired yet: the secondary holds its provider
-        // open and validated, and records the role.
         let disk = self.open_disk(Role::Secondary).await?;
-        Ok(Active::Secondary { disk })
+        let secondary = Secondary::new(SecondaryCtx {
+            resource: self.spec.name.clone(),
+            node: self.spec.node.clone(),
+            disk,
+            stats: self.stats.clone(),
+            events: self.events.clone(),
+            timeout: self.spec.timeout,
+        });
+        Ok(Active::Secondary { secondary })
+    }
+
+    /// A primary connected for this resource.
+    async fn incoming(&mut self, incoming: Incoming) {
+        match &self.active {
+            Active::Secondary { secondary } => secondary.accept(incoming).await,
+            _ => {
+                let role = self.role;
+                tracing::warn!(resource = %self.spec.name, peer = %incoming.peer, role = %role,
+                    "a primary connected but this node is not secondary; refused");
+                refuse_incoming(
+                    incoming,
+                    Refusal::NotSecondary,
+                    &format!("this node is {role}, not secondary"),
+                );
+            }
+        }
     }
 
     /// Tears down whatever runs: the export first (so clients see the
@@ -332,6 +483,18 @@ impl Res {
             Active::Idle => {}
             Active::Primary { primary, export } => {
                 export.shutdown().await;
+                if let Some(r) = primary.remote() {
+                    r.stop().await;
+                }
+                // Writes waiting for the secondary's Done have failed with
+                // the link; let them record it before the map is stored.
+                for _ in 0..1000 {
+                    if self.stats.remote_inflight.load(Relaxed) == 0 {
+                        break;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                self.stats.connected.store(false, Relaxed);
                 let disk = primary.disk().clone();
                 drop(primary);
                 if let Err(e) = disk.close(role).await {
@@ -339,7 +502,11 @@ impl Res {
                         "cannot store the activemap and metadata");
                 }
             }
-            Active::Secondary { disk } => {
+            Active::Secondary { secondary } => {
+                secondary.disconnect().await;
+                self.stats.connected.store(false, Relaxed);
+                let disk = secondary.disk().clone();
+                drop(secondary);
                 if let Err(e) = disk.close(role).await {
                     tracing::error!(resource = %self.spec.name, error = %e,
                         "cannot store the activemap and metadata");
@@ -347,4 +514,12 @@ impl Res {
             }
         }
     }
+}
+
+/// Answers a handed-over connection with a refusal and closes it.
+fn refuse_incoming(incoming: Incoming, why: Refusal, msg: &str) {
+    let conn = std::net::TcpStream::from(incoming.fd);
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+    listener::refuse(&conn, why, msg.to_owned());
 }

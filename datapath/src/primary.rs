@@ -1,8 +1,15 @@
 //! The primary's request path: what the export calls for each client
-//! request. Today the remote leg is absent (`remote none`, or no peer), so
-//! every write also marks its extents as needing synchronisation; the
-//! replication issue adds the remote leg here.
+//! request.
+//!
+//! A write: lock the range (in arrival order), mark the activemap durably,
+//! send to the secondary and write locally in parallel, acknowledge at the
+//! replication mode's point, and release the extent only when the
+//! secondary is done (or mark it for sync when it failed or is absent).
+//! With no peer (`remote none`, or disconnected) the write is local and
+//! its extents need synchronisation; the first such write of a
+//! disconnected epoch bumps the generation counter first.
 
+use std::ops::Deref;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -11,6 +18,10 @@ use glommio::io::{DmaBuffer, ReadResult};
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::LocalDisk;
+use crate::peer::frame::LinkError;
+use crate::peer::link::{Payload, PeerLink, Pending};
+use crate::peer::proto::{flags, Kind};
+use crate::peer::remote::{Remote, ReplicationMode};
 use crate::stats::ResourceStats;
 
 /// Largest payload of one request (NBD's customary maximum).
@@ -20,6 +31,26 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub struct Primary {
     disk: Rc<LocalDisk>,
     stats: Arc<ResourceStats>,
+    remote: Option<Rc<Remote>>,
+}
+
+/// Data returned by a read: from the local provider, or from the
+/// secondary while the primary is being synchronised from it.
+pub enum PrimaryRead {
+    /// Read locally.
+    Local(ReadResult),
+    /// Read from the secondary.
+    Remote(DmaBuffer),
+}
+
+impl Deref for PrimaryRead {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            PrimaryRead::Local(r) => r,
+            PrimaryRead::Remote(b) => b.as_bytes(),
+        }
+    }
 }
 
 /// Decrements a gauge when dropped (request finished or cancelled).
@@ -38,15 +69,35 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// What a data-changing request does.
+enum Change {
+    Write(Rc<DmaBuffer>),
+    Zero,
+}
+
 impl Primary {
-    /// A primary over an open local disk.
-    pub fn new(disk: Rc<LocalDisk>, stats: Arc<ResourceStats>) -> Primary {
-        Primary { disk, stats }
+    /// A primary over an open local disk, replicating through `remote`
+    /// (None for `remote none`).
+    pub fn new(
+        disk: Rc<LocalDisk>,
+        stats: Arc<ResourceStats>,
+        remote: Option<Rc<Remote>>,
+    ) -> Primary {
+        Primary {
+            disk,
+            stats,
+            remote,
+        }
     }
 
     /// The local leg.
     pub fn disk(&self) -> &Rc<LocalDisk> {
         &self.disk
+    }
+
+    /// The remote leg.
+    pub fn remote(&self) -> Option<&Rc<Remote>> {
+        self.remote.as_ref()
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BackendError> {
@@ -56,51 +107,181 @@ impl Primary {
         }
     }
 
-    /// The common shape of every data-changing request: lock the range,
-    /// mark the activemap durably, apply locally, complete the mark.
-    async fn modify<F, Fut>(
+    fn mode(&self) -> ReplicationMode {
+        self.remote
+            .as_ref()
+            .map(|r| r.mode())
+            .unwrap_or(ReplicationMode::MemSync)
+    }
+
+    /// Sends the remote leg of a change; None when there is no peer.
+    async fn send_remote(
+        &self,
+        link: &Option<PeerLink>,
+        change: &Change,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Option<Pending> {
+        let link = link.as_ref()?;
+        let mut f = 0u8;
+        if self.mode() == ReplicationMode::MemSync {
+            f |= flags::WANT_RECEIVED;
+        }
+        if fua {
+            f |= flags::FUA;
+        }
+        let (kind, payload) = match change {
+            Change::Write(buf) => (Kind::Write, Payload::Dma(buf.clone())),
+            Change::Zero => (Kind::Zero, Payload::None),
+        };
+        let sent = if self.mode() == ReplicationMode::Async {
+            // Async never waits for the peer: past the backlog the write
+            // stays local and its extents are caught up by the background
+            // synchronisation.
+            link.try_request(kind, f, offset, len as u32, payload).await
+        } else {
+            link.request(kind, f, offset, len as u32, payload).await
+        };
+        match sent {
+            Ok(p) => Some(p),
+            Err(LinkError::Backlog) => {
+                self.stats.backlog_overflows.fetch_add(1, Relaxed);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The common shape of every data-changing request.
+    async fn modify(
         &self,
         offset: u64,
         len: u64,
         fua: bool,
         errors: &AtomicU64,
-        apply: F,
-    ) -> Result<(), BackendError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = std::io::Result<()>>,
-    {
+        change: Change,
+    ) -> Result<(), BackendError> {
         self.check(offset, len)?;
         if len == 0 {
             return Ok(());
         }
         let _q = Gauge::enter(&self.stats.local_queue);
-        let _range = self.disk.lock_range(offset, len).await;
+        let range = self.disk.lock_range(offset, len).await;
+        let link = self.remote.as_ref().and_then(|r| r.link());
+        if link.is_none() {
+            // Writing without the peer: start a new generation first (once
+            // per disconnected epoch), so a later reconnect can tell who
+            // wrote.
+            if let Err(e) = self.disk.bump_generation_if_needed().await {
+                tracing::error!(path = %self.disk.path().display(), error = %e,
+                    "cannot update the generation counter; write refused");
+                errors.fetch_add(1, Relaxed);
+                return Err(BackendError::Io);
+            }
+        }
         if let Err(e) = self.disk.write_start(offset, len).await {
             tracing::error!(path = %self.disk.path().display(), error = %e,
                 "cannot mark the activemap; write refused");
             errors.fetch_add(1, Relaxed);
             return Err(BackendError::Io);
         }
-        let local = apply().await;
-        // No remote leg yet: the peer lacks this data, so the extents need
-        // sync whatever the local outcome. A failed local leg marks them
-        // too (the local copy is stale).
-        self.disk.write_complete(offset, len, false);
-        if let Err(e) = local {
+        // Remote first (it only queues), then the local write runs while
+        // the data travels.
+        let pending = self.send_remote(&link, &change, offset, len, fua).await;
+        let local = match &change {
+            Change::Write(buf) => self.disk.write_rc(offset, buf.clone()).await,
+            Change::Zero => self.disk.zero(offset, len).await,
+        };
+        let local = match local {
+            Ok(()) if fua => self.disk.flush().await,
+            other => other,
+        };
+        let local_ok = local.is_ok();
+        if let Err(e) = &local {
             tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
                 "local write failed");
             errors.fetch_add(1, Relaxed);
-            return Err(BackendError::Io);
         }
-        if fua {
-            self.flush_inner().await?;
+        let Some(pending) = pending else {
+            // No remote leg: the peer lacks this data.
+            self.disk.write_complete(offset, len, false);
+            return if local_ok {
+                Ok(())
+            } else {
+                Err(BackendError::Io)
+            };
+        };
+        // Acknowledgement point of the replication mode. FUA always waits
+        // for the secondary's durable Done.
+        let mode = self.mode();
+        if mode == ReplicationMode::FullSync || fua {
+            let remote_ok = self.wait_done(&pending).await;
+            self.disk.write_complete(offset, len, local_ok && remote_ok);
+            drop(range);
+        } else {
+            if mode == ReplicationMode::MemSync {
+                // Received (or failed): either way the request is settled
+                // from the client's point of view; a failure marks the
+                // extent below.
+                let _ = pending.received().await;
+            }
+            drop(range);
+            // The extent stays marked until the secondary is done.
+            let (disk, stats) = (self.disk.clone(), self.stats.clone());
+            self.stats.remote_inflight.fetch_add(1, Relaxed);
+            glommio::spawn_local(async move {
+                let remote_ok = match pending.done().await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        log_remote_failure(&e, offset, len);
+                        false
+                    }
+                };
+                disk.write_complete(offset, len, local_ok && remote_ok);
+                stats.remote_inflight.fetch_sub(1, Relaxed);
+            })
+            .detach();
         }
-        Ok(())
+        if local_ok {
+            Ok(())
+        } else {
+            Err(BackendError::Io)
+        }
+    }
+
+    async fn wait_done(&self, pending: &Pending) -> bool {
+        match pending.done().await {
+            Ok(_) => true,
+            Err(e) => {
+                log_remote_failure(&e, 0, 0);
+                false
+            }
+        }
     }
 
     async fn flush_inner(&self) -> Result<(), BackendError> {
-        self.disk.flush().await.map_err(|e| {
+        let link = self.remote.as_ref().and_then(|r| r.link());
+        let remote = async {
+            match &link {
+                Some(l) if self.mode() != ReplicationMode::Async => {
+                    match l.call(Kind::Flush, 0, 0, 0, Payload::None).await {
+                        Ok(_) => {}
+                        Err(LinkError::Remote(errno)) => {
+                            // The secondary could not make its copy
+                            // durable: drop the link so the reconnect
+                            // resynchronises its dirty extents.
+                            tracing::error!(errno, "secondary flush failed; reconnecting");
+                            l.kill(LinkError::Remote(errno));
+                        }
+                        Err(_) => {}
+                    }
+                }
+                _ => {}
+            }
+        };
+        let (local, ()) = futures_lite::future::zip(self.disk.flush(), remote).await;
+        local.map_err(|e| {
             tracing::error!(path = %self.disk.path().display(), error = %e, "flush failed");
             self.stats.flush_errors.fetch_add(1, Relaxed);
             BackendError::Io
@@ -108,8 +289,23 @@ impl Primary {
     }
 }
 
+fn log_remote_failure(e: &LinkError, offset: u64, len: u64) {
+    match e {
+        LinkError::Disconnected | LinkError::Closed => {
+            tracing::debug!(
+                offset,
+                len,
+                "remote leg lost with the connection; extent marked for sync"
+            )
+        }
+        other => {
+            tracing::warn!(offset, len, error = %other, "remote leg failed; extent marked for sync")
+        }
+    }
+}
+
 impl BlockBackend for Primary {
-    type ReadBuf = ReadResult;
+    type ReadBuf = PrimaryRead;
 
     fn geometry(&self) -> BackendGeometry {
         let info = self.disk.info();
@@ -125,16 +321,36 @@ impl BlockBackend for Primary {
         self.disk.alloc(len)
     }
 
-    async fn read(&self, offset: u64, len: u32) -> Result<ReadResult, BackendError> {
+    async fn read(&self, offset: u64, len: u32) -> Result<PrimaryRead, BackendError> {
         self.check(offset, u64::from(len))?;
         let _q = Gauge::enter(&self.stats.local_queue);
         self.stats.reads.fetch_add(1, Relaxed);
-        self.disk.read(offset, len as usize).await.map_err(|e| {
-            tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
-                "local read failed");
-            self.stats.read_errors.fetch_add(1, Relaxed);
-            BackendError::Io
-        })
+        if let Some(r) = &self.remote {
+            if r.reads_from_peer(offset, u64::from(len)) {
+                // Not synchronised yet: the secondary has the current data.
+                let Some(link) = r.link() else {
+                    self.stats.read_errors.fetch_add(1, Relaxed);
+                    return Err(BackendError::Io);
+                };
+                return match link.call(Kind::Read, 0, offset, len, Payload::None).await {
+                    Ok(Some(buf)) if buf.len() == len as usize => Ok(PrimaryRead::Remote(buf)),
+                    _ => {
+                        self.stats.read_errors.fetch_add(1, Relaxed);
+                        Err(BackendError::Io)
+                    }
+                };
+            }
+        }
+        self.disk
+            .read(offset, len as usize)
+            .await
+            .map(PrimaryRead::Local)
+            .map_err(|e| {
+                tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
+                    "local read failed");
+                self.stats.read_errors.fetch_add(1, Relaxed);
+                BackendError::Io
+            })
     }
 
     async fn write(
@@ -145,10 +361,13 @@ impl BlockBackend for Primary {
     ) -> Result<(), BackendError> {
         self.stats.writes.fetch_add(1, Relaxed);
         let len = data.len() as u64;
-        let disk = &self.disk;
-        self.modify(offset, len, flags.fua, &self.stats.write_errors, || {
-            disk.write(offset, data)
-        })
+        self.modify(
+            offset,
+            len,
+            flags.fua,
+            &self.stats.write_errors,
+            Change::Write(Rc::new(data)),
+        )
         .await
     }
 
@@ -159,10 +378,13 @@ impl BlockBackend for Primary {
 
     async fn trim(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<(), BackendError> {
         self.stats.deletes.fetch_add(1, Relaxed);
-        let disk = &self.disk;
-        self.modify(offset, len, flags.fua, &self.stats.delete_errors, || {
-            disk.zero(offset, len)
-        })
+        self.modify(
+            offset,
+            len,
+            flags.fua,
+            &self.stats.delete_errors,
+            Change::Zero,
+        )
         .await
     }
 
@@ -173,10 +395,13 @@ impl BlockBackend for Primary {
         flags: WriteFlags,
     ) -> Result<(), BackendError> {
         self.stats.writes.fetch_add(1, Relaxed);
-        let disk = &self.disk;
-        self.modify(offset, len, flags.fua, &self.stats.write_errors, || {
-            disk.zero(offset, len)
-        })
+        self.modify(
+            offset,
+            len,
+            flags.fua,
+            &self.stats.write_errors,
+            Change::Zero,
+        )
         .await
     }
 }

@@ -2,7 +2,7 @@
 //! with relaxed atomics on its own core) and the control plane (which reads
 //! them for `hastctl list`/`status` without a cross-core hop).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::metadata::Role;
@@ -43,6 +43,29 @@ pub struct ResourceStats {
     pub datasize: AtomicU64,
     /// Connected NBD clients.
     pub clients: Arc<AtomicU64>,
+    /// The replication connection is up (handshake done).
+    pub connected: AtomicBool,
+    /// The last handshake detected a split-brain.
+    pub split_brain: AtomicBool,
+    /// Synchronisation direction: 0 none, 1 to the secondary, 2 from it.
+    pub sync_direction: AtomicU8,
+    /// Bytes to synchronise when the current pass started.
+    pub sync_total: AtomicU64,
+    /// Bytes synchronised in the current pass.
+    pub sync_done: AtomicU64,
+    /// When the current pass started (Unix ms; 0 = none).
+    pub sync_started_ms: AtomicU64,
+    /// Bytes synchronised since start-up (all passes).
+    pub sync_bytes_total: AtomicU64,
+    /// Synchronisation bytes received as the secondary.
+    pub sync_received: AtomicU64,
+    /// Requests waiting for the peer (sent, not done).
+    pub remote_inflight: AtomicU64,
+    /// Async writes left to the background sync because the backlog was
+    /// full.
+    pub backlog_overflows: AtomicU64,
+    /// Last connection problem (for `hastctl list`).
+    pub last_error: std::sync::Mutex<String>,
 }
 
 impl ResourceStats {

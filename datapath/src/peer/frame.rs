@@ -1,0 +1,165 @@
+//! Frame I/O over a peer connection (both sides): reading a header,
+//! reading a payload straight into an aligned buffer, writing a frame, and
+//! the connection-level error type.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::proto::{FrameError, Header, Refusal, HEADER_LEN};
+
+/// Why a peer connection failed or a request on it did not complete.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// Socket error.
+    #[error("connection error: {0}")]
+    Io(String),
+    /// The peer closed the connection.
+    #[error("connection closed by peer")]
+    Closed,
+    /// A frame failed validation; the connection is closed without
+    /// touching the disk.
+    #[error("protocol error: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer did not answer in time.
+    #[error("peer silent for {0:?}")]
+    Timeout(Duration),
+    /// The connection is gone (this request was in flight or queued).
+    #[error("not connected")]
+    Disconnected,
+    /// The peer refused the handshake.
+    #[error("peer refused: {reason:?}: {message}")]
+    Refused {
+        /// Machine-readable reason.
+        reason: Refusal,
+        /// The peer's explanation.
+        message: String,
+    },
+    /// The peer executed the request and it failed with this errno.
+    #[error("peer reported error {0}")]
+    Remote(u32),
+    /// The async backlog is full: the request was not queued.
+    #[error("replication backlog full")]
+    Backlog,
+    /// Local misuse or state (e.g. the resource is stopping).
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            LinkError::Closed
+        } else {
+            LinkError::Io(e.to_string())
+        }
+    }
+}
+
+/// Reads and validates one frame header.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Header, LinkError> {
+    let mut buf = [0u8; HEADER_LEN];
+    r.read_exact(&mut buf).await?;
+    Ok(Header::decode(&buf)?)
+}
+
+/// Reads `buf.len()` payload bytes and checks them against the header.
+pub async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    hdr: &Header,
+    buf: &mut [u8],
+) -> Result<(), LinkError> {
+    r.read_exact(buf).await?;
+    hdr.check_payload(buf)?;
+    Ok(())
+}
+
+/// Reads and discards `n` bytes in bounded chunks.
+pub async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut n: usize) -> Result<(), LinkError> {
+    let mut scratch = [0u8; 4096];
+    while n > 0 {
+        let k = n.min(scratch.len());
+        r.read_exact(&mut scratch[..k]).await?;
+        n -= k;
+    }
+    Ok(())
+}
+
+/// Largest payload copied behind its header so that a small frame leaves
+/// in one send.
+pub const COALESCE_MAX: usize = 16 * 1024;
+
+/// Writes a header and its payload.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    hdr: &Header,
+    payload: &[u8],
+) -> Result<(), LinkError> {
+    let head = hdr.encode();
+    if !payload.is_empty() && payload.len() <= COALESCE_MAX {
+        let mut one = Vec::with_capacity(HEADER_LEN + payload.len());
+        one.extend_from_slice(&head);
+        one.extend_from_slice(payload);
+        w.write_all(&one).await?;
+    } else {
+        w.write_all(&head).await?;
+        if !payload.is_empty() {
+            w.write_all(payload).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `fut` with a deadline.
+pub async fn with_timeout<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    futures_lite::future::or(fut, async {
+        glommio::timer::sleep(limit).await;
+        Err(LinkError::Timeout(limit))
+    })
+    .await
+}
+
+/// Shuts a socket down in both directions, waking any pending read or
+/// write on it (used to tear a connection down from outside its tasks).
+pub fn shutdown_fd(fd: RawFd) {
+    // SAFETY: shutdown(2) on a descriptor number; if it was already closed
+    // the call fails harmlessly with EBADF/ENOTSOCK. No memory involved.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Is every byte zero? (Synchronisation sends such chunks as holes.)
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only
+        // reinterprets the aligned middle of the byte slice.
+        unsafe { buf.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[1..]));
+        v[4098] = 1;
+        assert!(!is_zero(&v));
+        v[4098] = 0;
+        v[3] = 9;
+        assert!(!is_zero(&v[1..]));
+        assert!(is_zero(&[]));
+    }
+}

@@ -1,0 +1,499 @@
+//! The primary's side of an established peer connection: a pipelined,
+//! bounded request stream to the secondary.
+//!
+//! - `request` assigns a sequence number, waits for a slot in the in-flight
+//!   window, and queues the frame for the writer task; it returns a
+//!   [`Pending`] to await the secondary's `Received` and `Done`.
+//! - the writer task is the only one writing to the socket; the reader
+//!   task is the only one reading from it and completes pending requests by
+//!   sequence number; the keepalive task pings an idle peer and declares a
+//!   silent one dead.
+//! - when the connection dies every pending request fails with
+//!   [`LinkError::Disconnected`]; callers then mark their extents for sync.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{ReadHalf, WriteHalf};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::io::{DmaBuffer, ReadResult};
+use glommio::net::TcpStream;
+use glommio::sync::{Semaphore, StaticPermit};
+
+use super::frame::{self, LinkError};
+use super::proto::{Header, Kind};
+
+/// Payload of an outgoing request.
+pub enum Payload {
+    /// No payload.
+    None,
+    /// An application write buffer, shared with the local write.
+    Dma(Rc<DmaBuffer>),
+    /// Data read from the local provider (synchronisation).
+    Read(ReadResult),
+    /// Small owned bytes (control messages).
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::None => &[],
+            Payload::Dma(b) => b.as_bytes(),
+            Payload::Read(r) => r,
+            Payload::Bytes(v) => v,
+        }
+    }
+}
+
+struct Outgoing {
+    header: Header,
+    payload: Payload,
+    /// Payload bytes accounted against the link's budget until sent.
+    _bytes: Option<StaticPermit>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    received: bool,
+    done: Option<Result<Option<DmaBuffer>, LinkError>>,
+    waker: Option<Waker>,
+    permit: Option<StaticPermit>,
+}
+
+/// A request in flight.
+#[derive(Clone)]
+pub struct Pending {
+    slot: Rc<RefCell<SlotState>>,
+}
+
+impl Pending {
+    /// Resolves when the secondary has received the payload (or the
+    /// request finished, successfully or not).
+    pub fn received(&self) -> WaitReceived {
+        WaitReceived(self.slot.clone())
+    }
+
+    /// Resolves with the outcome: `Ok(Some(data))` for a read.
+    pub fn done(&self) -> WaitDone {
+        WaitDone(self.slot.clone())
+    }
+}
+
+/// Future of [`Pending::received`].
+pub struct WaitReceived(Rc<RefCell<SlotState>>);
+/// Future of [`Pending::done`].
+pub struct WaitDone(Rc<RefCell<SlotState>>);
+
+impl Future for WaitReceived {
+    type Output = Result<(), LinkError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut s = self.0.borrow_mut();
+        if s.received {
+            return Poll::Ready(Ok(()));
+        }
+        match &s.done {
+            Some(Ok(_)) => Poll::Ready(Ok(())),
+            Some(Err(e)) => Poll::Ready(Err(e.clone())),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Future for WaitDone {
+    type Output = Result<Option<DmaBuffer>, LinkError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut s = self.0.borrow_mut();
+        match s.done.take() {
+            Some(r) => {
+                // Keep a marker so a second poll (or `received`) sees it.
+                s.done = Some(match &r {
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(e.clone()),
+                });
+                Poll::Ready(r)
+            }
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn complete(slot: &Rc<RefCell<SlotState>>, r: Result<Option<DmaBuffer>, LinkError>) {
+    let mut s = slot.borrow_mut();
+    s.done = Some(r);
+    s.permit = None;
+    if let Some(w) = s.waker.take() {
+        w.wake();
+    }
+}
+
+/// Limits of one link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkLimits {
+    /// Requests in flight at most.
+    pub max_inflight: usize,
+    /// Keepalive interval when idle.
+    pub keepalive: Duration,
+    /// A peer silent this long is dead.
+    pub timeout: Duration,
+    /// Payload bytes queued for sending at most (the async backlog).
+    pub max_bytes: usize,
+}
+
+struct Inner {
+    out: LocalSender<Option<Outgoing>>,
+    inflight: RefCell<HashMap<u64, Rc<RefCell<SlotState>>>>,
+    next_seq: Cell<u64>,
+    window: Rc<Semaphore>,
+    bytes: Rc<Semaphore>,
+    dead: Cell<bool>,
+    reason: RefCell<Option<LinkError>>,
+    death_wakers: RefCell<Vec<Waker>>,
+    last_rx: Cell<Instant>,
+    last_tx: Cell<Instant>,
+    fd: RawFd,
+    alloc: Box<dyn Fn(usize) -> DmaBuffer>,
+    limits: LinkLimits,
+}
+
+/// An established connection to the secondary. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerLink {
+    inner: Rc<Inner>,
+}
+
+impl PeerLink {
+    /// Takes over an established (handshaken) connection and starts its
+    /// writer, reader and keepalive tasks on the current executor.
+    /// `alloc` provides aligned buffers for read replies.
+    pub fn start(
+        stream: TcpStream,
+        fd: RawFd,
+        limits: LinkLimits,
+        alloc: impl Fn(usize) -> DmaBuffer + 'static,
+    ) -> PeerLink {
+        let (tx, rx) = local_channel::new_bounded(limits.max_inflight.max(1) + 1);
+        let inner = Rc::new(Inner {
+            out: tx,
+            inflight: RefCell::new(HashMap::new()),
+            next_seq: Cell::new(1),
+            window: Rc::new(Semaphore::new(limits.max_inflight.max(1) as u64)),
+            bytes: Rc::new(Semaphore::new(limits.max_bytes.max(1 << 20) as u64)),
+            dead: Cell::new(false),
+            reason: RefCell::new(None),
+            death_wakers: RefCell::new(Vec::new()),
+            last_rx: Cell::new(Instant::now()),
+            last_tx: Cell::new(Instant::now()),
+            fd,
+            alloc: Box::new(alloc),
+            limits,
+        });
+        let (reader, writer) = futures_lite::io::split(stream);
+        let link = PeerLink { inner };
+        glommio::spawn_local(writer_task(link.clone(), writer, rx)).detach();
+        glommio::spawn_local(reader_task(link.clone(), reader)).detach();
+        glommio::spawn_local(keepalive_task(link.clone())).detach();
+        link
+    }
+
+    /// Is the connection still up?
+    pub fn is_alive(&self) -> bool {
+        !self.inner.dead.get()
+    }
+
+    /// Why the connection died, if it did.
+    pub fn death_reason(&self) -> Option<LinkError> {
+        self.inner.reason.borrow().clone()
+    }
+
+    /// Requests in flight.
+    pub fn inflight(&self) -> usize {
+        self.inner.inflight.borrow().len()
+    }
+
+    /// Sends a request; returns once it is queued for sending (waiting
+    /// for room in the in-flight window and the byte budget).
+    pub async fn request(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u32,
+        payload: Payload,
+    ) -> Result<Pending, LinkError> {
+        if !self.is_alive() {
+            return Err(LinkError::Disconnected);
+        }
+        let closed = |_| LinkError::Disconnected;
+        let permit = self
+            .inner
+            .window
+            .acquire_static_permit(1)
+            .await
+            .map_err(closed)?;
+        let n = payload.bytes().len() as u64;
+        let bytes = if n > 0 {
+            Some(
+                self.inner
+                    .bytes
+                    .acquire_static_permit(n.min(self.inner.limits.max_bytes as u64))
+                    .await
+                    .map_err(closed)?,
+            )
+        } else {
+            None
+        };
+        self.enqueue(kind, flags, offset, length, payload, permit, bytes)
+            .await
+    }
+
+    /// Like [`PeerLink::request`] but never waits: fails with
+    /// [`LinkError::Backlog`] when the window or byte budget is full
+    /// (async replication leaves such writes to the background sync).
+    pub async fn try_request(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u32,
+        payload: Payload,
+    ) -> Result<Pending, LinkError> {
+        if !self.is_alive() {
+            return Err(LinkError::Disconnected);
+        }
+        let permit = self
+            .inner
+            .window
+            .try_acquire_static_permit(1)
+            .map_err(|_| LinkError::Backlog)?;
+        let n = payload.bytes().len() as u64;
+        let bytes = if n > 0 {
+            Some(
+                self.inner
+                    .bytes
+                    .try_acquire_static_permit(n.min(self.inner.limits.max_bytes as u64))
+                    .map_err(|_| LinkError::Backlog)?,
+            )
+        } else {
+            None
+        };
+        self.enqueue(kind, flags, offset, length, payload, permit, bytes)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn enqueue(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u32,
+        payload: Payload,
+        permit: StaticPermit,
+        bytes: Option<StaticPermit>,
+    ) -> Result<Pending, LinkError> {
+        if !self.is_alive() {
+            return Err(LinkError::Disconnected);
+        }
+        let seq = self.inner.next_seq.get();
+        self.inner.next_seq.set(seq + 1);
+        let header =
+            Header::request(kind, flags, seq, offset, length).with_payload(payload.bytes());
+        let slot = Rc::new(RefCell::new(SlotState {
+            permit: Some(permit),
+            ..Default::default()
+        }));
+        self.inner.inflight.borrow_mut().insert(seq, slot.clone());
+        let out = Outgoing {
+            header,
+            payload,
+            _bytes: bytes,
+        };
+        if self.inner.out.send(Some(out)).await.is_err() {
+            self.inner.inflight.borrow_mut().remove(&seq);
+            return Err(LinkError::Disconnected);
+        }
+        Ok(Pending { slot })
+    }
+
+    /// Sends a request and waits for its completion.
+    pub async fn call(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u32,
+        payload: Payload,
+    ) -> Result<Option<DmaBuffer>, LinkError> {
+        self.request(kind, flags, offset, length, payload)
+            .await?
+            .done()
+            .await
+    }
+
+    /// Tears the connection down (idempotent); pending requests fail.
+    pub fn kill(&self, reason: LinkError) {
+        let inner = &self.inner;
+        if inner.dead.replace(true) {
+            return;
+        }
+        tracing::debug!(reason = %reason, "peer link closing");
+        *inner.reason.borrow_mut() = Some(reason);
+        frame::shutdown_fd(inner.fd);
+        inner.window.close();
+        inner.bytes.close();
+        // Wake the writer if it waits for work (None = stop).
+        let _ = inner.out.try_send(None);
+        let pending: Vec<_> = inner
+            .inflight
+            .borrow_mut()
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for s in pending {
+            complete(&s, Err(LinkError::Disconnected));
+        }
+        for w in inner.death_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Resolves when the connection is dead.
+    pub fn dead(&self) -> WaitDead {
+        WaitDead(self.clone())
+    }
+}
+
+/// Future of [`PeerLink::dead`].
+pub struct WaitDead(PeerLink);
+
+impl Future for WaitDead {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.0.is_alive() {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.0.inner.death_wakers.borrow_mut();
+        // The same task polling again (e.g. in a loop) replaces its waker,
+        // so the list stays bounded by the number of waiting tasks.
+        wakers.retain(|w| !w.will_wake(cx.waker()));
+        wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+async fn writer_task(
+    link: PeerLink,
+    mut w: WriteHalf<TcpStream>,
+    rx: LocalReceiver<Option<Outgoing>>,
+) {
+    while let Some(Some(o)) = rx.recv().await {
+        if !link.is_alive() {
+            break;
+        }
+        if let Err(e) = frame::write_frame(&mut w, &o.header, o.payload.bytes()).await {
+            link.kill(e);
+            break;
+        }
+        link.inner.last_tx.set(Instant::now());
+    }
+}
+
+async fn reader_task(link: PeerLink, mut r: ReadHalf<TcpStream>) {
+    let err = loop {
+        let hdr = match frame::read_header(&mut r).await {
+            Ok(h) => h,
+            Err(e) => break e,
+        };
+        link.inner.last_rx.set(Instant::now());
+        let slot = match hdr.kind {
+            Kind::KeepaliveReply => continue,
+            Kind::Received => {
+                if let Some(s) = link.inner.inflight.borrow().get(&hdr.seq) {
+                    let mut st = s.borrow_mut();
+                    st.received = true;
+                    if let Some(w) = st.waker.take() {
+                        w.wake();
+                    }
+                }
+                continue;
+            }
+            Kind::Done | Kind::ReadReply => link.inner.inflight.borrow_mut().remove(&hdr.seq),
+            other => {
+                break LinkError::Local(format!("unexpected {other:?} from the secondary"));
+            }
+        };
+        let mut data = None;
+        if hdr.payload_len > 0 {
+            let mut buf = (link.inner.alloc)(hdr.payload_len as usize);
+            if let Err(e) = frame::read_payload(&mut r, &hdr, buf.as_bytes_mut()).await {
+                break e;
+            }
+            data = Some(buf);
+        }
+        let Some(slot) = slot else {
+            break LinkError::Local(format!("reply for unknown request {}", hdr.seq));
+        };
+        let result = if hdr.status != 0 {
+            Err(LinkError::Remote(hdr.status))
+        } else {
+            Ok(data)
+        };
+        complete(&slot, result);
+    };
+    if link.is_alive() {
+        tracing::warn!(error = %err, "peer connection lost");
+    }
+    link.kill(err);
+}
+
+async fn keepalive_task(link: PeerLink) {
+    let limits = link.inner.limits;
+    let tick = limits
+        .keepalive
+        .min(limits.timeout / 2)
+        .max(Duration::from_millis(100));
+    while link.is_alive() {
+        glommio::timer::sleep(tick).await;
+        if !link.is_alive() {
+            break;
+        }
+        let now = Instant::now();
+        let silent = now.duration_since(link.inner.last_rx.get());
+        if silent >= limits.timeout {
+            tracing::warn!(silent = ?silent, "peer is silent; closing the connection");
+            link.kill(LinkError::Timeout(silent));
+            break;
+        }
+        let idle_tx = now.duration_since(link.inner.last_tx.get());
+        if idle_tx >= limits.keepalive || silent >= limits.keepalive {
+            // Fire and forget: the reply only refreshes last_rx.
+            let seq = 0;
+            let hdr = Header::request(Kind::Keepalive, 0, seq, 0, 0);
+            if link
+                .inner
+                .out
+                .try_send(Some(Outgoing {
+                    header: hdr,
+                    payload: Payload::None,
+                    _bytes: None,
+                }))
+                .is_ok()
+            {
+                link.inner.last_tx.set(now);
+            }
+        }
+    }
+}
