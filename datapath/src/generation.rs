@@ -221,6 +221,13 @@ pub fn decide(p: &Gen, s: &Gen, p_virgin: bool) -> Decision {
         (true, false) if sl == pr => Decision::ToSecondary { full: false },
         (false, true) if pl == sr => Decision::FromSecondary,
         (true, true) => Decision::SplitBrain,
+        // A synchronisation completed, and its destination recorded the new
+        // generation (it always records first, after flushing the copied
+        // data), but the source crashed before recording it: the legs are
+        // identical except for extents the dirty maps still mark.
+        (true, false) if sl == sr && sl == pl => Decision::InSync,
+        (false, false) if pl == 0 && sl == sr && sl == 1 => Decision::InSync,
+        (false, true) if pl == pr && pl == sl => Decision::InSync,
         _ => Decision::Inconsistent,
     }
 }
@@ -394,7 +401,13 @@ mod tests {
             Decision::ToSecondary { full: false }
         );
         assert_eq!(decide(&g(5, 4), &g(3, 3), false), Decision::Inconsistent);
-        assert_eq!(decide(&g(5, 4), &g(5, 5), false), Decision::Inconsistent);
+        // The secondary recorded the synchronisation to 5, the primary
+        // crashed before recording it.
+        assert_eq!(decide(&g(5, 4), &g(5, 5), false), Decision::InSync);
+        assert_eq!(decide(&g(5, 4), &g(6, 6), false), Decision::Inconsistent);
+        // A first synchronisation (target 1) recorded only by the secondary.
+        assert_eq!(decide(&g(0, 0), &g(1, 1), false), Decision::InSync);
+        assert_eq!(decide(&g(0, 0), &g(2, 2), false), Decision::Inconsistent);
         // More than one ahead is still "wrote" (damage-free: sl == pr).
         assert_eq!(
             decide(&g(9, 4), &g(4, 4), false),
@@ -406,7 +419,10 @@ mod tests {
     fn rule_only_secondary_wrote() {
         assert_eq!(decide(&g(4, 4), &g(5, 4), false), Decision::FromSecondary);
         assert_eq!(decide(&g(3, 3), &g(5, 4), false), Decision::Inconsistent);
-        assert_eq!(decide(&g(5, 5), &g(5, 4), false), Decision::Inconsistent);
+        // The primary (the destination) recorded the synchronisation from
+        // the secondary, which crashed before recording it.
+        assert_eq!(decide(&g(5, 5), &g(5, 4), false), Decision::InSync);
+        assert_eq!(decide(&g(6, 6), &g(5, 4), false), Decision::Inconsistent);
     }
 
     #[test]

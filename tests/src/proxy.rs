@@ -156,6 +156,7 @@ fn set_linger0(s: &TcpStream) {
 /// [`WRITE_POLL`]. The sockets are closed with RST when the last clone
 /// drops.
 fn kill(conn: &mut Conn) {
+    eprintln!("DEBUG kill {:?} {}", conn.client.local_addr(), std::backtrace::Backtrace::force_capture());
     if conn.dead {
         return;
     }
@@ -618,7 +619,8 @@ fn reader(inner: &Inner, id: u64, dir: usize, mut src: TcpStream) {
                 inner.cv.notify_all();
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
+            Err(e) => {
+                eprintln!("DEBUG reader {dir} error {e}");
                 kill(c);
                 drop(g);
                 inner.cv.notify_all();

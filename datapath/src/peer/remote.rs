@@ -430,20 +430,34 @@ impl Remote {
             self.events.emit(PeerEventKind::SyncIntr);
             return Err(e);
         }
-        // Everything copied: both legs are identical. Record it here,
-        // then on the secondary.
-        self.disk.persist_all().await.map_err(lerr)?;
-        self.disk
-            .update_metadata(|m| {
-                m.localcnt = target;
-                m.remotecnt = target;
-                m.flags &= !FLAG_INCONSISTENT;
-            })
-            .await
-            .map_err(lerr)?;
+        // Everything copied: both legs are identical. The destination
+        // records the new generation first (after flushing the copied
+        // data), then the source: a crash in between is recognised at the
+        // next handshake (see generation::decide).
         let body = SyncComplete { generation: target }.encode();
-        link.call(Kind::SyncComplete, 0, 0, 0, Payload::Bytes(body.to_vec()))
-            .await?;
+        let record_here = async {
+            self.disk.flush().await?;
+            self.disk.persist_all().await?;
+            self.disk
+                .update_metadata(|m| {
+                    m.localcnt = target;
+                    m.remotecnt = target;
+                    m.flags &= !FLAG_INCONSISTENT;
+                })
+                .await
+        };
+        match dir {
+            SyncDirection::ToSecondary => {
+                link.call(Kind::SyncComplete, 0, 0, 0, Payload::Bytes(body.to_vec()))
+                    .await?;
+                record_here.await.map_err(lerr)?;
+            }
+            SyncDirection::FromSecondary => {
+                record_here.await.map_err(lerr)?;
+                link.call(Kind::SyncComplete, 0, 0, 0, Payload::Bytes(body.to_vec()))
+                    .await?;
+            }
+        }
         let secs = started.elapsed().as_secs_f64();
         let bytes = stats.sync_done.load(Relaxed);
         tracing::info!(resource = %self.cfg.resource, bytes, seconds = secs,
@@ -571,6 +585,10 @@ async fn copy_chunk(
             disk.write(off, data)
                 .await
                 .map_err(|e| LinkError::Local(format!("local write at {off} failed: {e}")))?;
+            // Durable before the extent's bit may be cleared on disk.
+            disk.flush()
+                .await
+                .map_err(|e| LinkError::Local(format!("local flush failed: {e}")))?;
         }
     }
     Ok(())

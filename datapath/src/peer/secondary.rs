@@ -38,7 +38,7 @@ use crate::metadata::FLAG_INCONSISTENT;
 use crate::stats::ResourceStats;
 
 /// Hello flag: the primary has never been written (both sides virgin).
-pub const HELLO_VIRGIN: u64 = 2;
+pub const HELLO_VIRGIN: u64 = super::proto::hello_flags::VIRGIN;
 
 /// Requests the secondary executes at once, at most.
 const MAX_INFLIGHT: usize = 1024;
@@ -536,6 +536,9 @@ async fn handle(
             let g = sc.generation;
             disk.clear_all_sync();
             let res = async {
+                // Copied data durable before the generation that vouches
+                // for it.
+                disk.flush().await?;
                 disk.persist_all().await?;
                 disk.update_metadata(|m| {
                     m.localcnt = g;
