@@ -76,6 +76,11 @@ pub fn run(opts: Options) -> i32 {
         );
         return exit::OK;
     }
+    // Hooks (and any hastctl they run) act as this node.
+    if let Some(r) = cfg.resources.first() {
+        // Single-threaded here: no other thread reads the environment yet.
+        std::env::set_var(config::NODE_ENV, &r.node_name);
+    }
     let pidpath = opts.pidfile.clone().unwrap_or_else(|| cfg.pidfile.clone());
     let mut pidfile = match Pidfile::lock(&pidpath) {
         Ok(p) => p,
@@ -520,6 +525,8 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
             flush: g(&stats.flush_errors),
         },
         sync: sync_report(&stats),
+        synced_bytes: g(&stats.sync_bytes_total),
+        connected: stats.connected.load(Relaxed),
         split_brain: stats.split_brain.load(Relaxed),
         last_error: stats
             .last_error

@@ -144,6 +144,10 @@ pub struct ResourceReport {
     pub queues: Queues,
     /// Synchronisation in progress.
     pub sync: Option<SyncReport>,
+    /// Bytes synchronised since hastd started (all passes).
+    pub synced_bytes: u64,
+    /// The replication connection is up.
+    pub connected: bool,
     /// The last handshake found a split-brain.
     pub split_brain: bool,
     /// The last replication problem, if any.

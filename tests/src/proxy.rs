@@ -156,7 +156,6 @@ fn set_linger0(s: &TcpStream) {
 /// [`WRITE_POLL`]. The sockets are closed with RST when the last clone
 /// drops.
 fn kill(conn: &mut Conn) {
-    eprintln!("DEBUG kill {:?} {}", conn.client.local_addr(), std::backtrace::Backtrace::force_capture());
     if conn.dead {
         return;
     }
@@ -188,11 +187,28 @@ fn connect_from(source: IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
         // live socket address of `len` bytes for the duration of the call.
         check(unsafe { libc::bind(fd, p, len) })
     })?;
-    with_raw_addr(target, |p, len| {
-        // SAFETY: as for bind above.
-        check(unsafe { libc::connect(fd, p, len) })
-    })?;
-    Ok(stream)
+    // A signal interrupts a connect with a timeout (EINTR) while the
+    // handshake goes on: ask again until it is done.
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let res = with_raw_addr(target, |p, len| {
+            // SAFETY: as for bind above.
+            check(unsafe { libc::connect(fd, p, len) })
+        });
+        match res {
+            Ok(()) => return Ok(stream),
+            Err(e) if e.raw_os_error() == Some(libc::EISCONN) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EALREADY | libc::EINPROGRESS)
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
@@ -619,8 +635,7 @@ fn reader(inner: &Inner, id: u64, dir: usize, mut src: TcpStream) {
                 inner.cv.notify_all();
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                eprintln!("DEBUG reader {dir} error {e}");
+            Err(_) => {
                 kill(c);
                 drop(g);
                 inner.cv.notify_all();

@@ -207,20 +207,30 @@ enum ReadResult {
 }
 
 fn read_once(s: &mut TcpStream, limit: Duration) -> ReadResult {
-    s.set_read_timeout(Some(limit)).unwrap();
+    let deadline = Instant::now() + limit;
     let mut buf = [0u8; 4096];
-    match s.read(&mut buf) {
-        Ok(0) => ReadResult::Eof,
-        Ok(n) => ReadResult::Data(buf[..n].to_vec()),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            ReadResult::Timeout
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return ReadResult::Timeout;
         }
-        Err(e) => ReadResult::Error(e.kind()),
+        s.set_read_timeout(Some(left)).unwrap();
+        // Signals interrupt socket reads that have a timeout (EINTR even
+        // with SA_RESTART): retry for the time that is left.
+        return match s.read(&mut buf) {
+            Ok(0) => ReadResult::Eof,
+            Ok(n) => ReadResult::Data(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                ReadResult::Timeout
+            }
+            Err(e) => ReadResult::Error(e.kind()),
+        };
     }
 }
 
@@ -258,9 +268,14 @@ fn forwards_both_ways_from_the_source_ip() {
             source,
             "target saw the source IP"
         );
+        // Counters are bumped after each write returns: they may lag
+        // what the peers already saw by a moment.
+        let n = data.len() as u64;
+        wait_until(Duration::from_secs(5), "byte counters", || {
+            let st = proxy.stats();
+            st.to_target == n && st.to_client == n
+        });
         let st = proxy.stats();
-        assert_eq!(st.to_target, data.len() as u64);
-        assert_eq!(st.to_client, data.len() as u64);
         assert_eq!((st.accepted, st.refused, st.open), (1, 0, 1));
         // A second connection in parallel.
         let mut c2 = connect(proxy.addr());

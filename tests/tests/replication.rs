@@ -1,0 +1,327 @@
+//! Two nodes on this host (127.0.0.1 / 127.0.0.2) replicating with real
+//! clients: every replication mode, role switches, crashes of either node,
+//! network partitions through a fault-injecting proxy, and split-brain.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hast_tests::cluster::{Cluster, ClusterOptions};
+use hast_tests::*;
+
+const MIB: u64 = 1 << 20;
+const EXTENT: u64 = 2 * MIB;
+const SYNC_LIMIT: Duration = Duration::from_secs(90);
+
+fn cluster(mode: &str, size: u64, proxy: bool, exec: Option<&Path>) -> Cluster {
+    let mut c = Cluster::new(
+        vec![ResourceDef::file("r1", size)],
+        ClusterOptions {
+            replication: mode.into(),
+            timeout_secs: 5,
+            with_proxy: proxy,
+            exec: exec.map(Path::to_path_buf),
+            ..Default::default()
+        },
+    );
+    c.create_all();
+    c.start();
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    c.a.role("primary", "r1");
+    wait_in_sync(&c.a);
+    c
+}
+
+/// Waits until a primary is connected, not synchronising, with nothing
+/// dirty and nothing in flight to the secondary.
+fn wait_in_sync(node: &TestNode) -> serde_json::Value {
+    node.wait_list("r1", SYNC_LIMIT, |j| {
+        j["status"] == "complete"
+            && j["dirty"].as_u64() == Some(0)
+            && j["sync"].is_null()
+            && j["queues"]["recv"].as_u64() == Some(0)
+    })
+}
+
+fn nbdcopy_in(uri: &str, file: &Path) {
+    run(Command::new("nbdcopy").arg("--flush").arg(file).arg(uri));
+}
+
+fn nbdcopy_out(uri: &str, file: &Path) -> Vec<u8> {
+    run(Command::new("nbdcopy").arg(uri).arg(file));
+    read_file(file)
+}
+
+/// 64 MiB of random data through the primary, both data areas identical,
+/// then a role switch and the same data read back from the other node.
+fn replicate_and_switch(mode: &str) {
+    if !require_tool("nbdcopy") {
+        return;
+    }
+    let mut c = cluster(mode, 96 * MIB, false, None);
+    let data = random_bytes(64 * MIB as usize, 0xa5a5 ^ mode.len() as u64);
+    let src = c.a.dir.join("src.bin");
+    std::fs::write(&src, &data).unwrap();
+    nbdcopy_in(&c.a.uri("r1"), &src);
+    let a = wait_in_sync(&c.a);
+    assert_eq!(a["replication"], mode);
+    assert_eq!(
+        c.data_diff("r1"),
+        None,
+        "data areas differ after replication ({mode})"
+    );
+    let b = c.b.list("r1");
+    assert_eq!(b["status"], "complete");
+    assert!(
+        b["statistics"]["writes"].as_u64().unwrap() > 0,
+        "secondary applied writes"
+    );
+
+    // Role switch: demote A first (its export disappears), then promote B.
+    c.a.hastctl(&["role", "secondary", "r1"]);
+    assert!(
+        !c.a.export_socket("r1").exists(),
+        "old primary's export removed"
+    );
+    c.b.role("primary", "r1");
+    wait_in_sync(&c.b);
+    let back = nbdcopy_out(&c.b.uri("r1"), &c.b.dir.join("back.bin"));
+    assert!(
+        back[..data.len()] == data[..],
+        "data read from the new primary differs ({mode})"
+    );
+    // And writes on the new primary replicate back.
+    qemu_io(&c.b.uri("r1"), &["write -P 0x3c 70M 1M", "flush"]);
+    wait_in_sync(&c.b);
+    assert_eq!(c.data_diff("r1"), None);
+    c.stop();
+}
+
+#[test]
+fn memsync_replicates_and_switches_roles() {
+    replicate_and_switch("memsync");
+}
+
+#[test]
+fn fullsync_replicates_and_switches_roles() {
+    replicate_and_switch("fullsync");
+}
+
+#[test]
+fn async_replicates_and_switches_roles() {
+    replicate_and_switch("async");
+}
+
+/// A fio random-write stream on a 16 MiB window of the export.
+fn fio_stream(uri: &str, seconds: u32, offset_mib: u64) -> Child {
+    Command::new("fio")
+        .arg("--name=stream")
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={uri}"))
+        .arg("--rw=randwrite")
+        .arg("--bs=4k")
+        .arg(format!("--offset={}", offset_mib * MIB))
+        .arg("--size=16M")
+        .arg("--iodepth=16")
+        .arg("--time_based")
+        .arg(format!("--runtime={seconds}"))
+        .arg("--continue_on_error=all")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fio")
+}
+
+#[test]
+fn secondary_crash_resyncs_only_dirty_extents() {
+    if !require_tool("fio") {
+        return;
+    }
+    let mut c = cluster("memsync", 128 * MIB, false, None);
+    let mut fio = fio_stream(&c.a.uri("r1"), 4, 32);
+    std::thread::sleep(Duration::from_millis(1500));
+    c.b.kill9();
+    let st = wait_child(&mut fio, Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "the primary kept serving while the secondary was dead"
+    );
+    let a =
+        c.a.wait_list("r1", Duration::from_secs(20), |j| j["status"] == "degraded");
+    let dirty = a["dirty"].as_u64().unwrap();
+    assert!(dirty > 0, "writes while the secondary was down are dirty");
+    assert!(
+        dirty <= 16 * MIB + EXTENT,
+        "only the written window is dirty: {dirty}"
+    );
+    let b_marked = c.b.dump("r1")["ondisk_dirty_extents"].as_u64().unwrap();
+    let synced_before = a["synced_bytes"].as_u64().unwrap();
+    c.b.start();
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    let a = wait_in_sync(&c.a);
+    let synced = a["synced_bytes"].as_u64().unwrap() - synced_before;
+    assert!(synced > 0, "something was resynchronised");
+    let bound = dirty + b_marked * EXTENT;
+    assert!(
+        synced <= bound,
+        "resynchronised {synced} bytes, more than the dirty extents ({dirty} + {b_marked} extents)"
+    );
+    let datasize = c.a.dump("r1")["datasize"].as_u64().unwrap();
+    assert!(synced < datasize / 2, "incremental, not a full copy");
+    assert_eq!(c.data_diff("r1"), None, "legs identical after the resync");
+    c.stop();
+}
+
+#[test]
+fn primary_crash_resyncs_extents_in_flight() {
+    if !require_tool("fio") {
+        return;
+    }
+    let mut c = cluster("memsync", 96 * MIB, false, None);
+    let mut fio = fio_stream(&c.a.uri("r1"), 3, 8);
+    std::thread::sleep(Duration::from_millis(1200));
+    c.a.kill9();
+    let _ = wait_child(&mut fio, Duration::from_secs(60));
+    let marked = c.a.dump("r1")["ondisk_dirty_extents"].as_u64().unwrap();
+    assert!(
+        marked > 0,
+        "extents in flight are marked on the primary's disk"
+    );
+    c.a.start();
+    c.a.role("primary", "r1");
+    let a = wait_in_sync(&c.a);
+    assert!(
+        a["synced_bytes"].as_u64().unwrap() > 0,
+        "the marked extents were resynchronised"
+    );
+    assert_eq!(
+        c.data_diff("r1"),
+        None,
+        "legs identical after the primary's crash"
+    );
+    c.stop();
+}
+
+#[test]
+fn partition_degrades_then_heals_incrementally() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut c = cluster("memsync", 96 * MIB, true, None);
+    qemu_io(&c.a.uri("r1"), &["write -P 0x11 0 4M", "flush"]);
+    wait_in_sync(&c.a);
+    c.proxy_ab().expect("proxy").partition();
+    // The primary keeps serving writes; the resource degrades, dirty grows.
+    qemu_io(
+        &c.a.uri("r1"),
+        &["write -P 0x22 20M 6M", "flush", "read -P 0x22 20M 6M"],
+    );
+    let a = c.a.wait_list("r1", Duration::from_secs(20), |j| {
+        j["status"] == "degraded" && j["dirty"].as_u64().unwrap_or(0) >= 6 * MIB
+    });
+    let dirty = a["dirty"].as_u64().unwrap();
+    let synced_before = a["synced_bytes"].as_u64().unwrap();
+    assert_ne!(c.data_diff("r1"), None, "the secondary missed the writes");
+    c.proxy_ab().unwrap().heal();
+    let a = wait_in_sync(&c.a);
+    let synced = a["synced_bytes"].as_u64().unwrap() - synced_before;
+    assert!(synced <= dirty, "incremental resync: {synced} > {dirty}");
+    assert_eq!(c.data_diff("r1"), None, "legs identical after healing");
+    c.stop();
+}
+
+#[test]
+fn silent_peer_is_detected_by_keepalive() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut c = cluster("memsync", 64 * MIB, true, None);
+    c.proxy_ab().expect("proxy").blackhole();
+    // Within the 5 s timeout plus a keepalive period the primary gives up
+    // on the silent peer and serves degraded.
+    c.a.wait_list("r1", Duration::from_secs(20), |j| j["status"] == "degraded");
+    qemu_io(&c.a.uri("r1"), &["write -P 0x5e 0 1M", "read -P 0x5e 0 1M"]);
+    c.proxy_ab().unwrap().heal();
+    wait_in_sync(&c.a);
+    assert_eq!(c.data_diff("r1"), None);
+    c.stop();
+}
+
+fn hook_script(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let log = dir.join("hooks.log");
+    let script = dir.join("hook.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$HAST_NODE $*\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, log)
+}
+
+#[test]
+fn split_brain_is_detected_on_both_sides_and_nothing_is_overwritten() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let hookdir = tempfile::tempdir_in(test_root()).unwrap();
+    let (script, log) = hook_script(hookdir.path());
+    let mut c = cluster("memsync", 64 * MIB, true, Some(&script));
+    qemu_io(&c.a.uri("r1"), &["write -P 0x01 0 8M", "flush"]);
+    wait_in_sync(&c.a);
+    // Partition, then both nodes act as primary and write.
+    c.proxy_ab().unwrap().partition();
+    c.proxy_ba().unwrap().partition();
+    c.a.wait_list("r1", Duration::from_secs(20), |j| j["status"] == "degraded");
+    c.b.role("primary", "r1");
+    qemu_io(&c.a.uri("r1"), &["write -P 0xaa 0 1M", "flush"]);
+    qemu_io(&c.b.uri("r1"), &["write -P 0xbb 2M 1M", "flush"]);
+    // B steps down to secondary (keeping its data), the network heals.
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    c.proxy_ab().unwrap().heal();
+    c.proxy_ba().unwrap().heal();
+    let a =
+        c.a.wait_list("r1", Duration::from_secs(30), |j| j["split_brain"] == true);
+    assert_eq!(a["status"], "degraded", "no connection after a split-brain");
+    c.b.wait_list("r1", Duration::from_secs(30), |j| j["split_brain"] == true);
+    // Let the primary retry a few times: the hook must fire once per node.
+    std::thread::sleep(Duration::from_secs(7));
+    let hooks = std::fs::read_to_string(&log).unwrap_or_default();
+    let count = |node: &str| {
+        hooks
+            .lines()
+            .filter(|l| l.contains("split-brain r1") && l.starts_with(node))
+            .count()
+    };
+    assert_eq!(
+        count("nodeA"),
+        1,
+        "split-brain hook fired once on A:\n{hooks}"
+    );
+    assert_eq!(
+        count("nodeB"),
+        1,
+        "split-brain hook fired once on B:\n{hooks}"
+    );
+    assert!(hooks.contains("connect r1"), "connect hook ran:\n{hooks}");
+    assert!(hooks.contains("syncdone r1"), "syncdone hook ran:\n{hooks}");
+    assert!(
+        hooks.contains("role r1 init secondary"),
+        "role hook ran:\n{hooks}"
+    );
+    assert!(
+        hooks.contains("disconnect r1"),
+        "disconnect hook ran:\n{hooks}"
+    );
+    // Nothing was overwritten: each side still has its own writes.
+    let a_data = c.a.read_provider_data("r1", 0, 3 * MIB as usize);
+    let b_data = c.b.read_provider_data("r1", 0, 3 * MIB as usize);
+    assert!(a_data[..MIB as usize].iter().all(|&x| x == 0xaa));
+    assert!(a_data[2 * MIB as usize..].iter().all(|&x| x == 0x01));
+    assert!(b_data[..MIB as usize].iter().all(|&x| x == 0x01));
+    assert!(b_data[2 * MIB as usize..].iter().all(|&x| x == 0xbb));
+    let text = c.a.hastctl(&["list", "r1"]);
+    assert!(text.contains("split-brain: yes"), "{text}");
+    c.stop();
+}
