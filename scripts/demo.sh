@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# A HAST demo on this host with file-backed disks: builds hastd/hastctl,
-# configures a node with two resources, initialises them, makes them
-# primary, writes data through the NBD exports with real clients, reads it
-# back, shows status/list/dump, restarts hastd and checks the data is still
-# there. Everything lives in $HAST_DEMO_DIR (default /tmp/hast-demo) and
-# hastd is stopped on exit.
+# HAST demo on this host: two nodes (nodeA on 127.0.0.1, nodeB on
+# 127.0.0.2), three file-backed resources replicated with memsync.
+#  1. builds hastd/hastctl, writes one hast.conf for both nodes;
+#  2. initialises the providers, starts both daemons;
+#  3. nodeB secondary, nodeA primary: data written through nodeA's NBD
+#     exports with qemu-io / qemu-img; status shows complete, dirty 0;
+#  4. role switch: nodeA secondary, nodeB primary; the same data is read
+#     back through nodeB's exports.
+# Everything lives in $HAST_DEMO_DIR (default /tmp/hast-demo); the daemons
+# are stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,64 +21,85 @@ command -v qemu-io >/dev/null || {
 echo "== building (release)"
 cargo build --release --bins -q
 BIN=$PWD/target/release
-HASTCTL="$BIN/hastctl -c $DIR/hast.conf --node demo"
+ctl() { local node=$1; shift; "$BIN/hastctl" -c "$DIR/hast.conf" --node "$node" "$@"; }
 
-HASTD_PID=
+PIDS=()
 cleanup() {
-    if [ -n "$HASTD_PID" ] && kill -0 "$HASTD_PID" 2>/dev/null; then
-        kill -TERM "$HASTD_PID"; wait "$HASTD_PID" || true
-    fi
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
 rm -rf "$DIR"; mkdir -p "$DIR"
-truncate -s 256M "$DIR/disk1.img" "$DIR/disk2.img"
-cat > "$DIR/hast.conf" <<CONF
-# Demo node: two resources on file-backed disks, no peer yet.
-control uds://$DIR/ctl.sock
-pidfile $DIR/hastd.pid
-exportdir $DIR/export
-resource disk1 { on demo { local $DIR/disk1.img remote none } }
-resource disk2 { on demo { local $DIR/disk2.img remote none } }
-CONF
+for n in A B; do for r in 1 2 3; do truncate -s 256M "$DIR/node$n-disk$r.img"; done; done
+{
+    echo "# Two nodes on one host; each has its own control socket, pidfile,"
+    echo "# export directory and listen address."
+    echo "on nodeA { control uds://$DIR/nodeA.ctl pidfile $DIR/nodeA.pid exportdir $DIR/nodeA-export listen 127.0.0.1:8457 }"
+    echo "on nodeB { control uds://$DIR/nodeB.ctl pidfile $DIR/nodeB.pid exportdir $DIR/nodeB-export listen 127.0.0.2:8457 }"
+    echo "replication memsync"
+    echo "timeout 5"
+    for r in 1 2 3; do
+        echo "resource disk$r {"
+        echo "    on nodeA { local $DIR/nodeA-disk$r.img remote 127.0.0.2 source 127.0.0.1 }"
+        echo "    on nodeB { local $DIR/nodeB-disk$r.img remote 127.0.0.1 source 127.0.0.2 }"
+        echo "}"
+    done
+} > "$DIR/hast.conf"
 echo "== hast.conf"; cat "$DIR/hast.conf"
+"$BIN/hastd" -c "$DIR/hast.conf" --node nodeA -t
+"$BIN/hastd" -c "$DIR/hast.conf" --node nodeB -t
 
-echo "== hastd -t"
-"$BIN/hastd" -c "$DIR/hast.conf" --node demo -t
+echo "== hastctl create (both nodes)"
+ctl nodeA create disk1 disk2 disk3
+ctl nodeB create disk1 disk2 disk3
 
-echo "== hastctl create disk1 disk2"
-$HASTCTL create disk1 disk2
-$HASTCTL dump disk1
+for n in nodeA nodeB; do
+    "$BIN/hastd" -F -c "$DIR/hast.conf" --node $n 2>>"$DIR/$n.log" &
+    PIDS+=($!)
+    for _ in $(seq 100); do [ -S "$DIR/$n.ctl" ] && break; sleep 0.05; done
+done
 
-start_hastd() {
-    "$BIN/hastd" -F -c "$DIR/hast.conf" --node demo 2>>"$DIR/hastd.log" &
-    HASTD_PID=$!
-    for _ in $(seq 100); do [ -S "$DIR/ctl.sock" ] && return; sleep 0.05; done
-    echo "hastd did not start:"; cat "$DIR/hastd.log"; exit 1
+wait_in_sync() { # node
+    for _ in $(seq 600); do
+        if ctl "$1" list --json | python3 -c '
+import json,sys
+rs=json.load(sys.stdin)
+sys.exit(0 if all(r["status"]=="complete" and r["dirty"]==0 and r["sync"] is None and r["queues"]["recv"]==0 for r in rs) else 1)'; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "demo: $1 did not reach complete/dirty 0"; ctl "$1" list; exit 1
 }
-start_hastd
-echo "== hastctl role primary all"
-$HASTCTL role primary all
-$HASTCTL status
 
-URI1="nbd+unix:///disk1?socket=$DIR/export/disk1.sock"
-URI2="nbd+unix:///disk2?socket=$DIR/export/disk2.sock"
-echo "== writing patterns through the NBD exports (qemu-io)"
-qemu-io -f raw -c 'write -P 0xab 0 8M' -c 'write -P 0xcd 100M 1M' -c flush "$URI1"
-echo "== copying 32 MiB of random data into disk2 (qemu-img convert)"
-head -c 32M /dev/urandom > "$DIR/random.bin"
-qemu-img convert -n -f raw -O raw "$DIR/random.bin" "$URI2"
-echo "== reading back"
-qemu-io -f raw -c 'read -P 0xab 0 8M' -c 'read -P 0xcd 100M 1M' "$URI1"
-# The export is larger than the file; compare the first 32 MiB.
-qemu-img compare -f raw -F raw "$DIR/random.bin" "json:{\"driver\":\"raw\",\"size\":$((32<<20)),\"file\":{\"driver\":\"nbd\",\"path\":\"$DIR/export/disk2.sock\",\"export\":\"disk2\"}}"
-$HASTCTL list disk1
+echo "== nodeB: role secondary all; nodeA: role primary all"
+ctl nodeB role secondary all
+ctl nodeA role primary all
+wait_in_sync nodeA
+ctl nodeA status
 
-echo "== restarting hastd; the data survives"
-kill -TERM "$HASTD_PID"; wait "$HASTD_PID" || true; HASTD_PID=
-$HASTCTL dump disk1
-start_hastd
-$HASTCTL role primary all
-qemu-io -f raw -c 'read -P 0xab 0 8M' "$URI1"
-$HASTCTL status
-echo "== demo complete: files in $DIR, hastd log in $DIR/hastd.log"
+uri() { echo "nbd+unix:///$2?socket=$DIR/$1-export/$2.sock"; }
+echo "== writing through nodeA's exports"
+head -c 48M /dev/urandom > "$DIR/random.bin"
+qemu-io -f raw -c 'write -P 0xab 0 16M' -c 'write -P 0xcd 200M 1M' -c flush "$(uri nodeA disk1)"
+qemu-img convert -n -f raw -O raw "$DIR/random.bin" "$(uri nodeA disk2)"
+qemu-io -f raw -c 'write -z 0 64M' -c 'write -P 0x42 100M 8M' -c flush "$(uri nodeA disk3)"
+wait_in_sync nodeA
+echo "== nodeA after the writes"
+ctl nodeA status
+ctl nodeA list disk2 | grep -E 'role|status|dirty|writes'
+ctl nodeB status
+
+echo "== role switch: nodeA secondary, nodeB primary"
+ctl nodeA role secondary all
+ctl nodeB role primary all
+wait_in_sync nodeB
+ctl nodeB status
+
+echo "== reading the same data through nodeB's exports"
+qemu-io -f raw -c 'read -P 0xab 0 16M' -c 'read -P 0xcd 200M 1M' "$(uri nodeB disk1)"
+qemu-img compare -f raw -F raw "$DIR/random.bin" \
+    "json:{\"driver\":\"raw\",\"size\":$((48<<20)),\"file\":{\"driver\":\"nbd\",\"path\":\"$DIR/nodeB-export/disk2.sock\",\"export\":\"disk2\"}}"
+qemu-io -f raw -c 'read -P 0 0 64M' -c 'read -P 0x42 100M 8M' "$(uri nodeB disk3)"
+echo "== demo complete: files in $DIR, logs in $DIR/nodeA.log and $DIR/nodeB.log"

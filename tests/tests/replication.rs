@@ -325,3 +325,44 @@ fn split_brain_is_detected_on_both_sides_and_nothing_is_overwritten() {
     assert!(text.contains("split-brain: yes"), "{text}");
     c.stop();
 }
+
+#[test]
+fn out_of_date_primary_synchronises_from_the_secondary() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut c = cluster("memsync", 64 * MIB, false, None);
+    qemu_io(&c.a.uri("r1"), &["write -P 0x10 0 8M", "flush"]);
+    wait_in_sync(&c.a);
+    // A dies; B takes over and writes (B is now ahead).
+    c.a.kill9();
+    c.b.role("primary", "r1");
+    qemu_io(&c.b.uri("r1"), &["write -P 0x20 2M 4M", "flush"]);
+    // B steps down; A comes back as primary without writing: A is out of
+    // date and must pull B's writes, serving reads of not-yet-copied
+    // extents from B meanwhile.
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    c.a.start();
+    c.a.role("primary", "r1");
+    qemu_io(
+        &c.a.uri("r1"),
+        &[
+            "read -P 0x10 0 2M",
+            "read -P 0x20 2M 4M",
+            "read -P 0x10 6M 2M",
+        ],
+    );
+    let a = wait_in_sync(&c.a);
+    assert!(
+        a["synced_bytes"].as_u64().unwrap() > 0,
+        "data came from the secondary"
+    );
+    assert_eq!(c.data_diff("r1"), None, "legs identical");
+    let d = c.a.dump("r1");
+    assert_eq!(
+        d["localcnt"], d["remotecnt"],
+        "counters agree after the sync"
+    );
+    assert_eq!(d["flags"].as_u64(), Some(0), "not inconsistent any more");
+    c.stop();
+}
