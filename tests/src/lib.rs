@@ -23,13 +23,15 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(d) = std::env::var("HAST_BIN_DIR") {
         return PathBuf::from(d);
     }
-    // target/<profile>/deps/<test binary> -> target/<profile>
+    // A test binary lives in target/<profile>/deps, a tool binary (the
+    // benchmark harness) in target/<profile>: look beside it first.
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf();
+    let here = exe.parent().expect("binary has a directory").to_path_buf();
+    let dir = if here.join("hastd").exists() {
+        here
+    } else {
+        here.parent().unwrap_or(&here).to_path_buf()
+    };
     assert!(
         dir.join("hastd").exists() && dir.join("hastctl").exists(),
         "hastd/hastctl not found in {}: run `cargo build --workspace --bins` first \
