@@ -384,6 +384,19 @@ impl TestNode {
         }
     }
 
+    /// Waits until the hastd log contains `needle`.
+    pub fn wait_until_log(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(
+                start.elapsed() < limit,
+                "hastd log never said {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The hastd log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("hastd.log")).unwrap_or_default()

@@ -170,8 +170,9 @@ fn kill(conn: &mut Conn) {
     }
 }
 
-/// Connects to `target` from `source` (any port).
-fn connect_from(source: IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
+/// Connects to `target` from `source` (any port): what the proxy does,
+/// usable by tests that need a specific source address.
+pub fn connect_from(source: IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
     let family = if target.is_ipv4() {
         AddressFamily::Inet
     } else {

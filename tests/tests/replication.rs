@@ -366,3 +366,48 @@ fn out_of_date_primary_synchronises_from_the_secondary() {
     assert_eq!(d["flags"].as_u64(), Some(0), "not inconsistent any more");
     c.stop();
 }
+
+#[test]
+fn role_switch_under_a_write_stream_is_clean() {
+    if !require_tool("fio") {
+        return;
+    }
+    let mut c = cluster("memsync", 96 * MIB, false, None);
+    let mut fio = fio_stream(&c.a.uri("r1"), 4, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Demote A mid-stream: its export goes first (fio sees errors), its
+    // in-flight requests complete or fail cleanly, hastd keeps running.
+    c.a.hastctl(&["role", "secondary", "r1"]);
+    assert!(!c.a.export_socket("r1").exists());
+    let _ = wait_child(&mut fio, Duration::from_secs(60));
+    c.b.role("primary", "r1");
+    wait_in_sync(&c.b);
+    assert_eq!(c.data_diff("r1"), None, "legs identical after the switch");
+    assert_eq!(c.a.list("r1")["role"], "secondary");
+    assert_eq!(c.a.list("r1")["status"], "complete");
+    c.stop();
+}
+
+#[test]
+fn garbage_on_the_replication_port_is_refused_and_logged() {
+    use std::io::{Read, Write};
+    let mut c = cluster("memsync", 32 * MIB, false, None);
+    // From the right address (the primary's IP) but not our protocol.
+    let mut sock = socket_from(std::net::IpAddr::from([127, 0, 0, 1]), c.b_listen);
+    sock.write_all(&[0x55; 48]).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = sock.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "connection closed without a reply");
+    c.b.wait_until_log("bad handshake", Duration::from_secs(5));
+    // The real primary is unaffected.
+    qemu_io(&c.a.uri("r1"), &["write -P 0x66 0 1M", "flush"]);
+    wait_in_sync(&c.a);
+    assert_eq!(c.data_diff("r1"), None);
+    c.stop();
+}
+
+fn socket_from(ip: std::net::IpAddr, to: std::net::SocketAddr) -> std::net::TcpStream {
+    hast_tests::proxy::connect_from(ip, to)
+        .unwrap_or_else(|e| panic!("cannot connect to {to} from {ip}: {e}"))
+}

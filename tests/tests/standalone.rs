@@ -220,6 +220,7 @@ fn fio_random_writes_verify() {
         .arg("--verify=crc32c")
         .arg("--do_verify=1")
         .arg("--verify_fatal=1")
+        .arg("--verify_state_save=0")
         .arg("--output-format=json"));
     let json_start = out.find('{').expect("fio json");
     let v: serde_json::Value = serde_json::from_str(&out[json_start..]).expect("fio json");
