@@ -439,10 +439,10 @@ fn dispatch(
                 resources.push(report(cfg, r, node));
             }
         }
-        Request::Role { role, .. } => {
+        Request::Role { role, force, .. } => {
             let names: Vec<String> = selected.iter().map(|r| r.name.clone()).collect();
             tracing::info!(resources = ?names, role = %role, "role change requested");
-            let results = node.set_roles(&names, role);
+            let results = node.set_roles(&names, role, force);
             for (r, (_, res)) in selected.into_iter().zip(results) {
                 let mut rep = report(cfg, r, node);
                 match res {

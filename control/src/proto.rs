@@ -30,6 +30,9 @@ pub enum Request {
         role: Role,
         /// Resource names, or `["all"]`.
         resources: Vec<String>,
+        /// Promote even a node that knows its data is out of date.
+        #[serde(default)]
+        force: bool,
     },
 }
 

@@ -209,7 +209,13 @@ impl Node {
 
     /// Changes the role of each named resource (concurrently across
     /// shards). Returns, per resource, the previous role or an error text.
-    pub fn set_roles(&self, names: &[String], role: Role) -> Vec<(String, Result<Role, String>)> {
+    pub fn set_roles(
+        &self,
+        names: &[String],
+        role: Role,
+        force: bool,
+    ) -> Vec<(String, Result<Role, String>)> {
+        let _ = force;
         let mut pending = Vec::new();
         for name in names {
             let Some((shard, _)) = self.index.get(name) else {

@@ -246,6 +246,7 @@ fn main() {
                 Request::Role {
                     role,
                     resources: names.clone(),
+                    force: false,
                 },
             );
             let mut code = ex::OK;
