@@ -88,10 +88,17 @@ pub enum CpuPlacement {
 }
 
 enum Cmd {
-    SetRole {
+    /// Phase 1: take the new role, but do not expose the export yet.
+    Prepare {
         name: String,
         role: Role,
+        force: bool,
         reply: flume::Sender<Result<Role, String>>,
+    },
+    /// Phase 2: expose the export (primary).
+    Commit {
+        name: String,
+        reply: flume::Sender<Result<(), String>>,
     },
     Incoming {
         name: String,
@@ -207,42 +214,115 @@ impl Node {
         self.index.get(name).map(|(_, s)| s.clone())
     }
 
-    /// Changes the role of each named resource (concurrently across
-    /// shards). Returns, per resource, the previous role or an error text.
+    fn ask<T>(
+        &self,
+        name: &str,
+        make: impl FnOnce(flume::Sender<Result<T, String>>) -> Cmd,
+    ) -> Result<flume::Receiver<Result<T, String>>, String> {
+        let (shard, _) = self
+            .index
+            .get(name)
+            .ok_or_else(|| format!("unknown resource '{name}'"))?;
+        let (reply, rx) = flume::bounded(1);
+        self.shards[*shard]
+            .tx
+            .send(make(reply))
+            .map_err(|_| "data path is not running".to_string())?;
+        Ok(rx)
+    }
+
+    fn wait<T>(rx: Result<flume::Receiver<Result<T, String>>, String>) -> Result<T, String> {
+        rx?.recv()
+            .unwrap_or_else(|_| Err("data path stopped during the role change".into()))
+    }
+
+    /// Changes the role of the named resources as one operation: every
+    /// resource takes the new role (concurrently across shards), and only
+    /// when all succeeded do the primaries' exports appear. If any fails,
+    /// the others are returned to their previous roles and every result
+    /// carries the failure. `force` promotes a node that knows its data is
+    /// out of date. Returns, per resource, the previous role or an error.
     pub fn set_roles(
         &self,
         names: &[String],
         role: Role,
         force: bool,
     ) -> Vec<(String, Result<Role, String>)> {
-        let _ = force;
-        let mut pending = Vec::new();
-        for name in names {
-            let Some((shard, _)) = self.index.get(name) else {
-                pending.push((name.clone(), Err(format!("unknown resource '{name}'"))));
-                continue;
-            };
-            let (reply, rx) = flume::bounded(1);
-            let cmd = Cmd::SetRole {
-                name: name.clone(),
-                role,
-                reply,
-            };
-            match self.shards[*shard].tx.send(cmd) {
-                Ok(()) => pending.push((name.clone(), Ok(rx))),
-                Err(_) => pending.push((name.clone(), Err("data path is not running".into()))),
-            }
-        }
-        pending
+        let asked: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let name = n.clone();
+                (
+                    n.clone(),
+                    self.ask(n, |reply| Cmd::Prepare {
+                        name,
+                        role,
+                        force,
+                        reply,
+                    }),
+                )
+            })
+            .collect();
+        let prepared: Vec<(String, Result<Role, String>)> = asked
             .into_iter()
-            .map(|(name, r)| {
-                let res = match r {
-                    Ok(rx) => rx
-                        .recv()
-                        .unwrap_or_else(|_| Err("data path stopped during the role change".into())),
-                    Err(e) => Err(e),
-                };
-                (name, res)
+            .map(|(n, rx)| (n, Self::wait(rx)))
+            .collect();
+        let failures: Vec<String> = prepared
+            .iter()
+            .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e}")))
+            .collect();
+        if !failures.is_empty() {
+            // All or none: put back the ones that changed.
+            for (n, r) in &prepared {
+                if let Ok(old) = r {
+                    if *old != role {
+                        let name = n.clone();
+                        let old = *old;
+                        let back = Self::wait(self.ask(n, |reply| Cmd::Prepare {
+                            name,
+                            role: old,
+                            force: true,
+                            reply,
+                        }))
+                        .and_then(|_| {
+                            let name = n.clone();
+                            Self::wait(self.ask(n, |reply| Cmd::Commit { name, reply }))
+                        });
+                        if let Err(e) = back {
+                            tracing::error!(resource = %n, error = %e,
+                                "cannot restore the previous role after a failed role change");
+                        }
+                    }
+                }
+            }
+            let all = failures.join("; ");
+            return prepared
+                .into_iter()
+                .map(|(n, r)| {
+                    let r = match r {
+                        Err(e) => Err(e),
+                        Ok(_) => Err(format!(
+                            "not changed: the role change of the group failed ({all})"
+                        )),
+                    };
+                    (n, r)
+                })
+                .collect();
+        }
+        // Phase 2: expose the exports together.
+        let commits: Vec<_> = prepared
+            .iter()
+            .map(|(n, _)| {
+                let name = n.clone();
+                self.ask(n, |reply| Cmd::Commit { name, reply })
+            })
+            .collect();
+        prepared
+            .into_iter()
+            .zip(commits)
+            .map(|((n, r), c)| {
+                let r = r.and_then(|old| Self::wait(c).map(|()| old));
+                (n, r)
             })
             .collect()
     }
@@ -288,7 +368,8 @@ enum Active {
     Idle,
     Primary {
         primary: Rc<Primary>,
-        export: NbdHandle,
+        /// None between prepare and commit.
+        export: Option<NbdHandle>,
     },
     Secondary {
         secondary: Rc<Secondary>,
@@ -318,9 +399,21 @@ async fn shard_main(
         .collect();
     while let Ok(cmd) = rx.recv_async().await {
         match cmd {
-            Cmd::SetRole { name, role, reply } => {
+            Cmd::Prepare {
+                name,
+                role,
+                force,
+                reply,
+            } => {
                 let res = match state.get_mut(&name) {
-                    Some(r) => r.set_role(role).await,
+                    Some(r) => r.prepare_role(role, force).await,
+                    None => Err(format!("resource '{name}' is not on this shard")),
+                };
+                let _ = reply.send(res);
+            }
+            Cmd::Commit { name, reply } => {
+                let res = match state.get_mut(&name) {
+                    Some(r) => r.commit_role().await,
                     None => Err(format!("resource '{name}' is not on this shard")),
                 };
                 let _ = reply.send(res);
@@ -345,10 +438,21 @@ async fn shard_main(
 }
 
 impl Res {
-    async fn set_role(&mut self, role: Role) -> Result<Role, String> {
+    async fn prepare_role(&mut self, role: Role, force: bool) -> Result<Role, String> {
         let old = self.role;
         if old == role {
             return Ok(old);
+        }
+        // Refuse before touching anything: a node that knows its data is
+        // older than its peer's must not silently become the source of
+        // truth.
+        if role == Role::Primary && !force {
+            if let Some(why) = self.out_of_date_reason() {
+                return Err(format!(
+                    "[{}] refusing to promote: {why}; use 'hastctl role --force primary {}' to promote anyway",
+                    self.spec.name, self.spec.name
+                ));
+            }
         }
         self.deactivate().await;
         self.role = Role::Init;
@@ -386,6 +490,43 @@ impl Res {
         Ok(disk)
     }
 
+    /// Phase 2 of a role change: a primary's export appears.
+    async fn commit_role(&mut self) -> Result<(), String> {
+        let Active::Primary { primary, export } = &mut self.active else {
+            return Ok(());
+        };
+        if export.is_some() {
+            return Ok(());
+        }
+        let cfg = NbdConfig {
+            export_name: self.spec.provname.clone(),
+            max_inflight: self.spec.max_inflight,
+            buffer_budget: self.spec.buffer_budget,
+            read_only: false,
+        };
+        if let Some(dir) = self.spec.export_socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                format!(
+                    "[{}] cannot create export directory {}: {e}",
+                    self.spec.name,
+                    dir.display()
+                )
+            })?;
+        }
+        let bound =
+            NbdExport::bind(&self.spec.export_socket, cfg, primary.clone()).map_err(|e| {
+                format!(
+                    "[{}] cannot serve {}: {e}",
+                    self.spec.name,
+                    self.spec.export_socket.display()
+                )
+            })?;
+        *export = Some(bound.start_with_gauge(self.stats.clients_gauge()));
+        tracing::info!(resource = %self.spec.name,
+            socket = %self.spec.export_socket.display(), "export ready");
+        Ok(())
+    }
+
     async fn activate_primary(&mut self) -> Result<Active, String> {
         let disk = self.open_disk(Role::Primary).await?;
         let remote = self.spec.remote.as_ref().map(|addrs| {
@@ -408,47 +549,30 @@ impl Res {
                 self.events.clone(),
             )
         });
-        let primary = Rc::new(Primary::new(
-            disk.clone(),
-            self.stats.clone(),
-            remote.clone(),
-        ));
-        let cfg = NbdConfig {
-            export_name: self.spec.provname.clone(),
-            max_inflight: self.spec.max_inflight,
-            buffer_budget: self.spec.buffer_budget,
-            read_only: false,
-        };
-        if let Some(dir) = self.spec.export_socket.parent() {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                let _ = disk.close(Role::Primary).await;
-                return Err(format!(
-                    "[{}] cannot create export directory {}: {e}",
-                    self.spec.name,
-                    dir.display()
-                ));
-            }
+        let primary = Rc::new(Primary::new(disk.clone(), self.stats.clone(), remote));
+        Ok(Active::Primary {
+            primary,
+            export: None,
+        })
+    }
+
+    /// Why this node's data is known to be older than the peer's, if it
+    /// is: an unfinished synchronisation from the peer (metadata flag), or
+    /// a handshake that found the peer ahead.
+    fn out_of_date_reason(&self) -> Option<String> {
+        let path = &self.spec.localpath;
+        let file = std::fs::File::open(path).ok()?;
+        let mut block = vec![0u8; crate::metadata::METADATA_SIZE];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut block, 0).ok()?;
+        let info = crate::provider::probe_file(path, &file).ok()?;
+        let md = crate::metadata::Metadata::decode(&block, info.mediasize).ok()?;
+        if md.flags & crate::metadata::FLAG_INCONSISTENT != 0 {
+            return Some(
+                "its data is older than the peer's (a synchronisation from the peer did not finish)"
+                    .into(),
+            );
         }
-        match NbdExport::bind(&self.spec.export_socket, cfg, primary.clone()) {
-            Ok(export) => {
-                let export = export.start_with_gauge(self.stats.clients_gauge());
-                tracing::info!(resource = %self.spec.name,
-                    socket = %self.spec.export_socket.display(), "export ready");
-                Ok(Active::Primary { primary, export })
-            }
-            Err(e) => {
-                if let Some(r) = &remote {
-                    r.stop().await;
-                }
-                drop(primary);
-                let _ = disk.close(Role::Primary).await;
-                Err(format!(
-                    "[{}] cannot serve {}: {e}",
-                    self.spec.name,
-                    self.spec.export_socket.display()
-                ))
-            }
-        }
+        None
     }
 
     async fn activate_secondary(&mut self) -> Result<Active, String> {
@@ -488,7 +612,9 @@ impl Res {
         match std::mem::replace(&mut self.active, Active::Idle) {
             Active::Idle => {}
             Active::Primary { primary, export } => {
-                export.shutdown().await;
+                if let Some(export) = export {
+                    export.shutdown().await;
+                }
                 if let Some(r) = primary.remote() {
                     r.stop().await;
                 }
