@@ -17,6 +17,7 @@ use hast_datapath::peer::remote::ReplicationMode;
 use hast_datapath::stats::ResourceStats;
 
 use crate::config::{self, Config, NodeIdentity, Replication, ResourceConfig};
+use crate::events::{Broadcaster, Notifier};
 use crate::exit;
 use crate::hooks::{Event, EventKind, HookRunner};
 use crate::proto::{
@@ -137,9 +138,11 @@ pub fn run(opts: Options) -> i32 {
             .collect();
         HookRunner::start(move |res: &str| execs.get(res).cloned())
     };
+    // `hastctl events` subscribers get every event the hooks get.
+    let events = Broadcaster::new();
     let (ev_tx, ev_rx) = flume::bounded::<PeerEvent>(4096);
     {
-        let submit = hooks.submitter();
+        let submit = Notifier::new(hooks.submitter(), events.clone());
         std::thread::Builder::new()
             .name("hast-events".into())
             .spawn(move || {
@@ -174,6 +177,12 @@ pub fn run(opts: Options) -> i32 {
         }
     };
     let cfg = Arc::new(cfg);
+    events.start_progress_sampler(
+        cfg.resources
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), node.stats(&r.name)?)))
+            .collect(),
+    );
     tracing::info!(
         config = %opts.config.display(),
         control = %cfg.control.display(),
@@ -183,7 +192,7 @@ pub fn run(opts: Options) -> i32 {
     );
     {
         let (cfg, node) = (cfg.clone(), node.clone());
-        let submit = hooks.submitter();
+        let submit = Notifier::new(hooks.submitter(), events.clone());
         std::thread::Builder::new()
             .name("hast-control".into())
             .spawn(move || control_loop(control, cfg, node, submit))
@@ -247,6 +256,7 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, String> {
         },
         timeout: r.timeout,
         async_backlog: ASYNC_BACKLOG,
+        splitbrain_auto: r.splitbrain == crate::config::SplitBrainPolicy::Auto,
     })
 }
 
@@ -373,12 +383,7 @@ fn bind_control(path: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
-fn control_loop(
-    listener: UnixListener,
-    cfg: Arc<Config>,
-    node: Arc<Node>,
-    hooks: crate::hooks::HookSubmitter,
-) {
+fn control_loop(listener: UnixListener, cfg: Arc<Config>, node: Arc<Node>, hooks: Notifier) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
@@ -395,32 +400,39 @@ fn handle_control(
     stream: &UnixStream,
     cfg: &Config,
     node: &Node,
-    hooks: &crate::hooks::HookSubmitter,
+    hooks: &Notifier,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let line = proto::read_line(stream)?;
+    let mut subscribe = false;
     let response = match serde_json::from_str::<RequestEnvelope>(&line) {
-        Ok(env) => dispatch(env.request, cfg, node, hooks),
+        Ok(env) => {
+            subscribe = matches!(env.request, Request::Events { .. });
+            dispatch(env.request, cfg, node, hooks)
+        }
         Err(e) => Response {
             version: CONTROL_VERSION,
             error: Some(format!("malformed request: {e}")),
             resources: vec![],
         },
     };
+    if subscribe && response.error.is_none() {
+        // Streams on a thread of its own: this thread serves the next
+        // connection at once.
+        return hooks.events().subscribe(stream, response);
+    }
     let mut out = serde_json::to_string(&response).map_err(std::io::Error::other)?;
     out.push('\n');
     let mut w = stream;
     w.write_all(out.as_bytes())
 }
 
-fn dispatch(
-    req: Request,
-    cfg: &Config,
-    node: &Node,
-    hooks: &crate::hooks::HookSubmitter,
-) -> Response {
+fn dispatch(req: Request, cfg: &Config, node: &Node, hooks: &Notifier) -> Response {
     let names = match &req {
-        Request::Status { resources } | Request::Role { resources, .. } => resources.clone(),
+        Request::Status { resources }
+        | Request::Role { resources, .. }
+        | Request::Events { resources }
+        | Request::SplitBrain { resources, .. } => resources.clone(),
     };
     let selected = match cfg.select(&names) {
         Ok(s) => s,
@@ -434,9 +446,29 @@ fn dispatch(
     };
     let mut resources = Vec::new();
     match req {
-        Request::Status { .. } => {
+        // For events: the snapshot sent before the stream.
+        Request::Status { .. } | Request::Events { .. } => {
             for r in selected {
                 resources.push(report(cfg, r, node));
+            }
+        }
+        Request::SplitBrain { action, .. } => {
+            if action != "discard" {
+                return Response {
+                    version: CONTROL_VERSION,
+                    error: Some(format!(
+                        "unknown split-brain action '{action}' (expected 'discard')"
+                    )),
+                    resources: vec![],
+                };
+            }
+            let names: Vec<String> = selected.iter().map(|r| r.name.clone()).collect();
+            tracing::warn!(resources = ?names, "split-brain: discarding this node's changes");
+            let results = node.discard(&names);
+            for (r, (_, res)) in selected.into_iter().zip(results) {
+                let mut rep = report(cfg, r, node);
+                rep.error = res.err();
+                resources.push(rep);
             }
         }
         Request::Role { role, force, .. } => {

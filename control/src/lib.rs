@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod hooks;
 pub mod offline;
 pub mod proto;

@@ -34,6 +34,24 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Subscribe to the events of resources (`hastctl events`). The first
+    /// reply line is a [`Response`] like `status`'s (the current reports: a
+    /// snapshot, or the error); when it carries no error, the connection
+    /// stays open and hastd writes one [`crate::events::StreamEvent`] JSON
+    /// object per line until either side closes it.
+    Events {
+        /// Resource names, or `["all"]`.
+        resources: Vec<String>,
+    },
+    /// Resolve a split-brain on this node (`hastctl split-brain`).
+    #[serde(rename = "split-brain")]
+    SplitBrain {
+        /// What to do; only `discard` (this node's changes since the
+        /// split) exists.
+        action: String,
+        /// Resource names, or `["all"]`.
+        resources: Vec<String>,
+    },
 }
 
 /// Envelope of a request.

@@ -400,6 +400,19 @@ impl ActiveMap {
         }
     }
 
+    /// Empties the keepdirty list (a clean stop: nothing is in flight, so
+    /// only extents that need synchronisation must stay marked on disk).
+    /// The bits drop with the next batch.
+    pub fn clear_keepdirty(&mut self) {
+        while self.lru_tail != NIL {
+            let e = self.lru_tail;
+            self.lru_unlink(e);
+            self.in_lru.set(e as usize, false);
+            self.lru_len -= 1;
+            self.maybe_clear(e as usize);
+        }
+    }
+
     /// The sync bits as an on-disk style bitmap (for the handshake).
     pub fn sync_bitmap(&self) -> Vec<u8> {
         self.syncmap.as_raw_slice().to_vec()
@@ -676,6 +689,24 @@ mod tests {
         assert_eq!(m.dirty_extents(), 20);
         assert_eq!(m.dirty_bytes(), 20 * u64::from(EXT));
         assert_eq!(disk[..3], [0xff, 0xff, 0x0f]);
+    }
+
+    #[test]
+    fn clean_stop_drops_keepdirty_marks() {
+        let mut m = ActiveMap::new(8 * u64::from(EXT), EXT, 4, 512);
+        let mut disk = vec![0u8; 512];
+        for e in 0..3u64 {
+            m.write_start(e * u64::from(EXT), 1);
+            persist_all(&mut m, &mut disk);
+            m.write_complete(e * u64::from(EXT), 1);
+        }
+        m.need_sync(u64::from(EXT), 1);
+        assert_eq!(disk[0], 0b111);
+        m.clear_keepdirty();
+        persist_all(&mut m, &mut disk);
+        assert_eq!(disk[0], 0b010, "only the extent needing sync stays marked");
+        // A new write after the clear marks again.
+        assert!(m.write_start(0, 1).is_some());
     }
 
     #[test]

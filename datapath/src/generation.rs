@@ -232,6 +232,34 @@ pub fn decide(p: &Gen, s: &Gen, p_virgin: bool) -> Decision {
     }
 }
 
+/// Turns a [`Decision::SplitBrain`] into a synchronisation when the
+/// operator or the policy said which side to keep; any other decision is
+/// returned unchanged.
+///
+/// - `s_discard`: the secondary's operator chose to discard its changes:
+///   copy the primary's data over the extents either side changed.
+/// - `auto` (`splitbrain auto`): a side whose dirty map is empty
+///   (`touched == false`) changed nothing the other lacks, so the other
+///   side's data is kept.
+pub fn resolve_split_brain(
+    d: Decision,
+    s_discard: bool,
+    auto: bool,
+    p_touched: bool,
+    s_touched: bool,
+) -> Decision {
+    if d != Decision::SplitBrain {
+        return d;
+    }
+    if s_discard || (auto && !s_touched) {
+        Decision::ToSecondary { full: false }
+    } else if auto && !p_touched {
+        Decision::FromSecondary
+    } else {
+        Decision::SplitBrain
+    }
+}
+
 /// The generation both nodes store as `localcnt` AND `remotecnt` once the
 /// synchronisation decided by `d` completes; `None` for refusals.
 ///
@@ -874,5 +902,53 @@ mod tests {
         ] {
             assert!(seen.contains(&d), "{d:?} not reached");
         }
+    }
+}
+
+#[cfg(test)]
+mod split_brain_tests {
+    use super::*;
+
+    fn g(l: u64, r: u64) -> Gen {
+        Gen {
+            resuid: 7,
+            localcnt: l,
+            remotecnt: r,
+        }
+    }
+
+    #[test]
+    fn resolution_of_split_brain() {
+        let d = decide(&g(5, 4), &g(5, 4), false);
+        assert_eq!(d, Decision::SplitBrain);
+        assert_eq!(
+            resolve_split_brain(d, false, false, true, true),
+            Decision::SplitBrain
+        );
+        assert_eq!(
+            resolve_split_brain(d, true, false, true, true),
+            Decision::ToSecondary { full: false },
+            "discard on the secondary keeps the primary's data"
+        );
+        assert_eq!(
+            resolve_split_brain(d, false, true, true, true),
+            Decision::SplitBrain
+        );
+        assert_eq!(
+            resolve_split_brain(d, false, true, true, false),
+            Decision::ToSecondary { full: false }
+        );
+        assert_eq!(
+            resolve_split_brain(d, false, true, false, true),
+            Decision::FromSecondary
+        );
+        // Other decisions pass through untouched, even with discard set.
+        let other = decide(&g(5, 4), &g(4, 4), false);
+        assert_eq!(resolve_split_brain(other, true, true, false, false), other);
+        let inc = decide(&g(5, 4), &g(9, 9), false);
+        assert_eq!(
+            resolve_split_brain(inc, true, true, false, false),
+            Decision::Inconsistent
+        );
     }
 }

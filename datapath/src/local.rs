@@ -545,6 +545,11 @@ impl LocalDisk {
     /// Stores the activemap (lazy clears included) and the metadata with
     /// `role` as prevrole, then closes the provider.
     pub async fn close(self: Rc<Self>, role: Role) -> io::Result<()> {
+        // Clean stop: nothing in flight, so keepdirty marks are not needed
+        // (they would read back as "needs sync" at the next open).
+        if self.map.borrow().inflight_extents() == 0 {
+            self.map.borrow_mut().clear_keepdirty();
+        }
         self.persist_all().await?;
         self.update_metadata(|md| md.prevrole = role).await?;
         self.flush().await?;

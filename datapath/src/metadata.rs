@@ -36,6 +36,11 @@ pub const DATA_ALIGN: u64 = 4096;
 /// be promoted without knowing it.
 pub const FLAG_INCONSISTENT: u64 = 1;
 
+/// Metadata flag: the operator chose to discard this node's changes since
+/// a split-brain (`hastctl split-brain discard`): at the next handshake it
+/// accepts the peer's data over the extents either side changed.
+pub const FLAG_DISCARD: u64 = 2;
+
 /// Role a node last held for a resource, stored as `prevrole`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -61,6 +61,8 @@ pub struct ResourceSpec {
     /// Payload bytes queued for the secondary at most; in async mode,
     /// writes beyond it are left to the background synchronisation.
     pub async_backlog: usize,
+    /// `splitbrain auto` policy.
+    pub splitbrain_auto: bool,
 }
 
 /// Node-wide settings.
@@ -94,6 +96,11 @@ enum Cmd {
         role: Role,
         force: bool,
         reply: flume::Sender<Result<Role, String>>,
+    },
+    /// Mark the local changes since a split-brain for discarding.
+    Discard {
+        name: String,
+        reply: flume::Sender<Result<(), String>>,
     },
     /// Phase 2: expose the export (primary).
     Commit {
@@ -327,6 +334,24 @@ impl Node {
             .collect()
     }
 
+    /// Marks each named resource so that, at its next handshake, this
+    /// node discards the changes it made since a split-brain and takes the
+    /// peer's data over the extents either side changed. The node must
+    /// not be primary.
+    pub fn discard(&self, names: &[String]) -> Vec<(String, Result<(), String>)> {
+        let asked: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let name = n.clone();
+                (n.clone(), self.ask(n, |reply| Cmd::Discard { name, reply }))
+            })
+            .collect();
+        asked
+            .into_iter()
+            .map(|(n, rx)| (n, Self::wait(rx)))
+            .collect()
+    }
+
     /// Stops every resource cleanly (exports drained, activemaps and
     /// metadata stored) and joins the executors. Later calls do nothing.
     pub fn shutdown(&self) {
@@ -411,6 +436,13 @@ async fn shard_main(
                 };
                 let _ = reply.send(res);
             }
+            Cmd::Discard { name, reply } => {
+                let res = match state.get_mut(&name) {
+                    Some(r) => r.discard().await,
+                    None => Err(format!("resource '{name}' is not on this shard")),
+                };
+                let _ = reply.send(res);
+            }
             Cmd::Commit { name, reply } => {
                 let res = match state.get_mut(&name) {
                     Some(r) => r.commit_role().await,
@@ -490,6 +522,42 @@ impl Res {
         Ok(disk)
     }
 
+    /// Sets the discard flag (see [`Node::discard`]).
+    async fn discard(&mut self) -> Result<(), String> {
+        let flag = |m: &mut crate::metadata::Metadata| m.flags |= crate::metadata::FLAG_DISCARD;
+        let name = self.spec.name.clone();
+        let fail = |e: std::io::Error| format!("[{name}] cannot write metadata: {e}");
+        match &self.active {
+            Active::Primary { .. } => Err(format!(
+                "[{}] this node is primary: make it secondary first (the data that is kept is the primary's)",
+                self.spec.name
+            )),
+            Active::Secondary { secondary } => {
+                secondary.disk().update_metadata(flag).await.map_err(fail)?;
+                tracing::warn!(resource = %self.spec.name,
+                    "this node's changes since the split-brain will be discarded at the next connection");
+                Ok(())
+            }
+            Active::Idle => {
+                let disk = LocalDisk::open(
+                    &self.spec.localpath,
+                    &self.spec.name,
+                    self.spec.metaflush,
+                    self.stats.clone(),
+                )
+                .await
+                .map_err(|e| format!("[{}] {e}", self.spec.name))?;
+                let res = disk.update_metadata(flag).await.map_err(fail);
+                let prev = disk.metadata().prevrole;
+                let _ = disk.close(prev).await;
+                res?;
+                tracing::warn!(resource = %self.spec.name,
+                    "this node's changes since the split-brain will be discarded at the next connection");
+                Ok(())
+            }
+        }
+    }
+
     /// Phase 2 of a role change: a primary's export appears.
     async fn commit_role(&mut self) -> Result<(), String> {
         let Active::Primary { primary, export } = &mut self.active else {
@@ -543,6 +611,7 @@ impl Res {
                     sync_window: 16,
                     sync_chunk: 1 << 20,
                     retry: self.spec.timeout.min(Duration::from_secs(2)),
+                    splitbrain_auto: self.spec.splitbrain_auto,
                 },
                 disk.clone(),
                 self.stats.clone(),
@@ -584,6 +653,7 @@ impl Res {
             stats: self.stats.clone(),
             events: self.events.clone(),
             timeout: self.spec.timeout,
+            splitbrain_auto: self.spec.splitbrain_auto,
         });
         Ok(Active::Secondary { secondary })
     }

@@ -58,6 +58,9 @@ enum Command {
     },
     /// Change the role of resources: init, primary or secondary.
     Role {
+        /// Promote even a node that knows its data is out of date.
+        #[arg(long)]
+        force: bool,
         /// The new role.
         role: String,
         /// `all` or resource names.
@@ -82,6 +85,35 @@ enum Command {
         #[arg(value_name = "all|NAME")]
         names: Vec<String>,
     },
+    /// Wait until resources reach a state; exits 75 (EX_TEMPFAIL) on
+    /// timeout, naming the resources that are not there yet.
+    ///
+    /// States: `export` (primary, and its NBD socket accepts connections),
+    /// `complete` (replication connection up), `in-sync` (complete, nothing
+    /// dirty, no synchronisation running, nothing in flight to the peer),
+    /// `disconnected` (replication connection down), `role:<role>`.
+    Wait {
+        /// export, complete, in-sync, disconnected, role:init,
+        /// role:primary or role:secondary.
+        state: String,
+        /// Seconds to wait at most; 0 waits forever.
+        #[arg(long, value_name = "S", default_value = "60")]
+        timeout: f64,
+        /// `all` or resource names.
+        #[arg(required = true, value_name = "all|NAME")]
+        names: Vec<String>,
+    },
+    /// Print events as they happen (role changes, connect, disconnect,
+    /// syncstart, sync progress, syncdone, syncintr, split-brain), one per
+    /// line, until interrupted.
+    Events {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+        /// `all` (default) or resource names.
+        #[arg(value_name = "all|NAME")]
+        names: Vec<String>,
+    },
     /// Print the metadata stored on resources' providers (offline).
     Dump {
         /// Print JSON.
@@ -89,6 +121,19 @@ enum Command {
         json: bool,
         /// `all` (default) or resource names.
         #[arg(value_name = "all|NAME")]
+        names: Vec<String>,
+    },
+    /// Resolve a split-brain. `discard`, run on the node whose changes
+    /// since the split are to be thrown away (it must be secondary or
+    /// init): at the next connection it takes the primary's data over the
+    /// extents either side changed — not a full copy.
+    #[command(name = "split-brain")]
+    SplitBrain {
+        /// The resolution: `discard`.
+        #[arg(value_parser = ["discard"])]
+        action: String,
+        /// Resources.
+        #[arg(required = true, value_name = "all|NAME")]
         names: Vec<String>,
     },
 }
@@ -201,6 +246,28 @@ fn main() {
             }
             code
         }
+        Command::SplitBrain { action, names } => {
+            let resp = call(
+                &cfg,
+                Request::SplitBrain {
+                    action: action.clone(),
+                    resources: names.clone(),
+                },
+            );
+            let mut code = ex::OK;
+            for r in &resp.resources {
+                if let Some(e) = &r.error {
+                    eprintln!("hastctl: {e}");
+                    code = ex::SOFTWARE;
+                } else {
+                    eprintln!(
+                        "[{}] this node's changes since the split-brain will be discarded when the primary connects",
+                        r.name
+                    );
+                }
+            }
+            code
+        }
         Command::Dump { json, names } => {
             let selected = match cfg.select(&all_if_empty(names)) {
                 Ok(s) => s,
@@ -233,7 +300,7 @@ fn main() {
             }
             code
         }
-        Command::Role { role, names } => {
+        Command::Role { force, role, names } => {
             let role: Role = match role.parse() {
                 Ok(r) => r,
                 Err(e) => {
@@ -246,7 +313,7 @@ fn main() {
                 Request::Role {
                     role,
                     resources: names.clone(),
-                    force: false,
+                    force: *force,
                 },
             );
             let mut code = ex::OK;
@@ -267,6 +334,14 @@ fn main() {
                 }
             }
             code
+        }
+        Command::Wait {
+            state,
+            timeout,
+            names,
+        } => wait::run(&cfg, state, *timeout, names, cli.debug),
+        Command::Events { json, names } => {
+            events::run(&cfg, *json, &all_if_empty(names), cli.debug)
         }
         Command::List { json, names } | Command::Status { json, names } => {
             let resp = call(
@@ -289,4 +364,333 @@ fn main() {
         }
     };
     exit(code);
+}
+
+/// `hastctl wait`.
+mod wait {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use hast_control::config::Config;
+    use hast_control::exit as ex;
+    use hast_control::proto::{self, Request, ResourceReport};
+    use hast_control::size::humanize;
+    use hast_datapath::metadata::Role;
+
+    /// How often `status` is polled.
+    const POLL: Duration = Duration::from_millis(100);
+
+    /// What to wait for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum State {
+        Export,
+        Complete,
+        InSync,
+        Disconnected,
+        Role(Role),
+    }
+
+    fn parse(s: &str) -> Result<State, String> {
+        Ok(match s {
+            "export" => State::Export,
+            "complete" => State::Complete,
+            "in-sync" => State::InSync,
+            "disconnected" => State::Disconnected,
+            _ => match s.strip_prefix("role:") {
+                Some(r) => State::Role(r.parse()?),
+                None => {
+                    return Err(format!(
+                        "unknown state '{s}' (expected export, complete, in-sync, \
+                         disconnected or role:<init|primary|secondary>)"
+                    ))
+                }
+            },
+        })
+    }
+
+    /// Does the NBD server at `sock` answer? Connects, reads the
+    /// fixed-newstyle greeting and leaves politely with `NBD_OPT_ABORT`.
+    fn nbd_answers(sock: &Path) -> Result<(), String> {
+        let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
+        let t = Some(Duration::from_secs(2));
+        s.set_read_timeout(t).map_err(|e| e.to_string())?;
+        s.set_write_timeout(t).map_err(|e| e.to_string())?;
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting)
+            .map_err(|e| format!("no NBD greeting: {e}"))?;
+        if &greeting[..16] != b"NBDMAGICIHAVEOPT" {
+            return Err("not an NBD server".into());
+        }
+        let mut bye = Vec::with_capacity(20);
+        bye.extend_from_slice(&3u32.to_be_bytes()); // C_FIXED_NEWSTYLE | C_NO_ZEROES
+        bye.extend_from_slice(b"IHAVEOPT");
+        bye.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
+        bye.extend_from_slice(&0u32.to_be_bytes());
+        let _ = s.write_all(&bye);
+        Ok(())
+    }
+
+    /// None when `r` is in `state`, else why not.
+    fn pending(state: State, r: &ResourceReport) -> Option<String> {
+        let ok = match state {
+            State::Export => {
+                if r.role != "primary" {
+                    false
+                } else {
+                    match &r.export {
+                        None => false,
+                        Some(sock) => match nbd_answers(Path::new(sock)) {
+                            Ok(()) => true,
+                            Err(e) => return Some(format!("{}, export {sock}: {e}", brief(r))),
+                        },
+                    }
+                }
+            }
+            State::Complete => r.status.as_deref() == Some("complete"),
+            State::InSync => {
+                r.status.as_deref() == Some("complete")
+                    && r.dirty == 0
+                    && r.sync.is_none()
+                    && r.queues.recv == 0
+            }
+            State::Disconnected => !r.connected,
+            State::Role(role) => r.role == role.as_str(),
+        };
+        (!ok).then(|| brief(r))
+    }
+
+    /// `role primary, status degraded, dirty 12MB` and whatever else is in
+    /// the way.
+    fn brief(r: &ResourceReport) -> String {
+        let mut s = format!(
+            "role {}, status {}, dirty {}",
+            r.role,
+            r.status.as_deref().unwrap_or("-"),
+            humanize(r.dirty)
+        );
+        if let Some(sy) = &r.sync {
+            let pct = (sy.done * 100).checked_div(sy.total).unwrap_or(100);
+            s.push_str(&format!(", synchronising {} {pct}%", sy.direction));
+        }
+        if r.queues.recv > 0 {
+            s.push_str(&format!(", {} in flight to the peer", r.queues.recv));
+        }
+        if r.split_brain {
+            s.push_str(", split-brain");
+        }
+        if let Some(e) = &r.last_error {
+            s.push_str(&format!(", last error: {e}"));
+        }
+        s
+    }
+
+    /// Polls until every named resource is in `state`; returns the exit
+    /// code.
+    pub fn run(cfg: &Config, state: &str, timeout: f64, names: &[String], debug: u8) -> i32 {
+        let state = match parse(state) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("hastctl: {e}");
+                return ex::USAGE;
+            }
+        };
+        if !timeout.is_finite() || timeout < 0.0 {
+            eprintln!("hastctl: invalid timeout '{timeout}': expected seconds >= 0");
+            return ex::USAGE;
+        }
+        if let Err(e) = cfg.select(names) {
+            eprintln!("hastctl: {e}");
+            return ex::DATAERR;
+        }
+        let start = Instant::now();
+        let deadline = (timeout > 0.0).then(|| start + Duration::from_secs_f64(timeout));
+        let mut last_said = String::new();
+        loop {
+            // A status call waits behind a role change (one control request
+            // at a time); don't let one call overstay the deadline much.
+            let call_timeout = deadline
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(30))
+                .clamp(Duration::from_secs(1), Duration::from_secs(30));
+            let req = Request::Status {
+                resources: names.to_vec(),
+            };
+            let waiting = match proto::call(&cfg.control, req, call_timeout) {
+                Ok(resp) => {
+                    if let Some(e) = resp.error {
+                        eprintln!("hastctl: {e}");
+                        return ex::DATAERR;
+                    }
+                    let waiting: Vec<String> = resp
+                        .resources
+                        .iter()
+                        .filter_map(|r| pending(state, r).map(|why| format!("{} ({why})", r.name)))
+                        .collect();
+                    if waiting.is_empty() {
+                        if debug > 0 {
+                            eprintln!(
+                                "hastctl: {} after {:.1}s",
+                                describe_state(state),
+                                start.elapsed().as_secs_f64()
+                            );
+                        }
+                        return ex::OK;
+                    }
+                    waiting.join("; ")
+                }
+                // hastd may be restarting: keep trying until the deadline.
+                Err(e) => e,
+            };
+            if debug > 0 && waiting != last_said {
+                eprintln!("hastctl: waiting for {}: {waiting}", describe_state(state));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                eprintln!(
+                    "hastctl: timed out after {timeout}s waiting for {}; not there yet: {waiting}",
+                    describe_state(state)
+                );
+                return ex::TEMPFAIL;
+            }
+            last_said = waiting;
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn describe_state(state: State) -> String {
+        match state {
+            State::Export => "export".into(),
+            State::Complete => "complete".into(),
+            State::InSync => "in-sync".into(),
+            State::Disconnected => "disconnected".into(),
+            State::Role(r) => format!("role:{r}"),
+        }
+    }
+}
+
+/// `hastctl events`.
+mod events {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use hast_control::config::Config;
+    use hast_control::events::{StreamEvent, TOO_MANY_SUBSCRIBERS};
+    use hast_control::exit as ex;
+    use hast_control::proto::{Request, RequestEnvelope, Response, CONTROL_VERSION, MAX_LINE};
+
+    /// Subscribes and prints events until hastd goes away (exit 69) or
+    /// stdout is closed (exit 0).
+    pub fn run(cfg: &Config, json: bool, names: &[String], debug: u8) -> i32 {
+        let sock = cfg.control.display();
+        let stream = match UnixStream::connect(&cfg.control) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "hastctl: cannot connect to hastd via {sock}: {e} \
+                     (is hastd running with this configuration?)"
+                );
+                return ex::UNAVAILABLE;
+            }
+        };
+        let env = RequestEnvelope {
+            version: CONTROL_VERSION,
+            request: Request::Events {
+                resources: names.to_vec(),
+            },
+        };
+        let mut req = serde_json::to_string(&env).unwrap_or_default();
+        req.push('\n');
+        let t = Some(Duration::from_secs(10));
+        if let Err(e) = stream
+            .set_write_timeout(t)
+            .and_then(|_| stream.set_read_timeout(t))
+            .and_then(|_| (&stream).write_all(req.as_bytes()))
+        {
+            eprintln!("hastctl: cannot send command to hastd via {sock}: {e}");
+            return ex::UNAVAILABLE;
+        }
+        // One reader for the whole stream: the acknowledgement and the
+        // events may arrive in one read.
+        let mut reader = BufReader::new(&stream);
+        let ack = match next_line(&mut reader) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                eprintln!("hastctl: hastd closed the connection without a reply");
+                return ex::UNAVAILABLE;
+            }
+            Err(e) => {
+                eprintln!("hastctl: cannot receive reply from hastd via {sock}: {e}");
+                return ex::UNAVAILABLE;
+            }
+        };
+        let ack: Response = match serde_json::from_str(&ack) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("hastctl: malformed reply from hastd: {e}");
+                return ex::UNAVAILABLE;
+            }
+        };
+        if let Some(e) = ack.error {
+            eprintln!("hastctl: {e}");
+            return if e.starts_with(TOO_MANY_SUBSCRIBERS) {
+                ex::TEMPFAIL
+            } else {
+                ex::DATAERR
+            };
+        }
+        if debug > 0 {
+            let names: Vec<&str> = ack.resources.iter().map(|r| r.name.as_str()).collect();
+            eprintln!("hastctl: subscribed to the events of {}", names.join(", "));
+        }
+        if let Err(e) = stream.set_read_timeout(None) {
+            eprintln!("hastctl: {sock}: {e}");
+            return ex::UNAVAILABLE;
+        }
+        let stdout = std::io::stdout();
+        loop {
+            let line = match next_line(&mut reader) {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    eprintln!("hastctl: hastd closed the event stream");
+                    return ex::UNAVAILABLE;
+                }
+                Err(e) => {
+                    eprintln!("hastctl: event stream from hastd failed: {e}");
+                    return ex::UNAVAILABLE;
+                }
+            };
+            let line = line.trim_end();
+            let out = if json {
+                line.to_owned()
+            } else {
+                match serde_json::from_str::<StreamEvent>(line) {
+                    Ok(ev) => ev.text(),
+                    // An event this hastctl does not know: show it as is.
+                    Err(_) => line.to_owned(),
+                }
+            };
+            let mut w = stdout.lock();
+            if writeln!(w, "{out}").and_then(|_| w.flush()).is_err() {
+                return ex::OK; // stdout closed: the reader is done
+            }
+        }
+    }
+
+    /// The next line (without a length above MAX_LINE); None at EOF.
+    fn next_line(r: &mut impl BufRead) -> std::io::Result<Option<String>> {
+        let mut line = String::new();
+        let n = r.take(MAX_LINE as u64).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if !line.ends_with('\n') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "line too long or connection closed mid-line",
+            ));
+        }
+        Ok(Some(line))
+    }
 }

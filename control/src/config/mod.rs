@@ -74,6 +74,28 @@ pub struct Config {
     pub resources: Vec<ResourceConfig>,
 }
 
+/// Split-brain handling (extension statement `splitbrain manual|auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitBrainPolicy {
+    /// Refuse to synchronise; the operator resolves it (`hastctl
+    /// split-brain discard`).
+    #[default]
+    Manual,
+    /// Resolve automatically when one side changed no extent since the
+    /// split: its counter moved but it holds nothing the other lacks.
+    Auto,
+}
+
+impl std::fmt::Display for SplitBrainPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SplitBrainPolicy::Manual => "manual",
+            SplitBrainPolicy::Auto => "auto",
+        })
+    }
+}
+
 /// One resource, resolved for this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ResourceConfig {
@@ -96,6 +118,8 @@ pub struct ResourceConfig {
     /// Program run on events.
     pub exec: Option<PathBuf>,
     pub metaflush: bool,
+    /// What to do on split-brain (extension).
+    pub splitbrain: SplitBrainPolicy,
     /// The name of the `on` block that matched this node.
     pub node_name: String,
 }

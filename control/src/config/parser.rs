@@ -61,10 +61,11 @@ pub(crate) enum Key {
     Local,
     Remote,
     Source,
+    Splitbrain,
 }
 
 impl Key {
-    const ALL: [Key; 14] = [
+    const ALL: [Key; 15] = [
         Key::Control,
         Key::Pidfile,
         Key::Listen,
@@ -79,6 +80,7 @@ impl Key {
         Key::Local,
         Key::Remote,
         Key::Source,
+        Key::Splitbrain,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +99,7 @@ impl Key {
             Key::Local => "local",
             Key::Remote => "remote",
             Key::Source => "source",
+            Key::Splitbrain => "splitbrain",
         }
     }
 
@@ -113,7 +116,12 @@ impl Key {
                 &[Global, GlobalNode],
                 "it belongs in the global section or a global 'on' block",
             ),
-            Key::Replication | Key::Checksum | Key::Compression | Key::Timeout | Key::Exec => (
+            Key::Replication
+            | Key::Checksum
+            | Key::Compression
+            | Key::Timeout
+            | Key::Exec
+            | Key::Splitbrain => (
                 &[Global, Resource],
                 "it cannot be set per node; set it in the resource block or the global section",
             ),

@@ -496,6 +496,7 @@ impl GenResource {
                 .or(self.shared.metaflush)
                 .or(global.metaflush)
                 .unwrap_or(true),
+            splitbrain: crate::config::SplitBrainPolicy::Manual,
             node_name: self.me_name.clone(),
         }
     }

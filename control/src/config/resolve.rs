@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::addr::parse_control;
 use super::parser::{Block, Key, Level, Section, Setting, Word};
+use super::SplitBrainPolicy;
 use super::{
     Checksum, Compression, Config, Diag, NodeIdentity, PeerAddr, Pos, Replication, ResourceConfig,
     Scheme, ALL_RESOURCES, DEFAULT_CONTROL, DEFAULT_EXPORTDIR, DEFAULT_PIDFILE, DEFAULT_PORT,
@@ -39,6 +40,7 @@ struct Values {
     local: Option<At<PathBuf>>,
     remote: Option<At<Option<PeerAddr>>>,
     source: Option<At<Option<PeerAddr>>>,
+    splitbrain: Option<At<SplitBrainPolicy>>,
 }
 
 impl Values {
@@ -62,6 +64,12 @@ impl Values {
                 Key::Metaflush => set(&mut v.metaflush, s, level, convert(word, parse_on_off)?)?,
                 Key::Name => set(&mut v.name, s, level, convert(word, parse_provname)?)?,
                 Key::Local => set(&mut v.local, s, level, path(word))?,
+                Key::Splitbrain => set(
+                    &mut v.splitbrain,
+                    s,
+                    level,
+                    convert(word, parse_splitbrain)?,
+                )?,
                 Key::Remote => set(&mut v.remote, s, level, optional_addr(word, str::parse)?)?,
                 Key::Source => set(
                     &mut v.source,
@@ -127,6 +135,16 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         Ok(n) if n <= MAX_TIMEOUT_SECS => Ok(Duration::from_secs(n)),
         _ => Err(format!(
             "timeout '{s}' is too large (at most {MAX_TIMEOUT_SECS} seconds)"
+        )),
+    }
+}
+
+fn parse_splitbrain(s: &str) -> Result<SplitBrainPolicy, String> {
+    match s {
+        "manual" => Ok(SplitBrainPolicy::Manual),
+        "auto" => Ok(SplitBrainPolicy::Auto),
+        _ => Err(format!(
+            "expected 'manual' or 'auto' after 'splitbrain', found '{s}'"
         )),
     }
 }
@@ -350,6 +368,10 @@ fn resolve_resource(
             .or(global.exec.as_ref())
             .map(|at| at.value.clone()),
         metaflush: pick(&[&here.metaflush, &res.metaflush, &global.metaflush], true),
+        splitbrain: pick(
+            &[&res.splitbrain, &global.splitbrain],
+            SplitBrainPolicy::Manual,
+        ),
         node_name: node_name.clone(),
     })
 }

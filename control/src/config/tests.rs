@@ -65,6 +65,7 @@ fn defaults() {
             timeout: Duration::from_secs(20),
             exec: None,
             metaflush: true,
+            splitbrain: crate::config::SplitBrainPolicy::Manual,
             node_name: "a".into(),
         }
     );

@@ -73,6 +73,12 @@ pub mod hello_flags {
     /// [`decide`](crate::generation::decide), so that the secondary reaches
     /// the same decision.
     pub const VIRGIN: u64 = 2;
+    /// HelloReply: the secondary's operator chose to discard its changes
+    /// since a split-brain (`hastctl split-brain discard`).
+    pub const DISCARD: u64 = 4;
+    /// The sender's dirty map is empty: it changed no extent the peer
+    /// lacks (used by the `splitbrain auto` policy).
+    pub const CLEAN: u64 = 8;
 }
 
 /// Kind of a frame (header byte 4).

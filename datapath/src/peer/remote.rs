@@ -21,7 +21,9 @@ use super::proto::{
 };
 use super::secondary::HELLO_VIRGIN;
 use crate::events::{EventSink, PeerEventKind};
-use crate::generation::{decide, target_generation, Decision, Gen, SyncDirection};
+use crate::generation::{
+    decide, resolve_split_brain, target_generation, Decision, Gen, SyncDirection,
+};
 use crate::local::LocalDisk;
 use crate::metadata::FLAG_INCONSISTENT;
 use crate::stats::ResourceStats;
@@ -62,6 +64,9 @@ pub struct RemoteConfig {
     pub sync_chunk: u32,
     /// Pause between connection attempts.
     pub retry: Duration,
+    /// `splitbrain auto`: resolve a split-brain where one side changed
+    /// nothing.
+    pub splitbrain_auto: bool,
 }
 
 /// The remote leg of a primary.
@@ -74,6 +79,7 @@ pub struct Remote {
     from_secondary: Cell<bool>,
     stopping: Cell<bool>,
     split_brain_reported: Cell<bool>,
+    resolved_split: Cell<bool>,
     task: RefCell<Option<Task<()>>>,
     wake: Rc<Semaphore>,
 }
@@ -103,6 +109,7 @@ impl Remote {
             from_secondary: Cell::new(false),
             stopping: Cell::new(false),
             split_brain_reported: Cell::new(false),
+            resolved_split: Cell::new(false),
             task: RefCell::new(None),
             wake: Rc::new(Semaphore::new(0)),
         });
@@ -237,7 +244,12 @@ impl Remote {
         tracing::info!(resource = %self.cfg.resource, decision = %decision, "connected to the secondary");
         self.events.emit(PeerEventKind::Connect);
 
-        let target = target_generation(&decision, &p_gen, &reply.gen).unwrap_or(p_gen.localcnt);
+        let target = if self.resolved_split.get() {
+            // Never move a generation backwards.
+            p_gen.localcnt.max(reply.gen.localcnt).max(1)
+        } else {
+            target_generation(&decision, &p_gen, &reply.gen).unwrap_or(p_gen.localcnt)
+        };
         let dir = decision.direction().unwrap_or(SyncDirection::ToSecondary);
         let synced = self.synchronise(&link, dir, target, &p_gen).await;
         if let Err(e) = &synced {
@@ -321,7 +333,13 @@ impl Remote {
             datasize: md.datasize,
             extentsize: md.extentsize,
             gen,
-            flags: (md.flags & FLAG_INCONSISTENT) | if virgin { HELLO_VIRGIN } else { 0 },
+            flags: (md.flags & FLAG_INCONSISTENT)
+                | if virgin { HELLO_VIRGIN } else { 0 }
+                | if self.disk.dirty_bytes() == 0 {
+                    super::proto::hello_flags::CLEAN
+                } else {
+                    0
+                },
         };
         let body = hello.encode();
         let hdr = Header::request(Kind::Hello, 0, 0, 0, 0).with_payload(&body);
@@ -346,7 +364,22 @@ impl Remote {
                 message: reply.message,
             });
         }
-        let decision = decide(&gen, &reply.gen, virgin);
+        let raw = decide(&gen, &reply.gen, virgin);
+        let decision = resolve_split_brain(
+            raw,
+            reply.flags & super::proto::hello_flags::DISCARD != 0,
+            self.cfg.splitbrain_auto,
+            self.disk.dirty_bytes() > 0,
+            reply.flags & super::proto::hello_flags::CLEAN == 0,
+        );
+        if raw == Decision::SplitBrain && decision != Decision::SplitBrain {
+            tracing::warn!(resource = %self.cfg.resource, primary = %gen, secondary = %reply.gen,
+                resolution = %decision,
+                "split-brain resolved: only the extents either side changed are resynchronised");
+            self.resolved_split.set(true);
+        } else {
+            self.resolved_split.set(false);
+        }
         match decision {
             Decision::SplitBrain => {
                 self.report_split_brain(&gen, &reply.gen);

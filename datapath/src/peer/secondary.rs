@@ -32,9 +32,9 @@ use super::proto::{
     PROTO_VERSION_MIN,
 };
 use crate::events::{EventSink, PeerEventKind};
-use crate::generation::{decide, Decision, Gen};
+use crate::generation::{decide, resolve_split_brain, Decision, Gen};
 use crate::local::LocalDisk;
-use crate::metadata::FLAG_INCONSISTENT;
+use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
 use crate::stats::ResourceStats;
 
 /// Hello flag: the primary has never been written (both sides virgin).
@@ -67,6 +67,9 @@ pub struct SecondaryCtx {
     pub events: EventSink,
     /// Peer timeout.
     pub timeout: Duration,
+    /// `splitbrain auto`: resolve a split-brain where one side changed
+    /// nothing.
+    pub splitbrain_auto: bool,
 }
 
 /// The secondary role of one resource: at most one primary connection.
@@ -174,7 +177,17 @@ impl Secondary {
             datasize: md.datasize,
             extentsize: md.extentsize,
             gen: mine,
-            flags: md.flags & FLAG_INCONSISTENT,
+            flags: (md.flags & FLAG_INCONSISTENT)
+                | if md.flags & FLAG_DISCARD != 0 {
+                    super::proto::hello_flags::DISCARD
+                } else {
+                    0
+                }
+                | if ctx.disk.dirty_bytes() == 0 {
+                    super::proto::hello_flags::CLEAN
+                } else {
+                    0
+                },
             bitmap: Vec::new(),
         };
         let refuse = |mut r: HelloReply, why: Refusal, msg: String| {
@@ -198,7 +211,19 @@ impl Secondary {
                 "data size/extent size differ: primary {}/{}, secondary {}/{} (run 'hastctl create' with the same -e/-m on both nodes)",
                 hello.datasize, hello.extentsize, md.datasize, md.extentsize));
         }
-        let decision = decide(&hello.gen, &mine, hello.flags & HELLO_VIRGIN != 0);
+        let raw = decide(&hello.gen, &mine, hello.flags & HELLO_VIRGIN != 0);
+        let decision = resolve_split_brain(
+            raw,
+            md.flags & FLAG_DISCARD != 0,
+            ctx.splitbrain_auto,
+            hello.flags & super::proto::hello_flags::CLEAN == 0,
+            ctx.disk.dirty_bytes() > 0,
+        );
+        if raw == Decision::SplitBrain && decision != Decision::SplitBrain {
+            tracing::warn!(resource = %ctx.resource, primary = %hello.gen, secondary = %mine,
+                resolution = %decision,
+                "split-brain resolved: only the extents either side changed are resynchronised");
+        }
         match decision {
             Decision::SplitBrain => {
                 if !self.split_brain_reported.replace(true) {
@@ -543,7 +568,7 @@ async fn handle(
                 disk.update_metadata(|m| {
                     m.localcnt = g;
                     m.remotecnt = g;
-                    m.flags &= !FLAG_INCONSISTENT;
+                    m.flags &= !(FLAG_INCONSISTENT | FLAG_DISCARD);
                 })
                 .await
             }

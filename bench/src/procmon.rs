@@ -1,0 +1,299 @@
+//! CPU time and memory of server processes (hastd, qemu-nbd) during a
+//! benchmark job, read from /proc.
+//!
+//! A [`Monitor`] samples every watched process every 100 ms: resident
+//! memory (VmRSS, peak kept) and, once the fio ramp is over and again at
+//! the end, CPU time (utime + stime of /proc/PID/stat, all threads) and the
+//! CPU time of each thread (/proc/PID/task/TID/stat), so that the job's CPU
+//! covers the same window as fio's figures.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+/// Clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`, 100 if
+/// that fails).
+pub fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        crate::util::command_line("getconf", &["CLK_TCK"])
+            .parse()
+            .unwrap_or(100.0)
+    })
+}
+
+/// utime + stime (ticks) and the name from a `stat` file's text.
+fn parse_stat(text: &str) -> Option<(String, u64)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_owned();
+    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    // f[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+/// CPU ticks (all threads) of a process.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text).map(|(_, t)| t)
+}
+
+/// (tid, name, ticks) of every thread of a process.
+pub fn thread_ticks(pid: u32) -> Vec<(u32, String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let text = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let (comm, t) = parse_stat(&text)?;
+        Some((tid, comm, t))
+    })
+    .collect()
+}
+
+/// (VmRSS, VmHWM) in KiB.
+pub fn mem_kib(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// A process to watch, with a label for the report ("A", "B", "qemu-nbd").
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// Label.
+    pub label: String,
+    /// PID.
+    pub pid: u32,
+}
+
+impl Watched {
+    /// A labelled PID.
+    pub fn new(label: &str, pid: u32) -> Watched {
+        Watched {
+            label: label.into(),
+            pid,
+        }
+    }
+}
+
+/// What one process used during a job.
+#[derive(Debug, Clone, Default)]
+pub struct ProcUsage {
+    /// Label.
+    pub label: String,
+    /// CPU seconds in the measured window (after the ramp).
+    pub cpu_s: f64,
+    /// Highest VmRSS sampled during the job (KiB).
+    pub rss_peak_kib: u64,
+    /// VmHWM at the end of the job (KiB): the peak since the process
+    /// started.
+    pub hwm_kib: u64,
+    /// CPU seconds per thread name in the window, largest first.
+    pub threads: Vec<(String, f64)>,
+}
+
+/// What the watched processes used during a job.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    /// Per process, in the order given.
+    pub procs: Vec<ProcUsage>,
+    /// Length of the CPU window (seconds).
+    pub window_s: f64,
+}
+
+impl Usage {
+    /// CPU seconds of all watched processes.
+    pub fn cpu_s(&self) -> f64 {
+        self.procs.iter().map(|p| p.cpu_s).sum()
+    }
+
+    /// Peak RSS per process in MiB, `A/B` style.
+    pub fn rss_mib(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| format!("{:.0}", p.rss_peak_kib as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// The busiest threads of every process: `A: exec-0 3.1s, …`.
+    pub fn threads_summary(&self, per_proc: usize) -> String {
+        self.procs
+            .iter()
+            .map(|p| {
+                let t: Vec<String> = p
+                    .threads
+                    .iter()
+                    .filter(|(_, s)| *s >= 0.01)
+                    .take(per_proc)
+                    .map(|(n, s)| format!("{n} {s:.2}s"))
+                    .collect();
+                format!("{} {:.2}s [{}]", p.label, p.cpu_s, t.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// JSON form.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "window_s": self.window_s,
+            "processes": self.procs.iter().map(|p| json!({
+                "label": p.label,
+                "cpu_s": p.cpu_s,
+                "rss_peak_kib": p.rss_peak_kib,
+                "hwm_kib": p.hwm_kib,
+                "threads": p.threads.iter().map(|(n, s)| json!({"name": n, "cpu_s": s})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+struct Snapshot {
+    at: Instant,
+    total: Vec<u64>,
+    threads: Vec<Vec<(u32, String, u64)>>,
+}
+
+fn snapshot(procs: &[Watched]) -> Snapshot {
+    Snapshot {
+        at: Instant::now(),
+        total: procs
+            .iter()
+            .map(|p| cpu_ticks(p.pid).unwrap_or(0))
+            .collect(),
+        threads: procs.iter().map(|p| thread_ticks(p.pid)).collect(),
+    }
+}
+
+/// Samples watched processes in a thread until [`Monitor::finish`].
+pub struct Monitor {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Usage>>,
+}
+
+impl Monitor {
+    /// Starts sampling `procs`; the CPU window opens `skip` from now (the
+    /// fio ramp) and closes at [`Monitor::finish`].
+    pub fn start(procs: Vec<Watched>, skip: Duration) -> Monitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("bench-monitor".into())
+            .spawn(move || sample(&procs, skip, &flag))
+            .expect("spawn monitor thread");
+        Monitor {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Closes the window and returns what the processes used.
+    pub fn finish(mut self) -> Usage {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("monitor running")
+            .join()
+            .expect("monitor thread")
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn sample(procs: &[Watched], skip: Duration, stop: &AtomicBool) -> Usage {
+    let start = Instant::now();
+    let mut peak = vec![0u64; procs.len()];
+    let mut first: Option<Snapshot> = None;
+    let sample_mem = |peak: &mut Vec<u64>| {
+        for (i, p) in procs.iter().enumerate() {
+            if let Some((rss, _)) = mem_kib(p.pid) {
+                peak[i] = peak[i].max(rss);
+            }
+        }
+    };
+    loop {
+        sample_mem(&mut peak);
+        if first.is_none() && start.elapsed() >= skip {
+            first = Some(snapshot(procs));
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = snapshot(procs);
+    let first = first.unwrap_or_else(|| snapshot(procs));
+    let tck = clk_tck();
+    let procs = procs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut by_name: BTreeMap<String, u64> = BTreeMap::new();
+            for (tid, name, t) in &last.threads[i] {
+                let before = first.threads[i]
+                    .iter()
+                    .find(|(t0, _, _)| t0 == tid)
+                    .map_or(0, |x| x.2);
+                *by_name.entry(name.clone()).or_default() += t.saturating_sub(before);
+            }
+            let mut threads: Vec<(String, f64)> = by_name
+                .into_iter()
+                .map(|(n, t)| (n, t as f64 / tck))
+                .collect();
+            threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+            ProcUsage {
+                label: p.label.clone(),
+                cpu_s: last.total[i].saturating_sub(first.total[i]) as f64 / tck,
+                rss_peak_kib: peak[i],
+                hwm_kib: mem_kib(p.pid).map_or(0, |m| m.1),
+                threads,
+            }
+        })
+        .collect();
+    Usage {
+        procs,
+        window_s: last.at.duration_since(first.at).as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing() {
+        let s = "1234 (hast exec) 0) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
+        assert_eq!(parse_stat(s), Some(("hast exec) 0".into(), 325)));
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let me = std::process::id();
+        assert!(cpu_ticks(me).is_some());
+        assert!(!thread_ticks(me).is_empty());
+        let (rss, hwm) = mem_kib(me).expect("status");
+        assert!(rss > 0 && hwm >= rss);
+    }
+}
