@@ -180,6 +180,12 @@ impl Primary {
                 return Err(BackendError::Io);
             }
         }
+        // Our mark must be durable before the secondary can see the write,
+        // not just before our own data write: if we crash after sending, the
+        // secondary (still running) reports only its sync bits at the next
+        // handshake, so our on-disk map is what must cover every write it
+        // may have applied. (Overlapping the two metadata flushes is
+        // therefore not safe.)
         if let Err(e) = self.disk.write_start(offset, len).await {
             tracing::error!(path = %self.disk.path().display(), error = %e,
                 "cannot mark the activemap; write refused");
