@@ -87,5 +87,9 @@ fn an_inconsistent_node_is_not_promoted_without_force() {
         "{err}"
     );
     assert_eq!(c.b.list("r1")["role"], "secondary", "role unchanged");
+    // The operator insists: --force promotes it.
+    c.b.hastctl(&["role", "--force", "primary", "r1"]);
+    assert_eq!(c.b.list("r1")["role"], "primary");
+    assert!(c.b.export_socket("r1").exists());
     c.stop();
 }

@@ -15,8 +15,8 @@ use hast_datapath::metadata::Role;
 
 /// Control utility for HAST resources.
 ///
-/// create and dump work on the local providers directly; role, status and
-/// list talk to hastd over its control socket.
+/// create and dump work on the local providers directly; the other
+/// commands talk to hastd over its control socket.
 #[derive(Parser, Debug)]
 #[command(name = "hastctl", version, about, long_about)]
 struct Cli {

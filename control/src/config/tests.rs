@@ -762,6 +762,7 @@ fn config_serializes_for_status_output() {
             "timeout": 20,
             "exec": "/bin/x",
             "metaflush": true,
+            "splitbrain": "manual",
             "node_name": "a",
         }],
     });

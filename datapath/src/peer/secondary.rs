@@ -75,7 +75,9 @@ pub struct SecondaryCtx {
 /// The secondary role of one resource: at most one primary connection.
 pub struct Secondary {
     ctx: SecondaryCtx,
-    current: RefCell<Option<(RawFd, Task<()>)>>,
+    /// The connection: its descriptor (-1 once closed: the number may be
+    /// reused by anything) and its task.
+    current: RefCell<Option<(Rc<Cell<RawFd>>, Task<()>)>>,
     split_brain_reported: Cell<bool>,
 }
 
@@ -100,7 +102,9 @@ impl Secondary {
     pub async fn disconnect(&self) {
         let cur = self.current.borrow_mut().take();
         if let Some((fd, task)) = cur {
-            frame::shutdown_fd(fd);
+            if fd.get() >= 0 {
+                frame::shutdown_fd(fd.get());
+            }
             task.await;
         }
     }
@@ -117,10 +121,16 @@ impl Secondary {
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
         let _ = stream.set_nodelay(true);
         let me = self.clone();
+        let slot = Rc::new(Cell::new(fd));
+        let guard = FdSlot(slot.clone());
         let task = glommio::spawn_local(async move {
+            // Declared before the stream is moved in: however the
+            // connection ends, the slot is cleared when the descriptor is
+            // closed, with no await point in between.
+            let _guard = guard;
             me.connection(stream, fd, inc.hello, inc.peer).await;
         });
-        *self.current.borrow_mut() = Some((fd, task));
+        *self.current.borrow_mut() = Some((slot, task));
     }
 
     async fn connection(
@@ -273,6 +283,15 @@ impl Secondary {
         reply.bitmap = ctx.disk.sync_bitmap();
         tracing::info!(resource = %ctx.resource, decision = %decision, "handshake accepted");
         reply
+    }
+}
+
+/// Marks a connection's descriptor as closed when dropped.
+struct FdSlot(Rc<Cell<RawFd>>);
+
+impl Drop for FdSlot {
+    fn drop(&mut self) {
+        self.0.set(-1);
     }
 }
 
