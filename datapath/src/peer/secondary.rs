@@ -77,7 +77,7 @@ pub struct Secondary {
     ctx: SecondaryCtx,
     /// The connection: its descriptor (-1 once closed: the number may be
     /// reused by anything) and its task.
-    current: RefCell<Option<(Rc<Cell<RawFd>>, Task<()>)>>,
+    current: RefCell<Option<Connection>>,
     split_brain_reported: Cell<bool>,
 }
 
@@ -285,6 +285,9 @@ impl Secondary {
         reply
     }
 }
+
+/// The current connection: its descriptor slot and its task.
+type Connection = (Rc<Cell<RawFd>>, Task<()>);
 
 /// Marks a connection's descriptor as closed when dropped.
 struct FdSlot(Rc<Cell<RawFd>>);
