@@ -114,6 +114,44 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Largest batch of small frames sent in one write.
+pub const BATCH_MAX: usize = 256 * 1024;
+
+/// Accumulates small frames so that frames queued together leave in one
+/// send (fewer syscalls and segments under load); large payloads are
+/// written straight from their buffers.
+#[derive(Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+}
+
+impl Batch {
+    /// Adds a frame; returns false when the frame is too large to batch
+    /// (the caller flushes and writes it with [`write_frame`]).
+    pub fn push(&mut self, hdr: &Header, payload: &[u8]) -> bool {
+        if payload.len() > COALESCE_MAX {
+            return false;
+        }
+        self.buf.extend_from_slice(&hdr.encode());
+        self.buf.extend_from_slice(payload);
+        true
+    }
+
+    /// Is the batch worth sending now?
+    pub fn full(&self) -> bool {
+        self.buf.len() >= BATCH_MAX
+    }
+
+    /// Writes what is batched.
+    pub async fn flush<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), LinkError> {
+        if !self.buf.is_empty() {
+            w.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
 /// Runs `fut` with a deadline.
 pub async fn with_timeout<T>(
     limit: Duration,

@@ -399,15 +399,50 @@ async fn writer_task(
     mut w: WriteHalf<TcpStream>,
     rx: LocalReceiver<Option<Outgoing>>,
 ) {
-    while let Some(Some(o)) = rx.recv().await {
-        if !link.is_alive() {
-            break;
+    let mut batch = frame::Batch::default();
+    // Byte permits of batched frames, released once they are written.
+    let mut held: Vec<Outgoing> = Vec::new();
+    while let Some(Some(first)) = rx.recv().await {
+        let mut next = Some(first);
+        let mut stop = false;
+        while let Some(o) = next.take() {
+            if !link.is_alive() {
+                return;
+            }
+            if batch.push(&o.header, o.payload.bytes()) {
+                held.push(o);
+            } else {
+                // Large payload: send what is batched, then this frame
+                // straight from its buffer.
+                let r = match batch.flush(&mut w).await {
+                    Ok(()) => frame::write_frame(&mut w, &o.header, o.payload.bytes()).await,
+                    Err(e) => Err(e),
+                };
+                held.clear();
+                if let Err(e) = r {
+                    link.kill(e);
+                    return;
+                }
+            }
+            if batch.full() {
+                break;
+            }
+            // Take whatever else is already queued, without waiting.
+            match futures_lite::future::poll_once(rx.recv()).await {
+                Some(Some(Some(o))) => next = Some(o),
+                Some(_) => stop = true,
+                None => {}
+            }
         }
-        if let Err(e) = frame::write_frame(&mut w, &o.header, o.payload.bytes()).await {
+        if let Err(e) = batch.flush(&mut w).await {
             link.kill(e);
+            return;
+        }
+        held.clear();
+        link.inner.last_tx.set(Instant::now());
+        if stop {
             break;
         }
-        link.inner.last_tx.set(Instant::now());
     }
 }
 

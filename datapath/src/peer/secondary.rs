@@ -398,16 +398,40 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
 }
 
 async fn reply_writer(mut w: WriteHalf<TcpStream>, rx: LocalReceiver<Reply>, fd: RawFd) {
-    while let Some(rep) = rx.recv().await {
-        let payload: &[u8] = match &rep.payload {
-            ReplyPayload::None => &[],
-            ReplyPayload::Read(r) => r,
-        };
-        if frame::write_frame(&mut w, &rep.header, payload)
-            .await
-            .is_err()
-        {
+    let mut batch = frame::Batch::default();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut stop = false;
+        while let Some(rep) = next.take() {
+            let payload: &[u8] = match &rep.payload {
+                ReplyPayload::None => &[],
+                ReplyPayload::Read(r) => r,
+            };
+            if !batch.push(&rep.header, payload) {
+                let r = match batch.flush(&mut w).await {
+                    Ok(()) => frame::write_frame(&mut w, &rep.header, payload).await,
+                    Err(e) => Err(e),
+                };
+                if r.is_err() {
+                    frame::shutdown_fd(fd);
+                    return;
+                }
+            }
+            if batch.full() {
+                break;
+            }
+            // Replies completed together leave in one send.
+            match futures_lite::future::poll_once(rx.recv()).await {
+                Some(Some(r)) => next = Some(r),
+                Some(None) => stop = true,
+                None => {}
+            }
+        }
+        if batch.flush(&mut w).await.is_err() {
             frame::shutdown_fd(fd);
+            return;
+        }
+        if stop {
             break;
         }
     }
