@@ -444,27 +444,69 @@ async fn run_job<B: BlockBackend>(backend: &B, job: Job) -> Result<Option<B::Rea
     }
 }
 
+/// Largest batch of small replies sent in one write.
+const REPLY_BATCH: usize = 256 * 1024;
+
 /// The writer task: send queued replies until every sender is gone, then
-/// shut the socket down for writing. On a write error, fire `abort` so the
-/// reader stops, and drop the queue (which releases its permits).
+/// shut the socket down for writing. Replies that are queued together
+/// (header-only replies and small reads) leave in one write; large read
+/// data is written straight from its buffer. On a write error, fire
+/// `abort` so the reader stops, and drop the queue (which releases its
+/// permits).
 async fn write_replies<W, D>(mut w: W, rx: LocalReceiver<Reply<D>>, abort: Signal)
 where
     W: AsyncWrite + Unpin,
     D: std::ops::Deref<Target = [u8]>,
 {
     let mut staging = Vec::with_capacity(proto::SIMPLE_REPLY_HEADER_LEN + SMALL_REPLY);
-    while let Some(reply) = rx.recv().await {
-        if let Err(e) = write_reply(&mut w, &reply, &mut staging).await {
+    // Replies whose bytes are staged; their permits go when they are sent.
+    let mut held: Vec<Reply<D>> = Vec::new();
+    let mut closed = false;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            if let Err(e) = stage_reply(&mut w, reply, &mut staging, &mut held).await {
+                tracing::info!(error = %e, "cannot send reply; closing connection");
+                abort.fire();
+                return;
+            }
+            if staging.len() >= REPLY_BATCH {
+                break;
+            }
+            match futures_lite::future::poll_once(rx.recv()).await {
+                Some(Some(r)) => next = Some(r),
+                Some(None) => closed = true,
+                None => {}
+            }
+        }
+        let sent = async {
+            if !staging.is_empty() {
+                w.write_all(&staging).await?;
+                staging.clear();
+            }
+            w.flush().await
+        };
+        if let Err(e) = sent.await {
             tracing::info!(error = %e, "cannot send reply; closing connection");
             abort.fire();
             return;
+        }
+        held.clear();
+        if closed {
+            break;
         }
     }
     let _ = w.close().await;
 }
 
-/// Send one simple reply: header, then the data of a successful read.
-async fn write_reply<W, D>(w: &mut W, reply: &Reply<D>, staging: &mut Vec<u8>) -> io::Result<()>
+/// Stages one simple reply (header, then the data of a successful read),
+/// or writes it at once when its data is large (after what is staged).
+async fn stage_reply<W, D>(
+    w: &mut W,
+    reply: Reply<D>,
+    staging: &mut Vec<u8>,
+    held: &mut Vec<Reply<D>>,
+) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
     D: std::ops::Deref<Target = [u8]>,
@@ -476,18 +518,25 @@ where
     let hdr = SimpleReplyHeader::new(reply.handle, error).to_bytes();
     match data {
         Some(data) if data.len() > SMALL_REPLY => {
+            if !staging.is_empty() {
+                w.write_all(staging).await?;
+                staging.clear();
+                held.clear();
+            }
             w.write_all(&hdr).await?;
             w.write_all(data).await?;
         }
         Some(data) => {
-            staging.clear();
             staging.extend_from_slice(&hdr);
             staging.extend_from_slice(data);
-            w.write_all(staging).await?;
+            held.push(reply);
         }
-        None => w.write_all(&hdr).await?,
+        None => {
+            staging.extend_from_slice(&hdr);
+            held.push(reply);
+        }
     }
-    w.flush().await
+    Ok(())
 }
 
 /// Read a request header. `Ok(false)` on a clean end of stream (nothing
