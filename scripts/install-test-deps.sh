@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Installs the external tools the test suite drives: qemu-io/qemu-img
-# (qemu-utils), nbdcopy/nbdinfo/nbdfuse (libnbd-bin), fio, nbdkit, and the
-# FUSE/loop/network tools later tests use. Idempotent; needs root (apt).
+# (qemu-utils), nbdcopy/nbdinfo/nbdfuse (libnbd-bin), fio, nbdkit, zfs-fuse
+# (the failover tests), and the FUSE/loop/network tools later tests use.
+# Idempotent; needs root (apt).
 set -euo pipefail
 
 need=()
 command -v qemu-io  >/dev/null || need+=(qemu-utils)
 command -v nbdcopy  >/dev/null || need+=(libnbd-bin)
+command -v nbdfuse  >/dev/null || need+=(libnbd-bin)
 command -v fio      >/dev/null || need+=(fio)
 command -v nbdkit   >/dev/null || need+=(nbdkit)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v losetup  >/dev/null || need+=(mount)
 command -v nft      >/dev/null || need+=(nftables)
 command -v ip       >/dev/null || need+=(iproute2)
+# zfs-fuse: the failover tests run their own daemon (it lives in /usr/sbin).
+PATH="$PATH:/usr/sbin:/sbin" command -v zfs-fuse >/dev/null || need+=(zfs-fuse)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "install-test-deps: all tools present"
@@ -26,3 +30,8 @@ echo "install-test-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}"
+# The package's service may have started a zfs-fuse daemon: the failover
+# tests run (and kill) their own, one per host, so stop the service's.
+if [[ " ${need[*]} " == *" zfs-fuse "* ]] && pgrep -x zfs-fuse >/dev/null 2>&1; then
+    invoke-rc.d zfs-fuse stop || /etc/init.d/zfs-fuse stop || true
+fi

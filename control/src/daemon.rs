@@ -559,6 +559,7 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
         sync: sync_report(&stats),
         synced_bytes: g(&stats.sync_bytes_total),
         connected: stats.connected.load(Relaxed),
+        backlog_overflows: g(&stats.backlog_overflows),
         split_brain: stats.split_brain.load(Relaxed),
         last_error: stats
             .last_error
