@@ -566,6 +566,15 @@ impl Res {
         if export.is_some() {
             return Ok(());
         }
+        if let Some(remote) = primary.remote() {
+            // Learn from the peer whether our data is current before
+            // serving anything (bounded: an unreachable peer cannot tell).
+            let limit = self.spec.timeout + Duration::from_secs(1);
+            if !remote.first_attempt(limit).await {
+                tracing::warn!(resource = %self.spec.name,
+                    "peer did not answer in time; exporting without knowing whether it holds newer data");
+            }
+        }
         let cfg = NbdConfig {
             export_name: self.spec.provname.clone(),
             max_inflight: self.spec.max_inflight,

@@ -82,6 +82,11 @@ pub struct Remote {
     resolved_split: Cell<bool>,
     task: RefCell<Option<Task<()>>>,
     wake: Rc<Semaphore>,
+    /// Signalled once the first connection attempt has concluded (peer
+    /// unreachable, refused, or handshake done and the sync direction
+    /// known).
+    first: Rc<Semaphore>,
+    first_done: Cell<bool>,
 }
 
 fn now_ms() -> u64 {
@@ -112,10 +117,41 @@ impl Remote {
             resolved_split: Cell::new(false),
             task: RefCell::new(None),
             wake: Rc::new(Semaphore::new(0)),
+            first: Rc::new(Semaphore::new(0)),
+            first_done: Cell::new(false),
         });
         let me = r.clone();
         *r.task.borrow_mut() = Some(glommio::spawn_local(async move { me.manage().await }));
         r
+    }
+
+    /// Resolves once the first connection attempt has concluded, or after
+    /// `limit`. A new primary waits for this before exposing its export,
+    /// so that it learns whether it is out of date (and must read from the
+    /// peer) before it serves a single read.
+    pub async fn first_attempt(&self, limit: Duration) -> bool {
+        if self.first_done.get() {
+            return true;
+        }
+        let first = self.first.clone();
+        futures_lite::future::or(
+            async move {
+                let ok = first.acquire(1).await.is_ok();
+                first.signal(1);
+                ok
+            },
+            async {
+                glommio::timer::sleep(limit).await;
+                false
+            },
+        )
+        .await
+    }
+
+    fn first_attempt_done(&self) {
+        if !self.first_done.replace(true) {
+            self.first.signal(1);
+        }
     }
 
     /// Replication mode.
@@ -180,7 +216,9 @@ impl Remote {
     async fn manage(self: Rc<Self>) {
         let mut failures = 0u32;
         while !self.stopping.get() {
-            match self.session().await {
+            let r = self.session().await;
+            self.first_attempt_done();
+            match r {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
@@ -207,6 +245,11 @@ impl Remote {
         let (decision, reply, p_gen) = self.handshake(&mut stream).await?;
         if self.stopping.get() {
             return Ok(());
+        }
+        // Out of date: reads of not-yet-copied extents must go to the peer
+        // from the moment anything can see this connection.
+        if decision.direction() == Some(SyncDirection::FromSecondary) {
+            self.from_secondary.set(true);
         }
         let link = PeerLink::start(
             stream,
@@ -243,6 +286,7 @@ impl Remote {
         self.set_error(String::new());
         tracing::info!(resource = %self.cfg.resource, decision = %decision, "connected to the secondary");
         self.events.emit(PeerEventKind::Connect);
+        self.first_attempt_done();
 
         let target = if self.resolved_split.get() {
             // Never move a generation backwards.
