@@ -3,6 +3,13 @@
 //! - `benches/hotpath.rs`: criterion micro-benchmarks of the pure code on
 //!   the request path (activemap keepdirty fast path, NBD request parsing,
 //!   metadata encode/decode).
-//!
-//! The end-to-end harness (raw disk vs qemu-nbd vs hastd, in one run) lands
-//! with the performance issue.
+//! - `src/bin/hast-bench.rs`: the end-to-end harness (raw disk vs qemu-nbd
+//!   vs hastd in one run, full synchronisation, two resources), built from
+//!   the modules below; see docs/benchmarks.md.
+
+pub mod fio;
+pub mod machine;
+pub mod procmon;
+pub mod report;
+pub mod suite;
+pub mod util;

@@ -26,8 +26,8 @@ pub fn clk_tck() -> f64 {
     })
 }
 
-/// utime + stime (ticks) and the name from a `stat` file's text.
-fn parse_stat(text: &str) -> Option<(String, u64)> {
+/// The name, utime and stime (ticks) from a `stat` file's text.
+fn parse_stat_split(text: &str) -> Option<(String, u64, u64)> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text[open + 1..close].to_owned();
@@ -35,13 +35,23 @@ fn parse_stat(text: &str) -> Option<(String, u64)> {
     // f[0] is field 3 (state); utime and stime are fields 14 and 15.
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((comm, utime + stime))
+    Some((comm, utime, stime))
+}
+
+/// utime + stime (ticks) and the name from a `stat` file's text.
+fn parse_stat(text: &str) -> Option<(String, u64)> {
+    parse_stat_split(text).map(|(c, u, s)| (c, u + s))
 }
 
 /// CPU ticks (all threads) of a process.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    cpu_split(pid).map(|(u, s)| u + s)
+}
+
+/// (utime, stime) ticks (all threads) of a process.
+pub fn cpu_split(pid: u32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text).map(|(_, t)| t)
+    parse_stat_split(&text).map(|(_, u, s)| (u, s))
 }
 
 /// (tid, name, ticks) of every thread of a process.
@@ -57,6 +67,19 @@ pub fn thread_ticks(pid: u32) -> Vec<(u32, String, u64)> {
         Some((tid, comm, t))
     })
     .collect()
+}
+
+/// A thread name without the thread id the kernel's io_uring workers
+/// carry (`iou-wrk-1234` → `iou-wrk`), so that workers add up.
+fn thread_kind(name: &str) -> String {
+    for p in ["iou-wrk-", "iou-sqp-"] {
+        if let Some(rest) = name.strip_prefix(p) {
+            if rest.bytes().all(|b| b.is_ascii_digit()) {
+                return p.trim_end_matches('-').to_owned();
+            }
+        }
+    }
+    name.to_owned()
 }
 
 /// (VmRSS, VmHWM) in KiB.
@@ -97,6 +120,8 @@ pub struct ProcUsage {
     pub label: String,
     /// CPU seconds in the measured window (after the ramp).
     pub cpu_s: f64,
+    /// Of which in the kernel (stime).
+    pub sys_s: f64,
     /// Highest VmRSS sampled during the job (KiB).
     pub rss_peak_kib: u64,
     /// VmHWM at the end of the job (KiB): the peak since the process
@@ -142,7 +167,17 @@ impl Usage {
                     .take(per_proc)
                     .map(|(n, s)| format!("{n} {s:.2}s"))
                     .collect();
-                format!("{} {:.2}s [{}]", p.label, p.cpu_s, t.join(", "))
+                format!(
+                    "{} {:.2}s ({:.0}% sys) [{}]",
+                    p.label,
+                    p.cpu_s,
+                    if p.cpu_s > 0.0 {
+                        100.0 * p.sys_s / p.cpu_s
+                    } else {
+                        0.0
+                    },
+                    t.join(", ")
+                )
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -155,6 +190,7 @@ impl Usage {
             "processes": self.procs.iter().map(|p| json!({
                 "label": p.label,
                 "cpu_s": p.cpu_s,
+                "sys_s": p.sys_s,
                 "rss_peak_kib": p.rss_peak_kib,
                 "hwm_kib": p.hwm_kib,
                 "threads": p.threads.iter().map(|(n, s)| json!({"name": n, "cpu_s": s})).collect::<Vec<_>>(),
@@ -165,7 +201,7 @@ impl Usage {
 
 struct Snapshot {
     at: Instant,
-    total: Vec<u64>,
+    total: Vec<(u64, u64)>,
     threads: Vec<Vec<(u32, String, u64)>>,
 }
 
@@ -174,7 +210,7 @@ fn snapshot(procs: &[Watched]) -> Snapshot {
         at: Instant::now(),
         total: procs
             .iter()
-            .map(|p| cpu_ticks(p.pid).unwrap_or(0))
+            .map(|p| cpu_split(p.pid).unwrap_or((0, 0)))
             .collect(),
         threads: procs.iter().map(|p| thread_ticks(p.pid)).collect(),
     }
@@ -256,7 +292,7 @@ fn sample(procs: &[Watched], skip: Duration, stop: &AtomicBool) -> Usage {
                     .iter()
                     .find(|(t0, _, _)| t0 == tid)
                     .map_or(0, |x| x.2);
-                *by_name.entry(name.clone()).or_default() += t.saturating_sub(before);
+                *by_name.entry(thread_kind(name)).or_default() += t.saturating_sub(before);
             }
             let mut threads: Vec<(String, f64)> = by_name
                 .into_iter()
@@ -265,7 +301,11 @@ fn sample(procs: &[Watched], skip: Duration, stop: &AtomicBool) -> Usage {
             threads.sort_by(|a, b| b.1.total_cmp(&a.1));
             ProcUsage {
                 label: p.label.clone(),
-                cpu_s: last.total[i].saturating_sub(first.total[i]) as f64 / tck,
+                cpu_s: (last.total[i].0 + last.total[i].1)
+                    .saturating_sub(first.total[i].0 + first.total[i].1)
+                    as f64
+                    / tck,
+                sys_s: last.total[i].1.saturating_sub(first.total[i].1) as f64 / tck,
                 rss_peak_kib: peak[i],
                 hwm_kib: mem_kib(p.pid).map_or(0, |m| m.1),
                 threads,
@@ -284,8 +324,15 @@ mod tests {
 
     #[test]
     fn stat_parsing() {
-        let s = "1234 (hast exec) 0) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
+        let s =
+            "1234 (hast exec) 0) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
         assert_eq!(parse_stat(s), Some(("hast exec) 0".into(), 325)));
+    }
+
+    #[test]
+    fn io_uring_workers_add_up() {
+        assert_eq!(thread_kind("iou-wrk-7657"), "iou-wrk");
+        assert_eq!(thread_kind("hast-shard0-1"), "hast-shard0-1");
     }
 
     #[test]

@@ -80,8 +80,7 @@ impl WorkDir {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let path = hast_tests::test_root().join(format!("{prefix}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         WorkDir { path }
     }
 
@@ -129,6 +128,14 @@ impl Guarded {
         }
     }
 
+    /// Takes over a child started elsewhere (e.g. one end of a pipe).
+    pub fn adopt(child: Child, what: &str) -> Guarded {
+        Guarded {
+            child: Some(child),
+            what: what.into(),
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
@@ -136,7 +143,9 @@ impl Guarded {
 
     /// Exit status, if it has exited (it is then reaped).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits up to `limit` for the process to exit; kills it and panics if

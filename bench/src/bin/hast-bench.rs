@@ -1,153 +1,258 @@
 //! hast-bench: end-to-end benchmarks on this host with real processes.
 //!
-//! `hast-bench replication [--seconds N] [--modes memsync,fullsync,async]
-//! [--json FILE]` starts two hastd nodes (127.0.0.1 / 127.0.0.2) with one
-//! file-backed resource, makes node A primary, and measures its NBD export
-//! with fio (nbd engine):
+//! `hast-bench all` measures, in one run and with the same fio jobs (4 KiB
+//! random write QD1 and QD32, 4 KiB random read QD32 over written data,
+//! 1 MiB sequential write QD8, 4 KiB 70/30 random read/write QD16, each
+//! covering the whole `--size`):
 //!
-//! - 4 KiB random write, queue depth 1: IOPS and p50/p99 completion latency;
-//! - 1 MiB sequential write, queue depth 8: throughput.
+//! 1. `raw`: the raw disk, fio io_uring + O_DIRECT on a file;
+//! 2. `qemu-nbd`: qemu-nbd (`--cache=none --aio=io_uring -f raw`) serving
+//!    the same file on a unix socket, fio's nbd engine;
+//! 3. `hastd`: two hastd nodes (127.0.0.1 primary, 127.0.0.2 secondary),
+//!    fio's nbd engine against the primary's export, in each replication
+//!    mode; `two`: two resources at once vs one (4k randwrite QD32);
+//! 4. `sync`: a full synchronisation of `--sync-size` to a new secondary
+//!    vs a local `dd` copy, and application 4k random writes during a sync
+//!    vs with no sync.
 //!
-//! This is the baseline later performance work starts from; run it from a
-//! release build: `cargo run --release -p hast-bench --bin hast-bench --
-//! replication`.
+//! It prints one table (IOPS, MB/s, p50/p99, server CPU s/GiB from
+//! /proc/PID/stat of hastd or qemu-nbd, peak RSS, ratios against qemu-nbd
+//! and the raw disk) and the targets of the performance issue, and writes
+//! JSON (`--json FILE`) and a markdown section (`--docs FILE`, replaced on
+//! each run). Each part is also a subcommand; `replication` is the old
+//! baseline (4k QD1 and 1M QD8 on hastd). Build release first:
+//! `scripts/bench.sh` does both.
 
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::process::exit;
 
-use hast_tests::cluster::{Cluster, ClusterOptions};
-use hast_tests::{require_tool, run, ResourceDef};
+use hast_bench::fio::{self, Workload};
+use hast_bench::machine::Machine;
+use hast_bench::report::{self, Results};
+use hast_bench::suite::{self, Config};
+use hast_bench::util::{command_line, parse_size, GIB};
 
-const MIB: u64 = 1 << 20;
+const USAGE: &str = "\
+usage: hast-bench COMMAND [OPTIONS]
 
-#[derive(Debug, Clone, Default)]
-struct FioResult {
-    iops: f64,
-    mb_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
+commands:
+  all          everything below in one run (about 10 minutes with the defaults)
+  raw          the raw disk: fio, io_uring, O_DIRECT on a file
+  qemu-nbd     qemu-nbd serving a file on a unix socket, fio's nbd engine
+  hastd        two hastd nodes, the primary's export, each mode of --modes
+  two          two resources at once vs one (4k randwrite QD32, first mode)
+  sync         full sync of --sync-size vs a local dd copy, app IOPS during sync
+  replication  the old baseline: hastd, 4k randwrite QD1 and 1M write QD8
+
+options:
+  --size SIZE         file / data area of each resource, covered by every job (2G)
+  --runtime SECS      measured seconds per fio job (8; --seconds is an alias)
+  --ramp SECS         fio ramp seconds per job (1)
+  --modes LIST        replication modes (memsync,fullsync,async)
+  --workloads LIST    fio workloads (all: randwrite-4k-qd1,randwrite-4k-qd32,
+                      randread-4k-qd32,write-1m-qd8,randrw70-4k-qd16)
+  --sync-size SIZE    data area of the full-sync resource (4G)
+  --sync-mode MODE    replication mode of the sync test (memsync)
+  --sync-load-qd N    queue depth of the 4k randwrite load during the sync (32)
+  --dir DIR           where files and nodes live; O_DIRECT needed, so not tmpfs
+                      (default: $HAST_TEST_DIR or the system temp dir)
+  --json FILE         write the results as JSON
+  --docs FILE         replace (or append) the generated section of FILE,
+                      e.g. docs/benchmarks.md";
+
+fn usage(msg: &str) -> ! {
+    if !msg.is_empty() {
+        eprintln!("hast-bench: {msg}");
+    }
+    eprintln!("{USAGE}");
+    exit(64);
 }
 
-fn fio(uri: &str, rw: &str, bs: &str, depth: u32, seconds: u32, size: &str) -> FioResult {
-    let out = run(Command::new("fio")
-        .arg("--name=bench")
-        .arg("--ioengine=nbd")
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--iodepth={depth}"))
-        .arg(format!("--size={size}"))
-        .arg("--time_based")
-        .arg(format!("--runtime={seconds}"))
-        .arg("--ramp_time=1")
-        .arg("--output-format=json"));
-    let start = out.find('{').expect("fio prints JSON");
-    let v: serde_json::Value = serde_json::from_str(&out[start..]).expect("fio JSON");
-    let w = &v["jobs"][0]["write"];
-    let pct = |p: &str| w["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
-    FioResult {
-        iops: w["iops"].as_f64().unwrap_or(0.0),
-        mb_per_s: w["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-        p50_us: pct("50.000000"),
-        p99_us: pct("99.000000"),
-    }
+struct Cli {
+    cmd: String,
+    cfg: Config,
+    json: Option<PathBuf>,
+    docs: Option<PathBuf>,
 }
 
-fn replication(seconds: u32, modes: &[String], json: Option<PathBuf>) {
-    assert!(require_tool("fio"), "fio is required");
-    let mut rows = Vec::new();
-    for mode in modes {
-        eprintln!("== {mode}: starting two nodes");
-        let mut c = Cluster::new(
-            vec![ResourceDef::file("r1", 2048 * MIB)],
-            ClusterOptions {
-                replication: mode.clone(),
-                timeout_secs: 10,
-                ..Default::default()
-            },
-        );
-        c.create_all();
-        c.start();
-        c.b.hastctl(&["role", "secondary", "r1"]);
-        c.a.role("primary", "r1");
-        c.a.wait_list("r1", Duration::from_secs(60), |j| {
-            j["status"] == "complete" && j["dirty"].as_u64() == Some(0)
-        });
-        let uri = c.a.uri("r1");
-        eprintln!("== {mode}: 4 KiB random write, QD1");
-        let qd1 = fio(&uri, "randwrite", "4k", 1, seconds, "1G");
-        eprintln!("== {mode}: 1 MiB sequential write, QD8");
-        let seq = fio(&uri, "write", "1M", 8, seconds, "1G");
-        let status = c.a.list("r1");
-        eprintln!(
-            "== {mode}: status {} dirty {}",
-            status["status"], status["dirty"]
-        );
-        c.stop();
-        rows.push((mode.clone(), qd1, seq));
+fn parse_args(args: &[String]) -> Cli {
+    let Some(cmd) = args.first().cloned() else {
+        usage("")
+    };
+    if cmd == "-h" || cmd == "--help" {
+        println!("{USAGE}");
+        exit(0);
     }
-    println!(
-        "{:<9} {:>12} {:>12} {:>12} {:>14}",
-        "mode", "4k QD1 IOPS", "p50 (us)", "p99 (us)", "1M QD8 MB/s"
-    );
-    for (mode, qd1, seq) in &rows {
-        println!(
-            "{:<9} {:>12.0} {:>12.1} {:>12.1} {:>14.1}",
-            mode, qd1.iops, qd1.p50_us, qd1.p99_us, seq.mb_per_s
-        );
+    let mut cfg = Config {
+        size: 2 * GIB,
+        runtime: 8,
+        ramp: 1,
+        modes: vec!["memsync".into(), "fullsync".into(), "async".into()],
+        workloads: fio::WORKLOADS.to_vec(),
+        sync_size: 4 * GIB,
+        sync_mode: "memsync".into(),
+        sync_load_qd: 32,
+    };
+    let mut workloads_given = false;
+    let (mut json, mut docs) = (None, None);
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
+        };
+        let num = |v: String| -> u32 {
+            v.parse()
+                .unwrap_or_else(|_| usage(&format!("{a}: not a number: {v}")))
+        };
+        let size = |v: String| parse_size(&v).unwrap_or_else(|e| usage(&e));
+        match a.as_str() {
+            "--size" => cfg.size = size(val()),
+            "--runtime" | "--seconds" => cfg.runtime = num(val()).max(1),
+            "--ramp" => cfg.ramp = num(val()),
+            "--modes" => {
+                cfg.modes = val().split(',').map(str::to_owned).collect();
+                for m in &cfg.modes {
+                    if !["memsync", "fullsync", "async"].contains(&m.as_str()) {
+                        usage(&format!("unknown replication mode {m}"));
+                    }
+                }
+            }
+            "--workloads" => {
+                workloads_given = true;
+                cfg.workloads = val()
+                    .split(',')
+                    .map(|k| {
+                        fio::workload(k).unwrap_or_else(|| usage(&format!("unknown workload {k}")))
+                    })
+                    .collect();
+            }
+            "--sync-size" => cfg.sync_size = size(val()),
+            "--sync-mode" => cfg.sync_mode = val(),
+            "--sync-load-qd" => cfg.sync_load_qd = num(val()).max(1),
+            "--dir" => {
+                let d = val();
+                // hast_tests puts node directories under HAST_TEST_DIR.
+                std::env::set_var("HAST_TEST_DIR", &d);
+            }
+            "--json" => json = Some(PathBuf::from(val())),
+            "--docs" => docs = Some(PathBuf::from(val())),
+            _ => usage(&format!("unknown option {a}")),
+        }
     }
-    if let Some(path) = json {
-        let v: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|(mode, qd1, seq)| {
-                serde_json::json!({
-                    "mode": mode,
-                    "randwrite_4k_qd1": {"iops": qd1.iops, "p50_us": qd1.p50_us, "p99_us": qd1.p99_us},
-                    "write_1m_qd8": {"mb_per_s": seq.mb_per_s},
-                })
-            })
-            .collect();
-        std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).expect("write JSON");
-        eprintln!("results written to {}", path.display());
+    if cmd == "replication" && !workloads_given {
+        cfg.workloads = vec![fio::RANDWRITE_QD1, fio::SEQWRITE_1M];
     }
-}
-
-fn usage() -> ! {
-    eprintln!(
-        "usage: hast-bench replication [--seconds N] [--modes memsync,fullsync,async] [--json FILE]"
-    );
-    std::process::exit(64);
+    Cli {
+        cmd,
+        cfg,
+        json,
+        docs,
+    }
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let Some(cmd) = args.next() else { usage() };
-    let mut seconds = 10u32;
-    let mut modes: Vec<String> = vec!["memsync".into(), "fullsync".into(), "async".into()];
-    let mut json = None;
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--seconds" => {
-                seconds = args
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_else(|| usage())
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cli = parse_args(&args);
+    let cfg = &cli.cfg;
+    let root = hast_tests::test_root();
+    // Everything of this run (node directories, files) lives in one
+    // directory, removed at the end; scripts/bench.sh removes it when it
+    // interrupts the run.
+    let run_dir = RunDir::new(&root);
+    let mut res = Results {
+        date: command_line("date", &["-u", "+%Y-%m-%d %H:%M:%S"]),
+        command: format!("hast-bench {}", args.join(" ")),
+        machine: Machine::probe(&root),
+        config: cfg.to_json(),
+        load: (report::loadavg(), String::new()),
+        ..Default::default()
+    };
+    eprintln!("hast-bench: {} in {}", res.machine.line(), root.display());
+    let modes = cfg.modes.clone();
+    let workloads: Vec<Workload> = cfg.workloads.clone();
+    match cli.cmd.as_str() {
+        "all" => {
+            suite::require_tools();
+            let mut file = None;
+            suite::part("prepare the benchmark file", &mut res, |_| {
+                file = Some(suite::bench_file(cfg));
+            });
+            if let Some((_dir, f)) = &file {
+                suite::part("raw disk", &mut res, |r| suite::raw(cfg, r, f));
+                suite::part("qemu-nbd", &mut res, |r| suite::qemu_nbd(cfg, r, f));
             }
-            "--modes" => {
-                modes = args
-                    .next()
-                    .unwrap_or_else(|| usage())
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect()
+            drop(file);
+            suite::part("hastd", &mut res, |r| {
+                suite::hastd(cfg, r, &modes, &workloads, true)
+            });
+            suite::part("full sync", &mut res, |r| suite::sync(cfg, r));
+        }
+        "raw" | "qemu-nbd" => suite::part(&cli.cmd.clone(), &mut res, |r| {
+            let (_dir, f) = suite::bench_file(cfg);
+            if cli.cmd == "raw" {
+                suite::raw(cfg, r, &f)
+            } else {
+                suite::qemu_nbd(cfg, r, &f)
             }
-            "--json" => json = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
-            _ => usage(),
+        }),
+        "hastd" | "replication" => suite::part("hastd", &mut res, |r| {
+            suite::hastd(cfg, r, &modes, &workloads, false)
+        }),
+        "two" => suite::part("two resources", &mut res, |r| {
+            suite::hastd(cfg, r, &modes[..1], &[], true)
+        }),
+        "sync" => suite::part("full sync", &mut res, |r| suite::sync(cfg, r)),
+        other => usage(&format!("unknown command {other}")),
+    }
+    res.load.1 = report::loadavg();
+    println!("{}", res.text());
+    if let Some(p) = &cli.json {
+        match std::fs::write(
+            p,
+            serde_json::to_string_pretty(&res.to_json()).expect("JSON") + "\n",
+        ) {
+            Ok(()) => eprintln!("results written to {}", p.display()),
+            Err(e) => {
+                eprintln!("hast-bench: cannot write {}: {e}", p.display());
+                res.errors.push(format!("write {}: {e}", p.display()));
+            }
         }
     }
-    match cmd.as_str() {
-        "replication" => replication(seconds, &modes, json),
-        _ => usage(),
+    if let Some(p) = &cli.docs {
+        match res.update_docs(p) {
+            Ok(()) => eprintln!("section written to {}", p.display()),
+            Err(e) => {
+                eprintln!("hast-bench: cannot update {}: {e}", p.display());
+                res.errors.push(format!("update {}: {e}", p.display()));
+            }
+        }
+    }
+    drop(run_dir);
+    if !res.errors.is_empty() {
+        exit(1);
+    }
+}
+
+/// `<root>/hast-bench-run-<pid>`, made the harness root (`HAST_TEST_DIR`)
+/// and removed when dropped.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new(root: &std::path::Path) -> RunDir {
+        let dir = root.join(format!("hast-bench-run-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("hast-bench: cannot create {}: {e}", dir.display());
+            exit(73);
+        }
+        std::env::set_var("HAST_TEST_DIR", &dir);
+        RunDir(dir)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

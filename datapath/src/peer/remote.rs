@@ -28,6 +28,10 @@ use crate::local::LocalDisk;
 use crate::metadata::FLAG_INCONSISTENT;
 use crate::stats::ResourceStats;
 
+/// Synchronisation chunks in flight at most while the application has
+/// requests in flight.
+pub const SYNC_WINDOW_UNDER_LOAD: usize = 1;
+
 /// When the primary acknowledges a write (hast.conf `replication`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicationMode {
@@ -544,11 +548,35 @@ impl Remote {
         Ok(())
     }
 
+    /// Rate control: while application requests are being served, the
+    /// synchronisation runs one chunk at a time and, after each, pauses as
+    /// long as the chunk took, so it takes at most about half of the disk
+    /// and link time; when the application is idle it runs `sync_window`
+    /// chunks in flight at full speed.
+    async fn yield_to_application(&self, inflight: &Cell<usize>, last: &Cell<Duration>) {
+        let busy = || self.stats.local_queue.load(Relaxed) > 0;
+        if !busy() {
+            return;
+        }
+        // Let the chunks in flight finish (bounded: progress is never
+        // stopped for long).
+        let mut waited = 0;
+        while inflight.get() >= SYNC_WINDOW_UNDER_LOAD && waited < 1000 {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            waited += 1;
+        }
+        if busy() {
+            glommio::timer::sleep(last.get().min(Duration::from_millis(200))).await;
+        }
+    }
+
     /// Copies every dirty extent, `sync_window` chunks in flight, until
     /// none is left. Extents marked again meanwhile are copied again.
     async fn copy_dirty(&self, link: &PeerLink, dir: SyncDirection) -> Result<(), LinkError> {
         let window = Rc::new(Semaphore::new(self.cfg.sync_window.max(1) as u64));
         let failed: Rc<RefCell<Option<LinkError>>> = Rc::new(RefCell::new(None));
+        let inflight = Rc::new(Cell::new(0usize));
+        let last_chunk = Rc::new(Cell::new(Duration::ZERO));
         let mut passes = 0u32;
         loop {
             passes += 1;
@@ -567,16 +595,22 @@ impl Remote {
                 let remaining = Rc::new(Cell::new(nchunks));
                 let ok = Rc::new(Cell::new(true));
                 for i in 0..nchunks {
+                    self.yield_to_application(&inflight, &last_chunk).await;
                     let permit = window
                         .acquire_static_permit(1)
                         .await
                         .map_err(|_| LinkError::Local("stopping".into()))?;
+                    inflight.set(inflight.get() + 1);
                     let off = start + i * chunk;
                     let len = chunk.min(start + bytes - off) as u32;
                     let (disk, link, stats) = (self.disk.clone(), link.clone(), self.stats.clone());
                     let (remaining, ok, failed) = (remaining.clone(), ok.clone(), failed.clone());
+                    let inflight = inflight.clone();
+                    let last_chunk = last_chunk.clone();
                     let fut = async move {
+                        let started = Instant::now();
                         let r = copy_chunk(&disk, &link, dir, off, len).await;
+                        last_chunk.set(started.elapsed());
                         match r {
                             Ok(()) => {
                                 stats.sync_done.fetch_add(u64::from(len), Relaxed);
@@ -597,6 +631,7 @@ impl Remote {
                                 }
                             });
                         }
+                        inflight.set(inflight.get() - 1);
                         drop(permit);
                     };
                     gate.spawn(fut)

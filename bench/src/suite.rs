@@ -1,0 +1,718 @@
+//! The parts of a harness run: the raw disk, qemu-nbd, hastd in each
+//! replication mode (plus two resources at once), and a full
+//! synchronisation. Each part adds rows to [`Results`]; every process it
+//! starts is stopped when the part ends, also when it fails (the handles
+//! kill by PID on drop).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hast_tests::cluster::{Cluster, ClusterOptions};
+use hast_tests::{require_tool, ResourceDef, TestNode};
+use serde_json::json;
+
+use crate::fio::{self, Target, Timing, Workload};
+use crate::procmon::{Monitor, Watched};
+use crate::report::{self, Results, Row, SyncResult};
+use crate::util::{provider_size, run_bounded, sparse_file, Guarded, WorkDir, MIB};
+
+/// Parameters of a run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bytes of the benchmark file / each resource's data area; every fio
+    /// job covers all of it.
+    pub size: u64,
+    /// Measured seconds per fio job.
+    pub runtime: u32,
+    /// Ramp seconds per fio job.
+    pub ramp: u32,
+    /// Replication modes of the hastd part.
+    pub modes: Vec<String>,
+    /// Workloads of the raw, qemu-nbd and hastd parts.
+    pub workloads: Vec<Workload>,
+    /// Data area of the full-sync resource.
+    pub sync_size: u64,
+    /// Replication mode of the sync part.
+    pub sync_mode: String,
+    /// Queue depth of the application load during the sync.
+    pub sync_load_qd: u32,
+}
+
+impl Config {
+    /// fio timing of the main jobs.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            runtime: self.runtime,
+            ramp: self.ramp,
+            size: self.size,
+        }
+    }
+
+    /// JSON form (for the report).
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "size": self.size,
+            "runtime": self.runtime,
+            "ramp": self.ramp,
+            "modes": self.modes,
+            "workloads": self.workloads.iter().map(|w| w.key).collect::<Vec<_>>(),
+            "sync_size": self.sync_size,
+            "sync_mode": self.sync_mode,
+            "sync_load_qd": self.sync_load_qd,
+        })
+    }
+}
+
+/// Runs one part; a failure (panic) is recorded in `res.errors` and the
+/// run goes on with the next part. The part's processes are gone either
+/// way.
+pub fn part(name: &str, res: &mut Results, f: impl FnOnce(&mut Results)) {
+    eprintln!("==== {name}");
+    let start = Instant::now();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(res)));
+    if let Err(e) = r {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "panic".into());
+        eprintln!("==== {name} FAILED: {msg}");
+        res.errors.push(format!("{name}: {msg}"));
+    } else {
+        eprintln!("==== {name} done in {:.0} s", start.elapsed().as_secs_f64());
+    }
+}
+
+/// Tools every part needs.
+pub fn require_tools() {
+    for t in ["fio", "qemu-nbd", "qemu-io", "dd"] {
+        require_tool(t);
+    }
+}
+
+/// A file of `cfg.size` bytes filled with data (so that reads hit data and
+/// writes overwrite allocated blocks), in a scratch directory.
+pub fn bench_file(cfg: &Config) -> (WorkDir, PathBuf) {
+    let wd = WorkDir::new("hast-bench-file");
+    let file = wd.join("disk.img");
+    sparse_file(&file, cfg.size);
+    eprintln!(
+        "== filling {} ({})",
+        file.display(),
+        crate::util::human_size(cfg.size)
+    );
+    fio::fill(&file, 0, cfg.size, wd.path());
+    (wd, file)
+}
+
+fn log_row(r: &Row) {
+    eprintln!(
+        "   {} {}: {:.0} IOPS, {:.1} MB/s, p50 {:.0} µs, p99 {:.0} µs{}",
+        r.system,
+        r.label,
+        r.fio.iops,
+        r.fio.mb_per_s,
+        r.fio.p50_us,
+        r.fio.p99_us,
+        r.usage
+            .as_ref()
+            .map(|u| format!(
+                ", server CPU {:.2} s ({}), RSS {} MiB",
+                u.cpu_s(),
+                u.threads_summary(3),
+                u.rss_mib()
+            ))
+            .unwrap_or_default()
+    );
+}
+
+/// Runs one fio job while watching `procs`.
+fn measure(
+    system: &str,
+    w: &Workload,
+    target: &Target,
+    t: &Timing,
+    procs: &[Watched],
+    dir: &Path,
+) -> Row {
+    let mon = (!procs.is_empty())
+        .then(|| Monitor::start(procs.to_vec(), Duration::from_secs(t.ramp.into())));
+    let fio = fio::run(w, target, t, dir);
+    let usage = mon.map(Monitor::finish);
+    let row = Row {
+        system: system.into(),
+        workload: w.key.into(),
+        label: w.label.into(),
+        fio,
+        usage,
+        compare: true,
+        counters: None,
+    };
+    log_row(&row);
+    row
+}
+
+/// The raw disk: fio, io_uring, O_DIRECT on `file`.
+pub fn raw(cfg: &Config, res: &mut Results, file: &Path) {
+    require_tool("fio");
+    let dir = file.parent().expect("file has a directory");
+    for w in &cfg.workloads {
+        let row = measure(
+            report::RAW,
+            w,
+            &Target::File(file.to_owned()),
+            &cfg.timing(),
+            &[],
+            dir,
+        );
+        res.rows.push(row);
+    }
+}
+
+/// qemu-nbd serving `file` (`--cache=none --aio=io_uring -f raw`) on a
+/// unix socket, measured with fio's nbd engine.
+pub fn qemu_nbd(cfg: &Config, res: &mut Results, file: &Path) {
+    require_tool("fio");
+    require_tool("qemu-nbd");
+    let wd = WorkDir::new("hast-bench-qemu");
+    let sock = wd.join("qemu.sock");
+    let log = std::fs::File::create(wd.join("qemu-nbd.log")).expect("qemu-nbd log");
+    let mut q = Guarded::spawn(
+        Command::new("qemu-nbd")
+            .arg("--persistent")
+            .arg("--cache=none")
+            .arg("--aio=io_uring")
+            .args(["-f", "raw", "-k"])
+            .arg(&sock)
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(log),
+        "qemu-nbd",
+    );
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Some(st) = q.try_wait() {
+            panic!(
+                "qemu-nbd exited ({st}): {}",
+                std::fs::read_to_string(wd.join("qemu-nbd.log")).unwrap_or_default()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qemu-nbd did not open {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let procs = [Watched::new("qemu-nbd", q.pid())];
+    for w in &cfg.workloads {
+        let row = measure(
+            report::QEMU,
+            w,
+            &Target::Nbd(uri.clone()),
+            &cfg.timing(),
+            &procs,
+            wd.path(),
+        );
+        res.rows.push(row);
+    }
+    q.stop();
+}
+
+/// The list entry of a resource, or None if hastctl fails.
+fn list(node: &TestNode, res: &str) -> Option<serde_json::Value> {
+    let out = node.hastctl_output(&["list", "--json", res]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .map(|v| v[0].clone())
+}
+
+/// Connected, nothing dirty, no synchronisation in progress.
+fn in_sync(j: &serde_json::Value) -> bool {
+    j["connected"] == true && j["dirty"].as_u64() == Some(0) && j["sync"].is_null()
+}
+
+/// Polls `hastctl list` every `every` until `pred`; returns when it first
+/// held. Panics after `limit`.
+fn wait_for(
+    node: &TestNode,
+    res: &str,
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Instant {
+    let start = Instant::now();
+    loop {
+        let j = list(node, res);
+        if j.as_ref().is_some_and(&pred) {
+            return Instant::now();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{} {res}: timed out after {limit:?} waiting for {what}; last status: {}\nlog tail:\n{}",
+            node.name,
+            j.map(|j| j.to_string()).unwrap_or_default(),
+            node.log_tail(30)
+        );
+        std::thread::sleep(every);
+    }
+}
+
+/// Waits (bounded, without failing) until the resources are in sync, so
+/// that one job's replication backlog does not spill into the next.
+fn settle(c: &Cluster, names: &[&str]) {
+    for n in names {
+        let start = Instant::now();
+        while !list(&c.a, n).is_some_and(|j| in_sync(&j)) {
+            if start.elapsed() > Duration::from_secs(30) {
+                eprintln!("   warning: {n} still not in sync after 30 s; going on");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Fills the data area of every resource of a node (fio, O_DIRECT).
+fn fill_node(node: &TestNode, names: &[&str], size: u64) {
+    for n in names {
+        let md = node.dump(n);
+        let localoff = md["localoff"].as_u64().expect("localoff");
+        let datasize = md["datasize"].as_u64().expect("datasize");
+        assert_eq!(
+            datasize, size,
+            "{n}: data area is {datasize} bytes, expected {size}"
+        );
+        let mb = fio::fill(&node.provider(n), localoff, size, &node.dir);
+        eprintln!("   filled {}'s {n} at {mb:.0} MB/s", node.name);
+    }
+}
+
+/// Copies `size` bytes at `offset` of `src` to a new file on the same
+/// filesystem and returns the seconds it took: `dd | dd`, 4 MiB O_DIRECT
+/// reads and writes, so that reading the next block overlaps writing the
+/// previous one (as a pipelined synchronisation does), then fsync.
+fn local_copy(src: &Path, offset: u64, size: u64) -> f64 {
+    let wd = WorkDir::new("hast-bench-copy");
+    let dst = wd.join("copy.img");
+    let limit = Duration::from_secs(size / (10 * MIB) + 60);
+    let start = Instant::now();
+    let mut reader = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .args([
+            "bs=4M",
+            "iflag=direct,skip_bytes,count_bytes",
+            "status=none",
+        ])
+        .arg(format!("skip={offset}"))
+        .arg(format!("count={size}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start dd (reader)");
+    let pipe = reader.stdout.take().expect("dd's stdout");
+    let mut reader = Guarded::adopt(reader, "dd (reader)");
+    let writer = Command::new("dd")
+        .arg(format!("of={}", dst.display()))
+        .args([
+            "bs=4M",
+            "iflag=fullblock",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        ])
+        .stdin(pipe)
+        .spawn()
+        .expect("start dd (writer)");
+    let mut writer = Guarded::adopt(writer, "dd (writer)");
+    let r = reader.wait(limit);
+    let w = writer.wait(limit.saturating_sub(start.elapsed()) + Duration::from_secs(5));
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        r.success() && w.success(),
+        "local copy failed: reader {r}, writer {w}"
+    );
+    let copied = std::fs::metadata(&dst).map_or(0, |m| m.len());
+    assert_eq!(
+        copied, size,
+        "local copy wrote {copied} bytes, expected {size}"
+    );
+    secs
+}
+
+/// hastd's request counters of `names` on both nodes, summed over the
+/// resources: `{"A": {"writes": …}, "B": {…}}`.
+fn counters(c: &Cluster, names: &[&str]) -> serde_json::Value {
+    const KEYS: [&str; 4] = ["reads", "writes", "flushes", "activemap_updates"];
+    let mut out = serde_json::Map::new();
+    for (label, node) in [("A", &c.a), ("B", &c.b)] {
+        let mut sums = [0u64; 4];
+        for n in names {
+            if let Some(j) = list(node, n) {
+                for (s, k) in sums.iter_mut().zip(KEYS) {
+                    *s += j["statistics"][k].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        let m: serde_json::Map<String, serde_json::Value> = KEYS
+            .iter()
+            .zip(sums)
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        out.insert(label.to_owned(), m.into());
+    }
+    out.into()
+}
+
+/// `after - before` of two [`counters`] values.
+fn counters_delta(before: &serde_json::Value, after: &serde_json::Value) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (node, a) in after.as_object().into_iter().flatten() {
+        let mut m = serde_json::Map::new();
+        for (k, v) in a.as_object().into_iter().flatten() {
+            let b = before[node][k].as_u64().unwrap_or(0);
+            m.insert(k.clone(), json!(v.as_u64().unwrap_or(0).saturating_sub(b)));
+        }
+        out.insert(node.clone(), m.into());
+    }
+    out.into()
+}
+
+/// [`measure`] on a cluster, with hastd's counters of `names`.
+fn measure_hastd(
+    c: &Cluster,
+    names: &[&str],
+    system: &str,
+    w: &Workload,
+    target: &Target,
+    t: &Timing,
+    procs: &[Watched],
+) -> Row {
+    let before = counters(c, names);
+    let mut row = measure(system, w, target, t, procs, &c.a.dir);
+    row.counters = Some(counters_delta(&before, &counters(c, names)));
+    if let Some(a) = row.activemap_summary() {
+        eprintln!("   {a}");
+    }
+    row
+}
+
+fn hastd_pids(c: &Cluster) -> Vec<Watched> {
+    vec![
+        Watched::new("A", c.a.pid().expect("nodeA runs")),
+        Watched::new("B", c.b.pid().expect("nodeB runs")),
+    ]
+}
+
+/// Two hastd nodes (127.0.0.1 primary, 127.0.0.2 secondary) with one
+/// resource of `cfg.size` (two with `two`), providers filled with data;
+/// in each mode of `modes` (both nodes restarted with the new mode), the
+/// workloads against the primary's export, then (first mode only, with
+/// `two`) 4k randwrite QD32 on one resource alone and on both at once.
+pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Workload], two: bool) {
+    require_tool("fio");
+    let names: Vec<&str> = if two { vec!["r1", "r2"] } else { vec!["r1"] };
+    let defs = names
+        .iter()
+        .map(|n| ResourceDef::file(n, provider_size(cfg.size)))
+        .collect();
+    let mut c = Cluster::new(
+        defs,
+        ClusterOptions {
+            replication: modes.first().cloned().unwrap_or_else(|| "memsync".into()),
+            timeout_secs: 10,
+            ..Default::default()
+        },
+    );
+    c.create_all();
+    eprintln!("== hastd: filling the providers");
+    fill_node(&c.a, &names, cfg.size);
+    fill_node(&c.b, &names, cfg.size);
+    let t = cfg.timing();
+    for (i, mode) in modes.iter().enumerate() {
+        eprintln!("== hastd {mode}: starting two nodes");
+        for n in [&mut c.a, &mut c.b] {
+            n.cfg.replication = Some(mode.clone());
+            n.write_conf();
+        }
+        c.start();
+        for n in &names {
+            c.b.hastctl(&["role", "secondary", n]);
+        }
+        for n in &names {
+            c.a.role("primary", n);
+        }
+        for n in &names {
+            wait_for(
+                &c.a,
+                n,
+                "connected and in sync",
+                Duration::from_secs(120),
+                Duration::from_millis(100),
+                in_sync,
+            );
+        }
+        let procs = hastd_pids(&c);
+        let system = report::hastd(mode);
+        let uri = c.a.uri("r1");
+        for w in workloads {
+            settle(&c, &names[..1]);
+            let row = measure_hastd(
+                &c,
+                &names[..1],
+                &system,
+                w,
+                &Target::Nbd(uri.clone()),
+                &t,
+                &procs,
+            );
+            res.rows.push(row);
+        }
+        if two && i == 0 {
+            two_resources(&c, &system, &t, &procs, res);
+        }
+        let st = c.a.list("r1");
+        if st["connected"] != true {
+            eprintln!("   warning: r1 is not connected after the jobs: {st}");
+        }
+        c.stop();
+    }
+}
+
+fn two_resources(c: &Cluster, system: &str, t: &Timing, procs: &[Watched], res: &mut Results) {
+    let w = fio::RANDWRITE_QD32;
+    settle(c, &["r1", "r2"]);
+    eprintln!("== {system}: {} on r1 alone", w.label);
+    let mut one = measure_hastd(
+        c,
+        &["r1"],
+        system,
+        &w,
+        &Target::Nbd(c.a.uri("r1")),
+        t,
+        procs,
+    );
+    one.workload = report::ONE_RES.into();
+    one.label = "4k randwrite QD32, 1 res".into();
+    one.compare = false;
+    res.rows.push(one);
+    settle(c, &["r1", "r2"]);
+    eprintln!("== {system}: {} on r1 and r2 at once", w.label);
+    let before = counters(c, &["r1", "r2"]);
+    let mon = Monitor::start(procs.to_vec(), Duration::from_secs(t.ramp.into()));
+    let runs: Vec<fio::Running> = ["r1", "r2"]
+        .iter()
+        .map(|n| fio::spawn(&w, &Target::Nbd(c.a.uri(n)), t, &c.a.dir))
+        .collect();
+    let parts: Vec<fio::FioResult> = runs.into_iter().map(fio::Running::wait).collect();
+    let usage = mon.finish();
+    eprintln!(
+        "   r1 {:.0} IOPS, r2 {:.0} IOPS",
+        parts[0].iops, parts[1].iops
+    );
+    let row = Row {
+        system: system.into(),
+        workload: report::TWO_RES.into(),
+        label: "4k randwrite QD32, 2 res".into(),
+        fio: fio::FioResult::combine(&parts),
+        usage: Some(usage),
+        compare: false,
+        counters: Some(counters_delta(&before, &counters(c, &["r1", "r2"]))),
+    };
+    log_row(&row);
+    res.rows.push(row);
+}
+
+/// Full synchronisation of a `cfg.sync_size` resource to a new secondary:
+/// the primary's data area is filled locally, copied once with `dd`
+/// (O_DIRECT) for the local rate, then hastd synchronises it (timed from
+/// the connection to `dirty 0` with no sync in progress); then again to a
+/// re-created secondary with 4k random writes on the export, and the same
+/// writes once more with no sync running.
+pub fn sync(cfg: &Config, res: &mut Results) {
+    require_tool("fio");
+    require_tool("qemu-io");
+    require_tool("dd");
+    let size = cfg.sync_size;
+    assert!(
+        size.is_multiple_of(4 * MIB),
+        "--sync-size must be a multiple of 4 MiB"
+    );
+    let mode = cfg.sync_mode.clone();
+    let mut c = Cluster::new(
+        vec![ResourceDef::file("big", provider_size(size))],
+        ClusterOptions {
+            replication: mode.clone(),
+            timeout_secs: 10,
+            ..Default::default()
+        },
+    );
+    c.create_all();
+    let md = c.a.dump("big");
+    let localoff = md["localoff"].as_u64().expect("localoff");
+    assert_eq!(md["datasize"].as_u64(), Some(size), "data area size");
+    let provider = c.a.provider("big");
+    eprintln!(
+        "== sync: filling the primary's {} data area",
+        crate::util::human_size(size)
+    );
+    let fill_mb_s = fio::fill(&provider, localoff, size, &c.a.dir);
+
+    eprintln!("== sync: local copy (dd | dd, O_DIRECT)");
+    let local_copy_s = local_copy(&provider, localoff, size);
+    eprintln!(
+        "   {:.1} s, {:.0} MB/s",
+        local_copy_s,
+        size as f64 / 1e6 / local_copy_s
+    );
+
+    c.start();
+    c.a.role("primary", "big");
+    // One write while disconnected: the primary is no longer virgin, so a
+    // new secondary gets a full synchronisation.
+    let uri = c.a.uri("big");
+    run_bounded(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 0 4k"])
+            .arg(&uri),
+        Duration::from_secs(30),
+        "qemu-io",
+        &c.a.dir,
+    );
+    let limit = Duration::from_secs(size / (10 * MIB) + 60);
+    let every = Duration::from_millis(100);
+    let procs = hastd_pids(&c);
+    eprintln!("== sync: new secondary, full synchronisation");
+    let mon = Monitor::start(procs, Duration::ZERO);
+    let asked = Instant::now();
+    c.b.hastctl(&["role", "secondary", "big"]);
+    let connected = wait_for(
+        &c.a,
+        "big",
+        "the connection",
+        Duration::from_secs(30),
+        every,
+        |j| j["connected"] == true,
+    );
+    let done = wait_for(&c.a, "big", "the end of the sync", limit, every, in_sync);
+    let usage = mon.finish();
+    let mut s = SyncResult {
+        mode: mode.clone(),
+        size,
+        fill_mb_s,
+        local_copy_s,
+        sync_s: done.duration_since(connected).as_secs_f64(),
+        connect_s: connected.duration_since(asked).as_secs_f64(),
+        usage: Some(usage),
+        load_qd: cfg.sync_load_qd,
+        ..Default::default()
+    };
+    eprintln!(
+        "   {:.1} s, {:.0} MB/s (local copy {:.0} MB/s); {}",
+        s.sync_s,
+        s.sync_mb_s(),
+        s.local_mb_s(),
+        s.usage
+            .as_ref()
+            .map(|u| u.threads_summary(4))
+            .unwrap_or_default()
+    );
+    // Record what is known so far, in case the loaded half fails.
+    res.sync = Some(s.clone());
+
+    eprintln!("== sync: re-created secondary, sync under application load");
+    c.b.stop();
+    sparse_file(&c.b.provider("big"), provider_size(size));
+    c.b.create_all();
+    c.b.start();
+    let procs = hastd_pids(&c);
+    c.b.hastctl(&["role", "secondary", "big"]);
+    let connected = wait_for(
+        &c.a,
+        "big",
+        "the connection",
+        Duration::from_secs(30),
+        every,
+        |j| j["connected"] == true,
+    );
+    // The load must end before the sync does: 60% of the unloaded sync.
+    let runtime = ((s.sync_s * 0.6) as u32)
+        .saturating_sub(cfg.ramp)
+        .clamp(2, cfg.runtime.max(2));
+    let t = Timing {
+        runtime,
+        ramp: cfg.ramp,
+        size,
+    };
+    let w = Workload {
+        qd: cfg.sync_load_qd,
+        ..fio::RANDWRITE_QD32
+    };
+    let before = counters(&c, &["big"]);
+    let mon = Monitor::start(procs.clone(), Duration::from_secs(cfg.ramp.into()));
+    let fio_start = Instant::now();
+    let mut run = fio::spawn(&w, &Target::Nbd(uri.clone()), &t, &c.a.dir);
+    let mut sync_end = None;
+    while !run.done() {
+        if sync_end.is_none() && list(&c.a, "big").is_some_and(|j| in_sync(&j)) {
+            sync_end = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fio_end = Instant::now();
+    let busy = run.wait();
+    let usage = mon.finish();
+    let sync_end = match sync_end {
+        Some(e) => e,
+        None => wait_for(&c.a, "big", "the end of the sync", limit, every, in_sync),
+    };
+    let window_start = fio_start + Duration::from_secs(cfg.ramp.into());
+    let window = fio_end
+        .saturating_duration_since(window_start)
+        .as_secs_f64();
+    let ran = sync_end
+        .saturating_duration_since(window_start)
+        .as_secs_f64();
+    s.load_overlap = if window > 0.0 {
+        (ran / window).min(1.0)
+    } else {
+        0.0
+    };
+    s.loaded_sync_s = Some(sync_end.duration_since(connected).as_secs_f64());
+    s.load_runtime = runtime;
+    let label = |what: &str| format!("app 4k QD{}, {what}", w.qd);
+    let row = Row {
+        system: report::hastd(&mode),
+        workload: report::SYNC_BUSY.into(),
+        label: label("during sync"),
+        fio: busy,
+        usage: Some(usage),
+        compare: false,
+        counters: Some(counters_delta(&before, &counters(&c, &["big"]))),
+    };
+    log_row(&row);
+    res.rows.push(row);
+    eprintln!("== sync: the same load with no sync running");
+    settle(&c, &["big"]);
+    let mut idle = measure_hastd(
+        &c,
+        &["big"],
+        &report::hastd(&mode),
+        &w,
+        &Target::Nbd(uri),
+        &t,
+        &procs,
+    );
+    idle.workload = report::SYNC_IDLE.into();
+    idle.label = label("no sync");
+    idle.compare = false;
+    res.rows.push(idle);
+    res.sync = Some(s);
+    c.stop();
+}
