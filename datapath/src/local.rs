@@ -91,6 +91,12 @@ impl LocalDisk {
         stats: Arc<ResourceStats>,
     ) -> Result<Rc<LocalDisk>, LocalError> {
         let info = provider::probe(path)?;
+        if let Some(w) = std::fs::File::open(path)
+            .ok()
+            .and_then(|f| provider::sparse_warning(path, &f))
+        {
+            tracing::warn!(resource, "{w}");
+        }
         let file = provider::open_direct(path).await?;
         let perr = |what, e| LocalError::Provider(ProviderError::new(path, what, e));
         let block = file

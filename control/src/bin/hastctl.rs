@@ -224,6 +224,12 @@ fn main() {
                     continue;
                 };
                 let result = ensure_inactive(&cfg, name).and_then(|_| offline::create(res, params));
+                if let Some(w) = std::fs::File::open(&res.localpath)
+                    .ok()
+                    .and_then(|f| hast_datapath::provider::sparse_warning(&res.localpath, &f))
+                {
+                    eprintln!("hastctl: warning: [{name}] {w}");
+                }
                 match result {
                     Ok(md) => {
                         if cli.debug > 0 {
