@@ -37,6 +37,8 @@ pub struct Config {
     pub sync_mode: String,
     /// Queue depth of the application load during the sync.
     pub sync_load_qd: u32,
+    /// `hastctl create -k` for the hastd providers (None: the default, 64).
+    pub keepdirty: Option<u64>,
 }
 
 impl Config {
@@ -60,6 +62,7 @@ impl Config {
             "sync_size": self.sync_size,
             "sync_mode": self.sync_mode,
             "sync_load_qd": self.sync_load_qd,
+            "keepdirty": self.keepdirty,
         })
     }
 }
@@ -431,6 +434,15 @@ pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Wor
         },
     );
     c.create_all();
+    if let Some(k) = cfg.keepdirty {
+        eprintln!("== hastd: keepdirty {k}");
+        for node in [&c.a, &c.b] {
+            let k = k.to_string();
+            let mut args = vec!["create", "-k", k.as_str()];
+            args.extend(names.iter().copied());
+            node.hastctl(&args);
+        }
+    }
     eprintln!("== hastd: filling the providers");
     fill_node(&c.a, &names, cfg.size);
     fill_node(&c.b, &names, cfg.size);

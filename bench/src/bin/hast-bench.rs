@@ -54,6 +54,9 @@ options:
   --sync-size SIZE    data area of the full-sync resource (4G)
   --sync-mode MODE    replication mode of the sync test (memsync)
   --sync-load-qd N    queue depth of the 4k randwrite load during the sync (32)
+  --keepdirty N       hastctl create -k for the hastd providers (default 64,
+                      the original's); e.g. the extent count of --size to
+                      size the activemap hot set to the working set
   --dir DIR           where files and nodes live; O_DIRECT needed, so not tmpfs
                       (default: $HAST_TEST_DIR or the system temp dir)
   --json FILE         write the results as JSON
@@ -92,6 +95,7 @@ fn parse_args(args: &[String]) -> Cli {
         sync_size: 4 * GIB,
         sync_mode: "memsync".into(),
         sync_load_qd: 32,
+        keepdirty: None,
     };
     let mut workloads_given = false;
     let (mut json, mut docs) = (None, None);
@@ -131,6 +135,7 @@ fn parse_args(args: &[String]) -> Cli {
             "--sync-size" => cfg.sync_size = size(val()),
             "--sync-mode" => cfg.sync_mode = val(),
             "--sync-load-qd" => cfg.sync_load_qd = num(val()).max(1),
+            "--keepdirty" => cfg.keepdirty = Some(u64::from(num(val()).max(1))),
             "--dir" => {
                 let d = val();
                 // hast_tests puts node directories under HAST_TEST_DIR.
