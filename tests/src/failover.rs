@@ -550,15 +550,10 @@ pub fn promote(node: &TestNode, resources: &[&str]) {
     }
 }
 
-/// Waits until a primary's resource is connected, not synchronising,
-/// with nothing dirty and nothing in flight to the secondary.
+/// Waits until a primary's resource is in sync (see
+/// [`TestNode::wait_in_sync`]).
 pub fn wait_in_sync(node: &TestNode, res: &str, limit: Duration) -> serde_json::Value {
-    node.wait_list(res, limit, |j| {
-        j["status"] == "complete"
-            && j["dirty"].as_u64() == Some(0)
-            && j["sync"].is_null()
-            && j["queues"]["recv"].as_u64() == Some(0)
-    })
+    node.wait_in_sync(res, limit)
 }
 
 /// Size of one record written by [`RecordWriter`].

@@ -385,6 +385,18 @@ impl TestNode {
         }
     }
 
+    /// Waits until a primary's resource is connected, not synchronising,
+    /// with nothing dirty and nothing in flight to the secondary (`limit`
+    /// at most); returns its `list --json` entry.
+    pub fn wait_in_sync(&self, res: &str, limit: Duration) -> serde_json::Value {
+        self.wait_list(res, limit, |j| {
+            j["status"] == "complete"
+                && j["dirty"].as_u64() == Some(0)
+                && j["sync"].is_null()
+                && j["queues"]["recv"].as_u64() == Some(0)
+        })
+    }
+
     /// Waits until the hastd log contains `needle`.
     pub fn wait_until_log(&self, needle: &str, limit: Duration) {
         let start = Instant::now();

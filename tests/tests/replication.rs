@@ -32,15 +32,9 @@ fn cluster(mode: &str, size: u64, proxy: bool, exec: Option<&Path>) -> Cluster {
     c
 }
 
-/// Waits until a primary is connected, not synchronising, with nothing
-/// dirty and nothing in flight to the secondary.
+/// Waits until the primary's r1 is in sync.
 fn wait_in_sync(node: &TestNode) -> serde_json::Value {
-    node.wait_list("r1", SYNC_LIMIT, |j| {
-        j["status"] == "complete"
-            && j["dirty"].as_u64() == Some(0)
-            && j["sync"].is_null()
-            && j["queues"]["recv"].as_u64() == Some(0)
-    })
+    node.wait_in_sync("r1", SYNC_LIMIT)
 }
 
 fn nbdcopy_in(uri: &str, file: &Path) {

@@ -11,12 +11,23 @@ const MIB: u64 = 1 << 20;
 const EXTENT: u64 = 2 * MIB;
 
 fn in_sync(node: &TestNode) -> serde_json::Value {
-    node.wait_list("r1", Duration::from_secs(60), |j| {
-        j["status"] == "complete"
-            && j["dirty"].as_u64() == Some(0)
-            && j["sync"].is_null()
-            && j["queues"]["recv"].as_u64() == Some(0)
-    })
+    node.wait_in_sync("r1", Duration::from_secs(60))
+}
+
+/// Two nodes through proxies, A primary and B secondary, in sync.
+fn proxied_pair() -> Cluster {
+    let mut c = Cluster::new(
+        vec![ResourceDef::file("r1", 96 * MIB)],
+        ClusterOptions {
+            with_proxy: true,
+            ..Default::default()
+        },
+    );
+    c.create_all();
+    c.start();
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    c.a.role("primary", "r1");
+    c
 }
 
 fn split(c: &mut Cluster) {
@@ -32,17 +43,7 @@ fn discarding_one_side_resyncs_only_the_touched_extents() {
     if !require_tool("qemu-io") {
         return;
     }
-    let mut c = Cluster::new(
-        vec![ResourceDef::file("r1", 96 * MIB)],
-        ClusterOptions {
-            with_proxy: true,
-            ..Default::default()
-        },
-    );
-    c.create_all();
-    c.start();
-    c.b.hastctl(&["role", "secondary", "r1"]);
-    c.a.role("primary", "r1");
+    let mut c = proxied_pair();
     split(&mut c);
     // Both sides write while partitioned: A extents 0 and 10, B 1 and 20.
     c.b.role("primary", "r1");
@@ -121,17 +122,7 @@ fn a_node_promoted_without_writing_causes_no_split_brain() {
     if !require_tool("qemu-io") {
         return;
     }
-    let mut c = Cluster::new(
-        vec![ResourceDef::file("r1", 96 * MIB)],
-        ClusterOptions {
-            with_proxy: true,
-            ..Default::default()
-        },
-    );
-    c.create_all();
-    c.start();
-    c.b.hastctl(&["role", "secondary", "r1"]);
-    c.a.role("primary", "r1");
+    let mut c = proxied_pair();
     split(&mut c);
     // B is promoted during the partition but nobody writes to it.
     c.b.role("primary", "r1");
