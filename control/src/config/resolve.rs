@@ -60,7 +60,7 @@ impl Values {
                 Key::Checksum => set(&mut v.checksum, s, level, keyword(word)?)?,
                 Key::Compression => set(&mut v.compression, s, level, keyword(word)?)?,
                 Key::Timeout => set(&mut v.timeout, s, level, convert(word, parse_timeout)?)?,
-                Key::Exec => set(&mut v.exec, s, level, path(word))?,
+                Key::Exec => set(&mut v.exec, s, level, convert(word, parse_exec)?)?,
                 Key::Metaflush => set(&mut v.metaflush, s, level, convert(word, parse_on_off)?)?,
                 Key::Name => set(&mut v.name, s, level, convert(word, parse_provname)?)?,
                 Key::Local => set(&mut v.local, s, level, path(word))?,
@@ -136,6 +136,18 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         _ => Err(format!(
             "timeout '{s}' is too large (at most {MAX_TIMEOUT_SECS} seconds)"
         )),
+    }
+}
+
+/// Hooks run without a shell or a search path: the program must be named
+/// by its absolute path.
+fn parse_exec(s: &str) -> Result<PathBuf, String> {
+    if s.starts_with('/') {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(format!(
+            "'exec' needs an absolute path (hooks are not looked up in $PATH), found '{s}'"
+        ))
     }
 }
 

@@ -794,3 +794,12 @@ fn documentation_examples_parse() {
         "only {checked} documentation examples checked"
     );
 }
+
+#[test]
+fn exec_must_be_an_absolute_path() {
+    let text = "exec hook.sh\nresource r { on a { local /tmp/a remote none } }";
+    let e = parse_str(text, Path::new("hast.conf"), &NodeIdentity::named("a")).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("hast.conf:1:6:"), "{msg}");
+    assert!(msg.contains("absolute path"), "{msg}");
+}
