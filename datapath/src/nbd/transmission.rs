@@ -186,7 +186,10 @@ pub(crate) async fn serve<B: BlockBackend>(
 where
     B::ReadBuf: 'static,
 {
-    let (mut reader, writer) = futures_lite::io::split(stream);
+    let (reader, writer) = futures_lite::io::split(stream);
+    // Requests sent together arrive in one read; a payload larger than
+    // the buffer is read straight into its aligned buffer.
+    let mut reader = futures_lite::io::BufReader::with_capacity(RECV_BUFFER, reader);
     let (tx, rx) = local_channel::new_bounded(params.max_inflight);
     let abort = Signal::new();
     let writer_task = glommio::spawn_local(
@@ -443,6 +446,9 @@ async fn run_job<B: BlockBackend>(backend: &B, job: Job) -> Result<Option<B::Rea
         }
     }
 }
+
+/// Bytes read from the socket at once when requests are queued.
+const RECV_BUFFER: usize = 64 * 1024;
 
 /// Largest batch of small replies sent in one write.
 const REPLY_BATCH: usize = 256 * 1024;

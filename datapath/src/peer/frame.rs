@@ -114,6 +114,11 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Bytes read from a peer socket at once: frames queued together arrive
+/// in one read, while a payload larger than this is read straight into
+/// its aligned buffer.
+pub const RECV_BUFFER: usize = 64 * 1024;
+
 /// Largest batch of small frames sent in one write.
 pub const BATCH_MAX: usize = 256 * 1024;
 

@@ -446,7 +446,8 @@ async fn writer_task(
     }
 }
 
-async fn reader_task(link: PeerLink, mut r: ReadHalf<TcpStream>) {
+async fn reader_task(link: PeerLink, r: ReadHalf<TcpStream>) {
+    let mut r = futures_lite::io::BufReader::with_capacity(frame::RECV_BUFFER, r);
     let err = loop {
         let hdr = match frame::read_header(&mut r).await {
             Ok(h) => h,

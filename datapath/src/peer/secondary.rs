@@ -364,7 +364,8 @@ struct Reply {
 
 /// The request loop of one connection.
 async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), LinkError> {
-    let (mut r, w) = futures_lite::io::split(stream);
+    let (r, w) = futures_lite::io::split(stream);
+    let mut r = futures_lite::io::BufReader::with_capacity(frame::RECV_BUFFER, r);
     let (tx, rx) = local_channel::new_bounded::<Reply>(MAX_INFLIGHT + 16);
     let writer = glommio::spawn_local(reply_writer(w, rx, fd));
     let window = Rc::new(Semaphore::new(MAX_INFLIGHT as u64));
@@ -455,7 +456,7 @@ async fn send(tx: &LocalSender<Reply>, header: Header) {
 /// Handles one request; Ok(false) ends the connection cleanly.
 async fn handle(
     ctx: &SecondaryCtx,
-    r: &mut ReadHalf<TcpStream>,
+    r: &mut futures_lite::io::BufReader<ReadHalf<TcpStream>>,
     hdr: &Header,
     window: &Rc<Semaphore>,
     barrier: &Rc<Barrier>,
