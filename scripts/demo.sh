@@ -51,6 +51,8 @@ echo "== hast.conf"; cat "$DIR/hast.conf"
 "$BIN/hastd" -c "$DIR/hast.conf" --node nodeB -t
 
 echo "== hastctl create (both nodes)"
+echo "   (the demo's disks are sparse files: hastctl warns that this slows writes"
+echo "    to new extents; use block devices or written files in production)"
 ctl nodeA create disk1 disk2 disk3
 ctl nodeB create disk1 disk2 disk3
 
