@@ -27,6 +27,10 @@ use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
 use crate::primary::Primary;
 use crate::stats::ResourceStats;
 
+/// How long a new primary waits for its peer before exposing its export
+/// (at most; less if `timeout` is shorter).
+pub const FIRST_CONTACT: Duration = Duration::from_secs(5);
+
 /// Commands queued per shard at most (role changes are rare; the control
 /// socket handles one request at a time).
 const SHARD_QUEUE: usize = 64;
@@ -568,8 +572,10 @@ impl Res {
         }
         if let Some(remote) = primary.remote() {
             // Learn from the peer whether our data is current before
-            // serving anything (bounded: an unreachable peer cannot tell).
-            let limit = self.spec.timeout + Duration::from_secs(1);
+            // serving anything. Bounded: a live peer answers within
+            // milliseconds; one that does not answer in FIRST_CONTACT is
+            // most likely down (the failover case) and cannot tell anyway.
+            let limit = self.spec.timeout.min(FIRST_CONTACT) + Duration::from_secs(1);
             if !remote.first_attempt(limit).await {
                 tracing::warn!(resource = %self.spec.name,
                     "peer did not answer in time; exporting without knowing whether it holds newer data");
