@@ -472,13 +472,6 @@ impl ActiveMap {
         img
     }
 
-    /// The whole wanted image (`sectors() * sectorsize` bytes).
-    pub fn image(&self) -> Vec<u8> {
-        (0..self.sectors())
-            .flat_map(|s| self.sector_image(s))
-            .collect()
-    }
-
     /// Takes the changed sectors for writing. Returns None when nothing
     /// changed.
     ///

@@ -389,9 +389,7 @@ impl LocalDisk {
                 .map_err(io_err)?;
             return check_len(n, len);
         }
-        let mut copy = self.file.alloc_dma_buffer(data.len());
-        copy.as_bytes_mut().copy_from_slice(data.as_bytes());
-        self.write(offset, copy).await
+        self.write_unaligned(offset, data.as_bytes()).await
     }
 
     /// Writes `data` at `offset` of the data area. The caller holds the
@@ -408,7 +406,15 @@ impl LocalDisk {
                 .map_err(io_err)?;
             return check_len(n, len);
         }
-        // Unaligned: read-modify-write of the covering sectors.
+        self.write_unaligned(offset, data.as_bytes()).await
+    }
+
+    /// Read-modify-write of the sectors covering `[offset, offset+len)`:
+    /// the payload is copied once, into the aligned buffer written out.
+    async fn write_unaligned(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let ss = self.sectorsize();
+        let len = data.len() as u64;
+        let localoff = self.md.borrow().localoff;
         let start = round_down(offset, ss);
         let end = round_up(offset + len, ss);
         let old = self
@@ -420,7 +426,7 @@ impl LocalDisk {
         let mut buf = self.file.alloc_dma_buffer((end - start) as usize);
         buf.as_bytes_mut().copy_from_slice(&old);
         let skip = (offset - start) as usize;
-        buf.as_bytes_mut()[skip..skip + len as usize].copy_from_slice(data.as_bytes());
+        buf.as_bytes_mut()[skip..skip + len as usize].copy_from_slice(data);
         let n = self
             .file
             .write_at(buf, localoff + start)
@@ -515,13 +521,6 @@ impl LocalDisk {
     /// Marks every extent as needing synchronisation, durably (full sync).
     pub async fn mark_all(&self) -> io::Result<()> {
         let need = self.map.borrow_mut().mark_all();
-        self.after_marking(need).await
-    }
-
-    /// Marks a range as needing synchronisation, durably (a leg failed
-    /// outside of a write, e.g. a flush).
-    pub async fn need_sync(&self, offset: u64, len: u64) -> io::Result<()> {
-        let need = self.map.borrow_mut().need_sync(offset, len);
         self.after_marking(need).await
     }
 

@@ -79,11 +79,6 @@ impl ResourceStats {
         self.role.store(role.code(), Relaxed);
     }
 
-    /// Adds one to a counter.
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
-    }
-
     /// The connected-clients gauge, shared with the export.
     pub fn clients_gauge(&self) -> Arc<AtomicU64> {
         self.clients.clone()
