@@ -32,6 +32,11 @@ use bitvec::prelude::*;
 
 const NIL: u32 = u32::MAX;
 
+/// Most extents marked ahead of a sequential write stream. The actual
+/// count is `keepdirty / 8` capped at this, so a small keepdirty set is
+/// not flooded by guesses.
+pub const MAX_LOOKAHEAD: u32 = 8;
+
 /// A set of bitmap sectors to write, taken by [`ActiveMap::take_persist`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PersistBatch {
@@ -82,6 +87,14 @@ pub struct ActiveMap {
     last_taken: u64,
     durable_seq: u64,
     outstanding: Option<u64>,
+    /// End of the last write started (sequential-stream detection).
+    last_end: u64,
+    /// Where the current sequential run started.
+    run_start: u64,
+    /// Extents marked ahead of a sequential stream (0: off).
+    lookahead: u32,
+    /// Sequence carrying marks laid ahead that no writer waits for.
+    ahead_seq: Option<u64>,
     stats: ActiveMapStats,
 }
 
@@ -122,6 +135,10 @@ impl ActiveMap {
             last_taken: 0,
             durable_seq: 0,
             outstanding: None,
+            last_end: u64::MAX,
+            run_start: 0,
+            lookahead: (keepdirty / 8).min(MAX_LOOKAHEAD),
+            ahead_seq: None,
             stats: ActiveMapStats::default(),
         }
     }
@@ -269,16 +286,58 @@ impl ActiveMap {
     /// sequence that must be durable before the data write may start, or
     /// None when the on-disk map already covers it (the keepdirty fast
     /// path).
+    ///
+    /// A write that continues the previous one (a sequential stream) also
+    /// marks the next few extents, with the same batch when one is due: the
+    /// stream then crosses into them without waiting for a metadata write
+    /// of its own. Marking more than needed is always safe (at worst those
+    /// extents are resynchronised after a crash); the guesses count against
+    /// keepdirty like any recently written extent.
     pub fn write_start(&mut self, offset: u64, len: u64) -> Option<u64> {
         let mut need = None;
-        for e in self.extent_range(offset, len) {
+        let range = self.extent_range(offset, len);
+        for e in range.clone() {
             self.pending[e as usize] += 1;
             self.touch(e);
             if let Some(s) = self.require(e as usize) {
                 need = Some(s);
             }
         }
+        if offset != self.last_end {
+            self.run_start = offset;
+        }
+        // Like read-ahead: the distance grows with the length of the run,
+        // so short sequential bursts (a filesystem's metadata, say) mark
+        // little beyond what they write.
+        let run_extents = (offset.saturating_add(len) - self.run_start) / self.extentsize;
+        let ahead = (self.lookahead as u64).min(run_extents) as u32;
+        if ahead > 0 && range.end < self.nextents {
+            // Lay marks in strides: only when the stream comes within half
+            // the distance of the last mark, and then the whole distance,
+            // so one metadata write covers many extents.
+            let end = range.end.saturating_add(ahead).min(self.nextents);
+            let probe = range.end.saturating_add(ahead / 2).min(end - 1);
+            let laid = self.in_lru[probe as usize];
+            // Furthest first, so the extents the stream reaches next end up
+            // most recently used.
+            for e in (range.end..end).rev().filter(|_| !laid) {
+                self.touch(e);
+                if let Some(s) = self.require(e as usize) {
+                    if need != Some(s) {
+                        self.ahead_seq = Some(s);
+                    }
+                }
+            }
+        }
+        self.last_end = offset.saturating_add(len);
         need
+    }
+
+    /// A sequence that only marks laid ahead of a sequential stream wait
+    /// for (no writer does): the caller persists it in the background so
+    /// the stream finds its next extents already marked.
+    pub fn take_lookahead(&mut self) -> Option<u64> {
+        self.ahead_seq.take().filter(|&s| !self.is_durable(s))
     }
 
     /// The write of `[offset, offset+len)` finished on every leg it was
@@ -700,6 +759,69 @@ mod tests {
         assert_eq!(disk[0], 0b010, "only the extent needing sync stays marked");
         // A new write after the clear marks again.
         assert!(m.write_start(0, 1).is_some());
+    }
+
+    #[test]
+    fn sequential_stream_marks_ahead() {
+        // keepdirty 32: four extents of lookahead.
+        let mut m = ActiveMap::new(64 * u64::from(EXT), EXT, 32, 512);
+        let mut disk = vec![0u8; 512];
+        let half = u64::from(EXT) / 2;
+        let (mut waits, mut background) = (0, 0);
+        for i in 0..32u64 {
+            let need = m.write_start(i * half, half);
+            if let Some(s) = m.take_lookahead() {
+                // What the disk layer does in the background.
+                assert_ne!(need, Some(s));
+                background += 1;
+                persist_all(&mut m, &mut disk);
+            }
+            if need.is_some_and(|s| !m.is_durable(s)) {
+                waits += 1;
+                persist_all(&mut m, &mut disk);
+            }
+            m.write_complete(i * half, half);
+        }
+        // 16 extents written front to back: only the first write (which
+        // starts the stream) waits; marks are laid by background updates,
+        // one extent at a time while the run is short, then two at a time
+        // (half the lookahead).
+        assert_eq!(waits, 1);
+        assert!(
+            (7..=12).contains(&background),
+            "{background} background updates"
+        );
+        assert!(bit(&disk, 16), "marked ahead of the stream");
+        assert!(!bit(&disk, 20), "no further than the lookahead");
+        assert!(m.ondisk_extents() <= 32, "bounded by keepdirty");
+        // Random writes do not mark ahead.
+        let mut m = ActiveMap::new(64 * u64::from(EXT), EXT, 32, 512);
+        let mut disk = vec![0u8; 512];
+        for e in [7u64, 3, 40, 12] {
+            assert!(m.write_start(e * u64::from(EXT), half).is_some());
+            persist_all(&mut m, &mut disk);
+            m.write_complete(e * u64::from(EXT), half);
+        }
+        assert_eq!(m.ondisk_extents(), 4);
+        // A short run (one extent) marks one extent ahead at most.
+        let mut m = ActiveMap::new(64 * u64::from(EXT), EXT, 32, 512);
+        let mut disk = vec![0u8; 512];
+        for i in 0..2u64 {
+            m.write_start(10 * u64::from(EXT) + i * half, half);
+            m.take_lookahead();
+            persist_all(&mut m, &mut disk);
+            m.write_complete(10 * u64::from(EXT) + i * half, half);
+        }
+        assert_eq!(m.ondisk_extents(), 2, "extent 10 and one guess");
+        // A small keepdirty set gets no guesses.
+        let mut m = ActiveMap::new(64 * u64::from(EXT), EXT, 7, 512);
+        let mut disk = vec![0u8; 512];
+        for i in 0..4u64 {
+            m.write_start(i * half, half);
+            persist_all(&mut m, &mut disk);
+            m.write_complete(i * half, half);
+        }
+        assert_eq!(disk[0], 0b11);
     }
 
     #[test]

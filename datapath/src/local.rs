@@ -232,8 +232,22 @@ impl LocalDisk {
 
     /// Marks the range in the activemap and waits until the mark is
     /// durable. On error the mark is undone and no data may be written.
-    pub async fn write_start(&self, offset: u64, len: u64) -> io::Result<()> {
-        let need = self.map.borrow_mut().write_start(offset, len);
+    pub async fn write_start(self: &Rc<Self>, offset: u64, len: u64) -> io::Result<()> {
+        let (need, ahead) = {
+            let mut map = self.map.borrow_mut();
+            let need = map.write_start(offset, len);
+            (need, map.take_lookahead())
+        };
+        if let Some(seq) = ahead {
+            // Marks laid ahead of a sequential stream: written in the
+            // background (errors are logged by the batch writer and the
+            // sectors retried with the next batch).
+            let disk = self.clone();
+            glommio::spawn_local(async move {
+                let _ = disk.persist_until(seq).await;
+            })
+            .detach();
+        }
         if let Some(seq) = need {
             if let Err(e) = self.persist_until(seq).await {
                 self.map.borrow_mut().write_complete(offset, len);
