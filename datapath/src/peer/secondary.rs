@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::io::{ReadHalf, WriteHalf};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -372,9 +372,25 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
     let barrier = Rc::new(Barrier::default());
     let tx = Rc::new(tx);
     let tasks = glommio::sync::Gate::new();
+    // One watchdog per connection instead of a timer per frame (a timer
+    // armed and cancelled for every request costs io_uring submissions on
+    // each wake-up): the primary sends keepalives when idle, so silence
+    // longer than the timeout means it is gone.
+    let last_rx = Rc::new(Cell::new(Instant::now()));
+    let timed_out = Rc::new(Cell::new(false));
+    let _watchdog = glommio::spawn_local(watchdog(
+        ctx.timeout,
+        last_rx.clone(),
+        timed_out.clone(),
+        fd,
+    ));
     let result = loop {
-        let hdr = match frame::with_timeout(ctx.timeout, frame::read_header(&mut r)).await {
-            Ok(h) => h,
+        let hdr = match frame::read_header(&mut r).await {
+            Ok(h) => {
+                last_rx.set(Instant::now());
+                h
+            }
+            Err(_) if timed_out.get() => break Err(LinkError::Timeout(ctx.timeout)),
             Err(LinkError::Closed) => break Err(LinkError::Closed),
             Err(e) => break Err(e),
         };
@@ -396,6 +412,22 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
     frame::shutdown_fd(fd);
     writer.await;
     result
+}
+
+/// Shuts the connection down when nothing has arrived for `timeout`.
+/// Cancelled (dropped) when the connection's serve loop returns, before its
+/// descriptor is closed.
+async fn watchdog(timeout: Duration, last_rx: Rc<Cell<Instant>>, fired: Rc<Cell<bool>>, fd: RawFd) {
+    let tick = (timeout / 4).max(Duration::from_millis(50));
+    loop {
+        glommio::timer::sleep(tick).await;
+        if last_rx.get().elapsed() >= timeout {
+            tracing::warn!(silent = ?last_rx.get().elapsed(), "primary is silent; closing the connection");
+            fired.set(true);
+            frame::shutdown_fd(fd);
+            return;
+        }
+    }
 }
 
 async fn reply_writer(mut w: WriteHalf<TcpStream>, rx: LocalReceiver<Reply>, fd: RawFd) {
@@ -501,19 +533,27 @@ async fn handle(
             let fut = async move {
                 let _permit = permit;
                 let _guard = ticket.await;
-                let status = match disk.write_start(offset, len).await {
-                    Err(e) => errno_of(&e),
-                    Ok(()) => {
-                        let res = match data {
-                            Some(buf) => disk.write(offset, buf).await,
-                            None => disk.zero(offset, len).await,
-                        };
-                        let res = match res {
-                            Ok(()) if fua => disk.flush().await,
-                            other => other,
-                        };
-                        // The primary holds the extent until our Done; our
-                        // own mark only protects against our crash.
+                // Our mark and the data write go out together. The primary's
+                // mark was durable before it sent the write and it holds the
+                // extent until our Done, so until then a crash on either
+                // side is covered by its map; Done waits for both, so after
+                // it our own map covers the extent until a metadata flush
+                // has made the data durable too (a power loss here with a
+                // volatile disk cache).
+                let data_write = async {
+                    let res = match data {
+                        Some(buf) => disk.write(offset, buf).await,
+                        None => disk.zero(offset, len).await,
+                    };
+                    match res {
+                        Ok(()) if fua => disk.flush().await,
+                        other => other,
+                    }
+                };
+                let (marked, res) =
+                    futures_lite::future::zip(disk.write_start(offset, len), data_write).await;
+                let status = match (marked, res) {
+                    (Ok(()), res) => {
                         disk.write_complete(offset, len, true);
                         match res {
                             Ok(()) => 0,
@@ -524,6 +564,9 @@ async fn handle(
                             }
                         }
                     }
+                    // write_start undid its own mark; a failed Done makes the
+                    // primary mark the extent for synchronisation.
+                    (Err(e), _) => errno_of(&e),
                 };
                 if sync {
                     stats.sync_received.fetch_add(len, Relaxed);
