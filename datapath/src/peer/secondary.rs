@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::io::{ReadHalf, WriteHalf};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -372,25 +372,9 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
     let barrier = Rc::new(Barrier::default());
     let tx = Rc::new(tx);
     let tasks = glommio::sync::Gate::new();
-    // One watchdog per connection instead of a timer per frame (a timer
-    // armed and cancelled for every request costs io_uring submissions on
-    // each wake-up): the primary sends keepalives when idle, so silence
-    // longer than the timeout means it is gone.
-    let last_rx = Rc::new(Cell::new(Instant::now()));
-    let timed_out = Rc::new(Cell::new(false));
-    let _watchdog = glommio::spawn_local(watchdog(
-        ctx.timeout,
-        last_rx.clone(),
-        timed_out.clone(),
-        fd,
-    ));
     let result = loop {
-        let hdr = match frame::read_header(&mut r).await {
-            Ok(h) => {
-                last_rx.set(Instant::now());
-                h
-            }
-            Err(_) if timed_out.get() => break Err(LinkError::Timeout(ctx.timeout)),
+        let hdr = match frame::with_timeout(ctx.timeout, frame::read_header(&mut r)).await {
+            Ok(h) => h,
             Err(LinkError::Closed) => break Err(LinkError::Closed),
             Err(e) => break Err(e),
         };
@@ -412,22 +396,6 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
     frame::shutdown_fd(fd);
     writer.await;
     result
-}
-
-/// Shuts the connection down when nothing has arrived for `timeout`.
-/// Cancelled (dropped) when the connection's serve loop returns, before its
-/// descriptor is closed.
-async fn watchdog(timeout: Duration, last_rx: Rc<Cell<Instant>>, fired: Rc<Cell<bool>>, fd: RawFd) {
-    let tick = (timeout / 4).max(Duration::from_millis(50));
-    loop {
-        glommio::timer::sleep(tick).await;
-        if last_rx.get().elapsed() >= timeout {
-            tracing::warn!(silent = ?last_rx.get().elapsed(), "primary is silent; closing the connection");
-            fired.set(true);
-            frame::shutdown_fd(fd);
-            return;
-        }
-    }
 }
 
 async fn reply_writer(mut w: WriteHalf<TcpStream>, rx: LocalReceiver<Reply>, fd: RawFd) {
