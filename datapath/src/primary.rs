@@ -4,7 +4,8 @@
 //! A write: lock the range (in arrival order), mark the activemap durably,
 //! send to the secondary and write locally in parallel, acknowledge at the
 //! replication mode's point, and release the extent only when the
-//! secondary is done (or mark it for sync when it failed or is absent).
+//! secondary's copy is durable: its Done, then a flush there (or mark it
+//! for sync when it failed or is absent).
 //! With no peer (`remote none`, or disconnected) the write is local and
 //! its extents need synchronisation; the first such write of a
 //! disconnected epoch bumps the generation counter first.
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use glommio::io::{DmaBuffer, ReadResult};
+use glommio::sync::StaticPermit;
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::LocalDisk;
@@ -114,7 +116,9 @@ impl Primary {
             .unwrap_or(ReplicationMode::MemSync)
     }
 
-    /// Sends the remote leg of a change; None when there is no peer.
+    /// Sends the remote leg of a change; None when there is no peer. The
+    /// permit is the write's place among those waiting for the secondary's
+    /// flush.
     async fn send_remote(
         &self,
         link: &Option<PeerLink>,
@@ -122,8 +126,21 @@ impl Primary {
         offset: u64,
         len: u64,
         fua: bool,
-    ) -> Option<Pending> {
+    ) -> Option<(Pending, StaticPermit)> {
         let link = link.as_ref()?;
+        let slot = if self.mode() == ReplicationMode::Async {
+            link.try_reserve_durable()
+        } else {
+            link.reserve_durable().await
+        };
+        let slot = match slot {
+            Ok(s) => s,
+            Err(LinkError::Backlog) => {
+                self.stats.backlog_overflows.fetch_add(1, Relaxed);
+                return None;
+            }
+            Err(_) => return None,
+        };
         let mut f = 0u8;
         if self.mode() == ReplicationMode::MemSync {
             f |= flags::WANT_RECEIVED;
@@ -144,7 +161,7 @@ impl Primary {
             link.request(kind, f, offset, len as u32, payload).await
         };
         match sent {
-            Ok(p) => Some(p),
+            Ok(p) => Some((p, slot)),
             Err(LinkError::Backlog) => {
                 self.stats.backlog_overflows.fetch_add(1, Relaxed);
                 None
@@ -209,7 +226,7 @@ impl Primary {
                 "local write failed");
             errors.fetch_add(1, Relaxed);
         }
-        let Some(pending) = pending else {
+        let (Some((pending, slot)), Some(link)) = (pending, link) else {
             // No remote leg: the peer lacks this data.
             self.disk.write_complete(offset, len, false);
             return if local_ok {
@@ -219,12 +236,10 @@ impl Primary {
             };
         };
         // Acknowledgement point of the replication mode. FUA always waits
-        // for the secondary's durable Done.
+        // for the secondary's Done (it flushed before sending it).
         let mode = self.mode();
-        if mode == ReplicationMode::FullSync || fua {
-            let remote_ok = self.wait_done(&pending).await;
-            self.disk.write_complete(offset, len, local_ok && remote_ok);
-            drop(range);
+        let done = if mode == ReplicationMode::FullSync || fua {
+            Some(self.wait_done(&pending).await)
         } else {
             if mode == ReplicationMode::MemSync {
                 // Received (or failed): either way the request is settled
@@ -232,23 +247,38 @@ impl Primary {
                 // extent below.
                 let _ = pending.received().await;
             }
-            drop(range);
-            // The extent stays marked until the secondary is done.
-            let (disk, stats) = (self.disk.clone(), self.stats.clone());
-            self.stats.remote_inflight.fetch_add(1, Relaxed);
-            glommio::spawn_local(async move {
-                let remote_ok = match pending.done().await {
+            None
+        };
+        drop(range);
+        // The extent stays marked until the secondary's copy is durable:
+        // its Done, then a flush there (the secondary keeps no marks of
+        // its own for replicated writes).
+        let (disk, stats) = (self.disk.clone(), self.stats.clone());
+        self.stats.remote_inflight.fetch_add(1, Relaxed);
+        glommio::spawn_local(async move {
+            let _slot = slot;
+            let done_ok = match done {
+                Some(ok) => ok,
+                None => match pending.done().await {
                     Ok(_) => true,
                     Err(e) => {
                         log_remote_failure(&e, offset, len);
                         false
                     }
+                },
+            };
+            let remote_ok = done_ok
+                && match link.durable().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log_remote_failure(&e, offset, len);
+                        false
+                    }
                 };
-                disk.write_complete(offset, len, local_ok && remote_ok);
-                stats.remote_inflight.fetch_sub(1, Relaxed);
-            })
-            .detach();
-        }
+            disk.write_complete(offset, len, local_ok && remote_ok);
+            stats.remote_inflight.fetch_sub(1, Relaxed);
+        })
+        .detach();
         if local_ok {
             Ok(())
         } else {
@@ -271,17 +301,10 @@ impl Primary {
         let remote = async {
             match &link {
                 Some(l) if self.mode() != ReplicationMode::Async => {
-                    match l.call(Kind::Flush, 0, 0, 0, Payload::None).await {
-                        Ok(_) => {}
-                        Err(LinkError::Remote(errno)) => {
-                            // The secondary could not make its copy
-                            // durable: drop the link so the reconnect
-                            // resynchronises its dirty extents.
-                            tracing::error!(errno, "secondary flush failed; reconnecting");
-                            l.kill(LinkError::Remote(errno));
-                        }
-                        Err(_) => {}
-                    }
+                    // Also settles the writes waiting for the secondary's
+                    // flush. A failed flush there drops the link, so the
+                    // reconnect resynchronises every extent still marked.
+                    let _ = l.flush_round().await;
                 }
                 _ => {}
             }

@@ -70,12 +70,25 @@ fn replicate_and_switch(mode: &str) {
         b["statistics"]["writes"].as_u64().unwrap() > 0,
         "secondary applied writes"
     );
+    // The primary keeps the extents marked until the secondary's flush; the
+    // secondary writes no activemap for replicated data.
+    assert_eq!(
+        b["statistics"]["activemap_updates"], 0,
+        "secondary activemap updates for replicated writes ({mode})"
+    );
 
     // Role switch: demote A first (its export disappears), then promote B.
     c.a.hastctl(&["role", "secondary", "r1"]);
     assert!(
         !c.a.export_socket("r1").exists(),
         "old primary's export removed"
+    );
+    // A clean demotion settles every write (the secondary flushed them):
+    // nothing is left to synchronise.
+    assert_eq!(
+        c.a.list("r1")["dirty"],
+        0,
+        "dirty after a clean demotion ({mode})"
     );
     c.b.role("primary", "r1");
     wait_in_sync(&c.b);
@@ -373,6 +386,13 @@ fn role_switch_under_a_write_stream_is_clean() {
     // in-flight requests complete or fail cleanly, hastd keeps running.
     c.a.hastctl(&["role", "secondary", "r1"]);
     assert!(!c.a.export_socket("r1").exists());
+    // Writes acknowledged before the demotion were flushed on the secondary
+    // first: none is left marked for synchronisation.
+    assert_eq!(
+        c.a.list("r1")["dirty"],
+        0,
+        "dirty after demotion mid-stream"
+    );
     let _ = wait_child(&mut fio, Duration::from_secs(60));
     c.b.role("primary", "r1");
     wait_in_sync(&c.b);

@@ -187,6 +187,10 @@ impl Remote {
         let link = self.link.borrow_mut().take();
         if let Some(l) = link {
             if l.is_alive() {
+                // Make the secondary's copies durable first, so the writes
+                // waiting for that are settled as in sync rather than marked
+                // for synchronisation by the disconnect.
+                l.settle(self.cfg.timeout).await;
                 let _ = l.request(Kind::Bye, 0, 0, 0, Payload::None).await;
                 // Give the writer a moment to send it.
                 glommio::timer::sleep(Duration::from_millis(20)).await;

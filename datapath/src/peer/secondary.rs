@@ -501,13 +501,13 @@ async fn handle(
             let fut = async move {
                 let _permit = permit;
                 let _guard = ticket.await;
-                // Our mark and the data write go out together. The primary's
-                // mark was durable before it sent the write and it holds the
-                // extent until our Done, so until then a crash on either
-                // side is covered by its map; Done waits for both, so after
-                // it our own map covers the extent until a metadata flush
-                // has made the data durable too (a power loss here with a
-                // volatile disk cache).
+                // Replicated writes need no mark here: the primary keeps the
+                // extent marked until a flush on this side after our Done
+                // (see PeerLink::durable). Synchronisation writes are marked,
+                // together with the data write (Done waits for both): the
+                // primary forgets a synchronised extent at our Done, so after
+                // it our own map covers the extent until a later metadata
+                // flush (which flushes the disk cache too) made it durable.
                 let data_write = async {
                     let res = match data {
                         Some(buf) => disk.write(offset, buf).await,
@@ -518,11 +518,19 @@ async fn handle(
                         other => other,
                     }
                 };
-                let (marked, res) =
-                    futures_lite::future::zip(disk.write_start(offset, len), data_write).await;
+                let mark = async {
+                    if sync {
+                        disk.write_start(offset, len).await
+                    } else {
+                        Ok(())
+                    }
+                };
+                let (marked, res) = futures_lite::future::zip(mark, data_write).await;
                 let status = match (marked, res) {
                     (Ok(()), res) => {
-                        disk.write_complete(offset, len, true);
+                        if sync {
+                            disk.write_complete(offset, len, true);
+                        }
                         match res {
                             Ok(()) => 0,
                             Err(e) => {
