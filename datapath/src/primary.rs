@@ -129,7 +129,7 @@ impl Primary {
     ) -> Option<(Pending, StaticPermit)> {
         let link = link.as_ref()?;
         let slot = if self.mode() == ReplicationMode::Async {
-            link.try_reserve_durable()
+            link.try_reserve_durable().await
         } else {
             link.reserve_durable().await
         };

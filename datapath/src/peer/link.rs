@@ -244,19 +244,12 @@ impl PeerLink {
     /// while [`MAX_UNFLUSHED`] are waiting. Hold it until
     /// [`PeerLink::durable`] resolved.
     pub async fn reserve_durable(&self) -> Result<StaticPermit, LinkError> {
-        self.inner
-            .unflushed
-            .acquire_static_permit(1)
-            .await
-            .map_err(|_| LinkError::Disconnected)
+        take(&self.inner.unflushed, 1, true).await
     }
 
     /// Like [`PeerLink::reserve_durable`] but never waits (async mode).
-    pub fn try_reserve_durable(&self) -> Result<StaticPermit, LinkError> {
-        self.inner
-            .unflushed
-            .try_acquire_static_permit(1)
-            .map_err(|_| LinkError::Backlog)
+    pub async fn try_reserve_durable(&self) -> Result<StaticPermit, LinkError> {
+        take(&self.inner.unflushed, 1, false).await
     }
 
     /// Resolves `Ok` once everything the secondary completed before this
@@ -342,29 +335,7 @@ impl PeerLink {
         length: u32,
         payload: Payload,
     ) -> Result<Pending, LinkError> {
-        if !self.is_alive() {
-            return Err(LinkError::Disconnected);
-        }
-        let closed = |_| LinkError::Disconnected;
-        let permit = self
-            .inner
-            .window
-            .acquire_static_permit(1)
-            .await
-            .map_err(closed)?;
-        let n = payload.bytes().len() as u64;
-        let bytes = if n > 0 {
-            Some(
-                self.inner
-                    .bytes
-                    .acquire_static_permit(n.min(self.inner.limits.max_bytes as u64))
-                    .await
-                    .map_err(closed)?,
-            )
-        } else {
-            None
-        };
-        self.enqueue(kind, flags, offset, length, payload, permit, bytes)
+        self.send_request(kind, flags, offset, length, payload, true)
             .await
     }
 
@@ -379,22 +350,27 @@ impl PeerLink {
         length: u32,
         payload: Payload,
     ) -> Result<Pending, LinkError> {
+        self.send_request(kind, flags, offset, length, payload, false)
+            .await
+    }
+
+    async fn send_request(
+        &self,
+        kind: Kind,
+        flags: u8,
+        offset: u64,
+        length: u32,
+        payload: Payload,
+        wait: bool,
+    ) -> Result<Pending, LinkError> {
         if !self.is_alive() {
             return Err(LinkError::Disconnected);
         }
-        let permit = self
-            .inner
-            .window
-            .try_acquire_static_permit(1)
-            .map_err(|_| LinkError::Backlog)?;
+        let permit = take(&self.inner.window, 1, wait).await?;
         let n = payload.bytes().len() as u64;
         let bytes = if n > 0 {
-            Some(
-                self.inner
-                    .bytes
-                    .try_acquire_static_permit(n.min(self.inner.limits.max_bytes as u64))
-                    .map_err(|_| LinkError::Backlog)?,
-            )
+            let n = n.min(self.inner.limits.max_bytes as u64);
+            Some(take(&self.inner.bytes, n, wait).await?)
         } else {
             None
         };
@@ -507,6 +483,19 @@ impl Future for WaitDead {
         wakers.retain(|w| !w.will_wake(cx.waker()));
         wakers.push(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+/// Takes `n` permits: waiting for them (a closed semaphore means the link
+/// died), or not ([`LinkError::Backlog`] when they are not available).
+async fn take(sem: &Rc<Semaphore>, n: u64, wait: bool) -> Result<StaticPermit, LinkError> {
+    if wait {
+        sem.acquire_static_permit(n)
+            .await
+            .map_err(|_| LinkError::Disconnected)
+    } else {
+        sem.try_acquire_static_permit(n)
+            .map_err(|_| LinkError::Backlog)
     }
 }
 
