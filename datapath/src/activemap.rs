@@ -95,6 +95,12 @@ pub struct ActiveMap {
     lookahead: u32,
     /// Sequence carrying marks laid ahead that no writer waits for.
     ahead_seq: Option<u64>,
+    /// Extents whose copy on the peer completed but may still be in the
+    /// peer's disk cache: held marked until a peer flush begun after that
+    /// completion has finished.
+    held: BitVec<u8, Lsb0>,
+    /// Held extents captured by the peer flush in progress.
+    closing: BitVec<u8, Lsb0>,
     stats: ActiveMapStats,
 }
 
@@ -139,6 +145,8 @@ impl ActiveMap {
             run_start: 0,
             lookahead: (keepdirty / 8).min(MAX_LOOKAHEAD),
             ahead_seq: None,
+            held: bitvec![u8, Lsb0; 0; n],
+            closing: bitvec![u8, Lsb0; 0; n],
             stats: ActiveMapStats::default(),
         }
     }
@@ -201,7 +209,7 @@ impl ActiveMap {
     }
 
     fn wanted(&self, e: usize) -> bool {
-        self.pending[e] > 0 || self.in_lru[e] || self.syncmap[e]
+        self.pending[e] > 0 || self.in_lru[e] || self.syncmap[e] || self.held[e] || self.closing[e]
     }
 
     fn sector_of(&self, e: usize) -> usize {
@@ -331,6 +339,69 @@ impl ActiveMap {
         }
         self.last_end = offset.saturating_add(len);
         need
+    }
+
+    /// The peer completed its copy of `[offset, offset+len)` (its Done),
+    /// which may still sit in its disk cache: keep the extents marked until
+    /// a peer flush begun after now has finished. Call before
+    /// [`ActiveMap::write_complete`], so the mark never lapses.
+    pub fn hold_until_peer_flush(&mut self, offset: u64, len: u64) {
+        for e in self.extent_range(offset, len) {
+            self.held.set(e as usize, true);
+        }
+    }
+
+    /// A flush of the peer's disk is about to be requested: it will cover
+    /// every extent held so far. One at a time; a flush abandoned before
+    /// [`ActiveMap::peer_flush_done`] leaves its extents to the next one
+    /// (which covers them too).
+    pub fn peer_flush_begin(&mut self) {
+        self.closing |= &self.held;
+        self.held.fill(false);
+    }
+
+    /// The peer flush finished: its extents are durable on the peer and
+    /// their marks may be cleared (lazily, with the next batch).
+    pub fn peer_flush_done(&mut self) {
+        let done: Vec<usize> = self.closing.iter_ones().collect();
+        self.closing.fill(false);
+        for e in done {
+            self.maybe_clear(e);
+        }
+    }
+
+    /// The peer is gone (or could not flush): every held extent may be
+    /// missing there and needs synchronisation. The bits are durable
+    /// already (held extents stay marked), so no metadata write is needed.
+    pub fn peer_lost(&mut self) {
+        let lost: Vec<usize> = self
+            .held
+            .iter_ones()
+            .chain(self.closing.iter_ones())
+            .collect();
+        self.held.fill(false);
+        self.closing.fill(false);
+        for e in lost {
+            self.set_sync(e);
+            if self.syncing[e] {
+                self.redirtied.set(e, true);
+            }
+        }
+    }
+
+    /// Extents marked only because the peer has not flushed them yet
+    /// (neither in flight, nor recently written, nor needing sync).
+    pub fn held_only(&self) -> usize {
+        self.held
+            .iter_ones()
+            .chain(self.closing.iter_ones())
+            .filter(|&e| self.pending[e] == 0 && !self.in_lru[e] && !self.syncmap[e])
+            .count()
+    }
+
+    /// Does any extent wait for a peer flush?
+    pub fn holds(&self) -> bool {
+        self.held.any() || self.closing.any()
     }
 
     /// A sequence that only marks laid ahead of a sequential stream wait
@@ -825,6 +896,37 @@ mod tests {
     }
 
     #[test]
+    fn extents_held_until_the_peer_flushes() {
+        // keepdirty 1: writing extent 1 evicts extent 0.
+        let mut m = ActiveMap::new(8 * u64::from(EXT), EXT, 1, 512);
+        let mut disk = vec![0u8; 512];
+        let e = u64::from(EXT);
+        m.write_start(0, 1);
+        persist_all(&mut m, &mut disk);
+        m.hold_until_peer_flush(0, 1);
+        m.write_complete(0, 1);
+        m.write_start(e, 1);
+        persist_all(&mut m, &mut disk);
+        assert!(bit(&disk, 0), "evicted but the peer has not flushed it");
+        assert_eq!(m.held_only(), 1);
+        m.peer_flush_begin();
+        // Completed after the flush was sent: not covered by it.
+        m.hold_until_peer_flush(e, 1);
+        m.write_complete(e, 1);
+        m.write_start(2 * e, 1);
+        m.peer_flush_done();
+        persist_all(&mut m, &mut disk);
+        assert!(!bit(&disk, 0), "released by the flush");
+        assert!(bit(&disk, 1), "held for the next flush");
+        assert!(m.holds());
+        // The peer is lost before it flushed extent 1: it needs sync.
+        m.peer_lost();
+        assert!(m.needs_sync(1) && !m.needs_sync(0));
+        assert!(!m.holds());
+        m.write_complete(2 * e, 1);
+    }
+
+    #[test]
     fn extent_ranges() {
         let m = ActiveMap::new(10 * u64::from(EXT) + 100, EXT, 1, 512);
         assert_eq!(m.extent_range(0, 0), 0..0);
@@ -853,6 +955,9 @@ mod tests {
         Issue,
         Complete { which: u8, failed: bool },
         SyncDone { ext: u8 },
+        PeerFlushBegin,
+        PeerFlushDone,
+        PeerLost,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -864,6 +969,9 @@ mod tests {
             3 => Just(Op::Issue),
             3 => (any::<u8>(), any::<bool>()).prop_map(|(which, failed)| Op::Complete { which, failed }),
             1 => (0u8..40).prop_map(|ext| Op::SyncDone { ext }),
+            1 => Just(Op::PeerFlushBegin),
+            1 => Just(Op::PeerFlushDone),
+            1 => prop_oneof![9 => Just(Op::Flush), 1 => Just(Op::PeerLost)],
         ]
     }
 
@@ -892,6 +1000,11 @@ mod tests {
             let mut batch: Option<(PersistBatch, usize)> = None;
             let mut writes: Vec<Write> = Vec::new();
             let mut synced_needed = bitvec![u8, Lsb0; 0; 40];
+            // Extents whose peer copy is not known durable (held, and
+            // captured by the peer flush in progress).
+            let mut held = bitvec![u8, Lsb0; 0; 40];
+            let mut closing = bitvec![u8, Lsb0; 0; 40];
+            let mut flushing = false;
 
             for op in ops {
                 match op {
@@ -939,9 +1052,38 @@ mod tests {
                                 for e in m.extent_range(w.off, w.len) {
                                     synced_needed.set(e as usize, true);
                                 }
+                            } else {
+                                m.hold_until_peer_flush(w.off, w.len);
+                                for e in m.extent_range(w.off, w.len) {
+                                    held.set(e as usize, true);
+                                }
                             }
                             m.write_complete(w.off, w.len);
                         }
+                    }
+                    Op::PeerFlushBegin => {
+                        if !flushing {
+                            m.peer_flush_begin();
+                            flushing = true;
+                            closing |= &held;
+                            held.fill(false);
+                        }
+                    }
+                    Op::PeerFlushDone => {
+                        if flushing {
+                            m.peer_flush_done();
+                            flushing = false;
+                            closing.fill(false);
+                        }
+                    }
+                    Op::PeerLost => {
+                        m.peer_lost();
+                        flushing = false;
+                        for e in held.iter_ones().chain(closing.iter_ones()).collect::<Vec<_>>() {
+                            synced_needed.set(e, true);
+                        }
+                        held.fill(false);
+                        closing.fill(false);
                     }
                     Op::SyncDone { ext } => {
                         if m.needs_sync(u32::from(ext)) && m.pending[ext as usize] == 0 {
@@ -972,6 +1114,9 @@ mod tests {
                 }
                 for e in synced_needed.iter_ones() {
                     prop_assert!(bits[e], "needs-sync extent {} lost by crash", e);
+                }
+                for e in held.iter_ones().chain(closing.iter_ones()) {
+                    prop_assert!(bits[e], "extent {} not yet flushed on the peer lost by crash", e);
                 }
             }
         }

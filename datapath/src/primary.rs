@@ -5,7 +5,7 @@
 //! send to the secondary and write locally in parallel, acknowledge at the
 //! replication mode's point, and release the extent only when the
 //! secondary's copy is durable: its Done, then a flush there (or mark it
-//! for sync when it failed or is absent).
+//! for sync when it failed, was lost or is absent).
 //! With no peer (`remote none`, or disconnected) the write is local and
 //! its extents need synchronisation; the first such write of a
 //! disconnected epoch bumps the generation counter first.
@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use glommio::io::{DmaBuffer, ReadResult};
-use glommio::sync::StaticPermit;
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::LocalDisk;
@@ -116,9 +115,7 @@ impl Primary {
             .unwrap_or(ReplicationMode::MemSync)
     }
 
-    /// Sends the remote leg of a change; None when there is no peer. The
-    /// permit is the write's place among those waiting for the secondary's
-    /// flush.
+    /// Sends the remote leg of a change; None when there is no peer.
     async fn send_remote(
         &self,
         link: &Option<PeerLink>,
@@ -126,21 +123,8 @@ impl Primary {
         offset: u64,
         len: u64,
         fua: bool,
-    ) -> Option<(Pending, StaticPermit)> {
+    ) -> Option<Pending> {
         let link = link.as_ref()?;
-        let slot = if self.mode() == ReplicationMode::Async {
-            link.try_reserve_durable().await
-        } else {
-            link.reserve_durable().await
-        };
-        let slot = match slot {
-            Ok(s) => s,
-            Err(LinkError::Backlog) => {
-                self.stats.backlog_overflows.fetch_add(1, Relaxed);
-                return None;
-            }
-            Err(_) => return None,
-        };
         let mut f = 0u8;
         if self.mode() == ReplicationMode::MemSync {
             f |= flags::WANT_RECEIVED;
@@ -161,7 +145,7 @@ impl Primary {
             link.request(kind, f, offset, len as u32, payload).await
         };
         match sent {
-            Ok(p) => Some((p, slot)),
+            Ok(p) => Some(p),
             Err(LinkError::Backlog) => {
                 self.stats.backlog_overflows.fetch_add(1, Relaxed);
                 None
@@ -226,7 +210,7 @@ impl Primary {
                 "local write failed");
             errors.fetch_add(1, Relaxed);
         }
-        let (Some((pending, slot)), Some(link)) = (pending, link) else {
+        let (Some(pending), Some(link)) = (pending, link) else {
             // No remote leg: the peer lacks this data.
             self.disk.write_complete(offset, len, false);
             return if local_ok {
@@ -238,8 +222,10 @@ impl Primary {
         // Acknowledgement point of the replication mode. FUA always waits
         // for the secondary's Done (it flushed before sending it).
         let mode = self.mode();
-        let done = if mode == ReplicationMode::FullSync || fua {
-            Some(self.wait_done(&pending).await)
+        if mode == ReplicationMode::FullSync || fua {
+            let remote_ok = self.wait_done(&pending).await;
+            settle(&self.disk, &link, offset, len, local_ok, remote_ok);
+            drop(range);
         } else {
             if mode == ReplicationMode::MemSync {
                 // Received (or failed): either way the request is settled
@@ -247,38 +233,23 @@ impl Primary {
                 // extent below.
                 let _ = pending.received().await;
             }
-            None
-        };
-        drop(range);
-        // The extent stays marked until the secondary's copy is durable:
-        // its Done, then a flush there (the secondary keeps no marks of
-        // its own for replicated writes).
-        let (disk, stats) = (self.disk.clone(), self.stats.clone());
-        self.stats.remote_inflight.fetch_add(1, Relaxed);
-        glommio::spawn_local(async move {
-            let _slot = slot;
-            let done_ok = match done {
-                Some(ok) => ok,
-                None => match pending.done().await {
+            drop(range);
+            // The extent stays marked until the secondary is done.
+            let (disk, stats) = (self.disk.clone(), self.stats.clone());
+            self.stats.remote_inflight.fetch_add(1, Relaxed);
+            glommio::spawn_local(async move {
+                let remote_ok = match pending.done().await {
                     Ok(_) => true,
                     Err(e) => {
                         log_remote_failure(&e, offset, len);
                         false
                     }
-                },
-            };
-            let remote_ok = done_ok
-                && match link.durable().await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        log_remote_failure(&e, offset, len);
-                        false
-                    }
                 };
-            disk.write_complete(offset, len, local_ok && remote_ok);
-            stats.remote_inflight.fetch_sub(1, Relaxed);
-        })
-        .detach();
+                settle(&disk, &link, offset, len, local_ok, remote_ok);
+                stats.remote_inflight.fetch_sub(1, Relaxed);
+            })
+            .detach();
+        }
         if local_ok {
             Ok(())
         } else {
@@ -301,10 +272,12 @@ impl Primary {
         let remote = async {
             match &link {
                 Some(l) if self.mode() != ReplicationMode::Async => {
-                    // Also settles the writes waiting for the secondary's
+                    // Also releases the extents held for the secondary's
                     // flush. A failed flush there drops the link, so the
                     // reconnect resynchronises every extent still marked.
-                    let _ = l.flush_round().await;
+                    if let Some(r) = &self.remote {
+                        let _ = r.peer_flush(l).await;
+                    }
                 }
                 _ => {}
             }
@@ -316,6 +289,26 @@ impl Primary {
             BackendError::Io
         })
     }
+}
+
+/// Records how a write ended on both legs. A copy the secondary completed
+/// may still sit in its disk cache: the extent stays marked until a flush
+/// there (Remote::peer_flush), or is marked for synchronisation if the
+/// connection is lost first. The link is checked here, with no await since
+/// the Done, so that a hold is never taken after the loss was recorded.
+fn settle(
+    disk: &LocalDisk,
+    link: &PeerLink,
+    offset: u64,
+    len: u64,
+    local_ok: bool,
+    remote_ok: bool,
+) {
+    let remote_ok = remote_ok && link.is_alive();
+    if local_ok && remote_ok {
+        disk.with_map(|m| m.hold_until_peer_flush(offset, len));
+    }
+    disk.write_complete(offset, len, local_ok && remote_ok);
 }
 
 fn log_remote_failure(e: &LinkError, offset: u64, len: u64) {

@@ -11,11 +11,8 @@
 //! - when the connection dies every pending request fails with
 //!   [`LinkError::Disconnected`]; callers then mark their extents for sync.
 //! - a write's `Done` means the secondary wrote it, not that its copy is
-//!   durable: the secondary keeps no activemap marks for replicated writes.
-//!   [`PeerLink::durable`] resolves once a `Flush` sent after that `Done`
-//!   has completed; the flusher task sends one shortly after anyone waits
-//!   (rounds: every waiter registered before a `Flush` is queued is covered
-//!   by it). Until then the primary keeps the extent marked.
+//!   durable: the caller keeps the extent marked until a later
+//!   [`PeerLink::flush`] has completed (see `Remote::peer_flush`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -172,26 +169,7 @@ struct Inner {
     fd: RawFd,
     alloc: Box<dyn Fn(usize) -> DmaBuffer>,
     limits: LinkLimits,
-    /// Writes done on the secondary and waiting for a flush there, at most
-    /// [`MAX_UNFLUSHED`].
-    unflushed: Rc<Semaphore>,
-    /// Flush round that new durability waiters join.
-    round_open: Cell<u64>,
-    /// Every round up to this one is durable on the secondary.
-    durable_round: Cell<u64>,
-    /// Highest round anyone waits for.
-    want_round: Cell<u64>,
-    durable_wakers: RefCell<Vec<Waker>>,
-    flusher_waker: RefCell<Option<Waker>>,
 }
-
-/// Writes waiting for the secondary's flush, at most (backpressure on
-/// new writes beyond that).
-pub const MAX_UNFLUSHED: usize = 8192;
-
-/// How long the flusher gathers waiters before it sends a `Flush` (one
-/// flush on the secondary covers every write that completed before it).
-pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
 
 /// An established connection to the secondary. Cheap to clone.
 #[derive(Clone)]
@@ -224,84 +202,23 @@ impl PeerLink {
             fd,
             alloc: Box::new(alloc),
             limits,
-            unflushed: Rc::new(Semaphore::new(MAX_UNFLUSHED as u64)),
-            round_open: Cell::new(1),
-            durable_round: Cell::new(0),
-            want_round: Cell::new(0),
-            durable_wakers: RefCell::new(Vec::new()),
-            flusher_waker: RefCell::new(None),
         });
         let (reader, writer) = futures_lite::io::split(stream);
         let link = PeerLink { inner };
         glommio::spawn_local(writer_task(link.clone(), writer, rx)).detach();
         glommio::spawn_local(reader_task(link.clone(), reader)).detach();
         glommio::spawn_local(keepalive_task(link.clone())).detach();
-        glommio::spawn_local(flusher_task(link.clone())).detach();
         link
     }
 
-    /// A place among the writes waiting for the secondary's flush; waits
-    /// while [`MAX_UNFLUSHED`] are waiting. Hold it until
-    /// [`PeerLink::durable`] resolved.
-    pub async fn reserve_durable(&self) -> Result<StaticPermit, LinkError> {
-        take(&self.inner.unflushed, 1, true).await
-    }
-
-    /// Like [`PeerLink::reserve_durable`] but never waits (async mode).
-    pub async fn try_reserve_durable(&self) -> Result<StaticPermit, LinkError> {
-        take(&self.inner.unflushed, 1, false).await
-    }
-
-    /// Resolves `Ok` once everything the secondary completed before this
-    /// call (every write whose `Done` has arrived) is durable there, or
-    /// with an error if the connection dies first or the secondary cannot
-    /// flush.
-    pub fn durable(&self) -> WaitDurable {
-        WaitDurable {
-            link: self.clone(),
-            round: self.inner.round_open.get(),
-        }
-    }
-
-    /// Before a clean disconnect: lets the requests in flight finish and
-    /// flushes the secondary until no write waits for durability (at most
-    /// `limit`).
-    pub async fn settle(&self, limit: Duration) {
-        let start = Instant::now();
-        while self.is_alive() && start.elapsed() < limit {
-            // Let completed writes' tasks run and register as waiters.
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-            if self.inflight() > 0 {
-                continue;
-            }
-            if self.inner.want_round.get() <= self.inner.durable_round.get() {
-                return;
-            }
-            if self.flush_round().await.is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Makes everything the secondary completed so far durable there now
-    /// (one flush round), e.g. before a clean disconnect.
-    pub async fn flush_round(&self) -> Result<(), LinkError> {
-        let inner = &self.inner;
-        let covered = inner.round_open.get();
-        inner.round_open.set(covered + 1);
+    /// Flushes the secondary's disk: every write it completed before
+    /// (every write whose `Done` has arrived) is durable there once this
+    /// returns `Ok`. A secondary that cannot flush is disconnected (its
+    /// extents are then resynchronised).
+    pub async fn flush(&self) -> Result<(), LinkError> {
         match self.call(Kind::Flush, 0, 0, 0, Payload::None).await {
-            Ok(_) => {
-                inner
-                    .durable_round
-                    .set(inner.durable_round.get().max(covered));
-                for w in inner.durable_wakers.borrow_mut().drain(..) {
-                    w.wake();
-                }
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(LinkError::Remote(errno)) => {
-                // The secondary could not make its copy durable: the
-                // reconnect resynchronises every extent still marked.
                 tracing::error!(errno, "secondary flush failed; reconnecting");
                 self.kill(LinkError::Remote(errno));
                 Err(LinkError::Remote(errno))
@@ -453,13 +370,6 @@ impl PeerLink {
         for w in inner.death_wakers.borrow_mut().drain(..) {
             w.wake();
         }
-        inner.unflushed.close();
-        for w in inner.durable_wakers.borrow_mut().drain(..) {
-            w.wake();
-        }
-        if let Some(w) = inner.flusher_waker.borrow_mut().take() {
-            w.wake();
-        }
     }
 
     /// Resolves when the connection is dead.
@@ -496,63 +406,6 @@ async fn take(sem: &Rc<Semaphore>, n: u64, wait: bool) -> Result<StaticPermit, L
     } else {
         sem.try_acquire_static_permit(n)
             .map_err(|_| LinkError::Backlog)
-    }
-}
-
-/// Future of [`PeerLink::durable`].
-pub struct WaitDurable {
-    link: PeerLink,
-    round: u64,
-}
-
-impl Future for WaitDurable {
-    type Output = Result<(), LinkError>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = &self.link.inner;
-        if inner.durable_round.get() >= self.round {
-            return Poll::Ready(Ok(()));
-        }
-        if !self.link.is_alive() {
-            return Poll::Ready(Err(LinkError::Disconnected));
-        }
-        // Woken (all at once) when a round completes or the link dies.
-        inner.durable_wakers.borrow_mut().push(cx.waker().clone());
-        if inner.want_round.get() < self.round {
-            inner.want_round.set(self.round);
-            if let Some(w) = inner.flusher_waker.borrow_mut().take() {
-                w.wake();
-            }
-        }
-        Poll::Pending
-    }
-}
-
-/// Sends a `Flush` shortly after someone waits for durability, one round
-/// at a time.
-async fn flusher_task(link: PeerLink) {
-    loop {
-        let work = futures_lite::future::poll_fn(|cx| {
-            let inner = &link.inner;
-            if !link.is_alive() {
-                return Poll::Ready(false);
-            }
-            if inner.want_round.get() >= inner.round_open.get() {
-                return Poll::Ready(true);
-            }
-            *inner.flusher_waker.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
-        if !work {
-            return;
-        }
-        // Gather more waiters into the round (a full backlog goes at once).
-        if link.inner.unflushed.available() > (MAX_UNFLUSHED / 2) as u64 {
-            glommio::timer::sleep(FLUSH_DELAY).await;
-        }
-        if !link.is_alive() || link.flush_round().await.is_err() {
-            return;
-        }
     }
 }
 

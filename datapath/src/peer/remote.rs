@@ -32,6 +32,19 @@ use crate::stats::ResourceStats;
 /// requests in flight.
 pub const SYNC_WINDOW_UNDER_LOAD: usize = 1;
 
+/// How often the flusher looks at the extents waiting for the secondary's
+/// flush.
+pub const PEER_FLUSH_CHECK: Duration = Duration::from_millis(10);
+
+/// The secondary is flushed when the extents marked only because it has
+/// not flushed them reach this many times keepdirty (at least
+/// [`PEER_FLUSH_MIN_HELD`]): after a crash, at most that many more extents
+/// than keepdirty and the writes in flight are resynchronised.
+pub const PEER_FLUSH_HELD_PER_KEEPDIRTY: usize = 2;
+
+/// See [`PEER_FLUSH_HELD_PER_KEEPDIRTY`].
+pub const PEER_FLUSH_MIN_HELD: usize = 16;
+
 /// When the primary acknowledges a write (hast.conf `replication`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicationMode {
@@ -77,6 +90,8 @@ pub struct RemoteConfig {
 pub struct Remote {
     cfg: RemoteConfig,
     disk: Rc<LocalDisk>,
+    /// One flush of the secondary at a time (peer_flush).
+    flush_lock: Rc<Semaphore>,
     stats: Arc<ResourceStats>,
     events: EventSink,
     link: RefCell<Option<PeerLink>>,
@@ -112,6 +127,7 @@ impl Remote {
         let r = Rc::new(Remote {
             cfg,
             disk,
+            flush_lock: Rc::new(Semaphore::new(1)),
             stats,
             events,
             link: RefCell::new(None),
@@ -179,6 +195,50 @@ impl Remote {
             .with_map(|m| m.extent_range(offset, len).any(|e| m.needs_sync(e)))
     }
 
+    /// Flushes the secondary's disk and releases the extents that were
+    /// held marked until its copies are durable (those whose Done arrived
+    /// before the flush was sent). On failure the held extents are marked
+    /// for synchronisation. One at a time.
+    pub async fn peer_flush(&self, link: &PeerLink) -> Result<(), LinkError> {
+        let _one = self
+            .flush_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| LinkError::Local("stopping".into()))?;
+        if !link.is_alive() {
+            return Err(LinkError::Disconnected);
+        }
+        self.disk.with_map(|m| m.peer_flush_begin());
+        match link.flush().await {
+            Ok(()) => {
+                self.disk.with_map(|m| m.peer_flush_done());
+                Ok(())
+            }
+            Err(e) => {
+                self.disk.with_map(|m| m.peer_lost());
+                Err(e)
+            }
+        }
+    }
+
+    /// Flushes the secondary when the extents marked only because it has
+    /// not flushed them (evicted from keepdirty, nothing else in flight)
+    /// reach the bound. Extents still in the keepdirty set are marked
+    /// anyway, so a workload that stays within keepdirty costs no flush of
+    /// the secondary (its copies become durable at the client's flushes).
+    async fn flusher(self: Rc<Self>, link: PeerLink) {
+        let bound = (self.disk.metadata().keepdirty as usize * PEER_FLUSH_HELD_PER_KEEPDIRTY)
+            .max(PEER_FLUSH_MIN_HELD);
+        while link.is_alive() && !self.stopping.get() {
+            glommio::timer::sleep(PEER_FLUSH_CHECK).await;
+            if self.disk.with_map(|m| m.held_only()) >= bound
+                && self.peer_flush(&link).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
     /// Stops: says goodbye to the secondary, closes the link and waits for
     /// the manager.
     pub async fn stop(&self) {
@@ -187,16 +247,24 @@ impl Remote {
         let link = self.link.borrow_mut().take();
         if let Some(l) = link {
             if l.is_alive() {
-                // Make the secondary's copies durable first, so the writes
-                // waiting for that are settled as in sync rather than marked
-                // for synchronisation by the disconnect.
-                l.settle(self.cfg.timeout).await;
+                // Let the requests in flight finish and their extents be
+                // held, then make the secondary's copies durable, so that
+                // they are released as in sync rather than marked for
+                // synchronisation by the disconnect.
+                let start = Instant::now();
+                while l.is_alive() && l.inflight() > 0 && start.elapsed() < self.cfg.timeout {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                let _ = frame::with_timeout(self.cfg.timeout, self.peer_flush(&l)).await;
                 let _ = l.request(Kind::Bye, 0, 0, 0, Payload::None).await;
                 // Give the writer a moment to send it.
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
             l.kill(LinkError::Local("role change".into()));
         }
+        // Whatever the secondary did not flush needs synchronisation.
+        self.disk.with_map(|m| m.peer_lost());
         let task = self.task.borrow_mut().take();
         if let Some(t) = task {
             t.await;
@@ -303,6 +371,8 @@ impl Remote {
             target_generation(&decision, &p_gen, &reply.gen).unwrap_or(p_gen.localcnt)
         };
         let dir = decision.direction().unwrap_or(SyncDirection::ToSecondary);
+        // Cancelled (dropped) when the session ends.
+        let _flusher = glommio::spawn_local(self.clone().flusher(link.clone()));
         let synced = self.synchronise(&link, dir, target, &p_gen).await;
         if let Err(e) = &synced {
             if link.is_alive() && !self.stopping.get() {
@@ -331,9 +401,14 @@ impl Remote {
         }
         *self.link.borrow_mut() = None;
         self.stats.connected.store(false, Relaxed);
+        drop(_flusher);
         if self.stopping.get() {
+            // stop() flushes the secondary, then records what is left.
             return Ok(());
         }
+        // Copies the secondary completed but did not flush may be lost
+        // with it: their extents need synchronisation.
+        self.disk.with_map(|m| m.peer_lost());
         let why = link
             .death_reason()
             .map(|e| e.to_string())

@@ -503,7 +503,7 @@ async fn handle(
                 let _guard = ticket.await;
                 // Replicated writes need no mark here: the primary keeps the
                 // extent marked until a flush on this side after our Done
-                // (see PeerLink::durable). Synchronisation writes are marked,
+                // (see Remote::peer_flush). Synchronisation writes are marked,
                 // together with the data write (Done waits for both): the
                 // primary forgets a synchronised extent at our Done, so after
                 // it our own map covers the extent until a later metadata
