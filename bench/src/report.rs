@@ -382,33 +382,39 @@ impl Results {
             o,
             "server CPU by thread in each job (A = primary hastd, B = secondary):"
         );
+        self.cpu_by_thread(&mut o, "  ", 4);
+        for e in &self.errors {
+            let _ = writeln!(o, "\nFAILED: {e}");
+        }
+        o
+    }
+
+    /// One line per job with server CPU by thread (the `top` busiest
+    /// threads of each process), then its activemap line, then the sync.
+    fn cpu_by_thread(&self, o: &mut String, indent: &str, top: usize) {
         for r in &self.rows {
             if let Some(u) = &r.usage {
                 let _ = writeln!(
                     o,
-                    "  {:<20} {:<26} {}",
+                    "{indent}{:<20} {:<26} {}",
                     r.system,
                     r.label,
-                    u.threads_summary(4)
+                    u.threads_summary(top)
                 );
                 if let Some(a) = r.activemap_summary() {
-                    let _ = writeln!(o, "  {:<20} {:<26} {a}", "", "");
+                    let _ = writeln!(o, "{indent}{:<20} {:<26} {a}", "", "");
                 }
             }
         }
         if let Some(u) = self.sync.as_ref().and_then(|s| s.usage.as_ref()) {
             let _ = writeln!(
                 o,
-                "  {:<20} {:<26} {}",
+                "{indent}{:<20} {:<26} {}",
                 "hastd",
                 "full sync",
-                u.threads_summary(4)
+                u.threads_summary(top)
             );
         }
-        for e in &self.errors {
-            let _ = writeln!(o, "\nFAILED: {e}");
-        }
-        o
     }
 
     /// JSON form.
@@ -538,29 +544,7 @@ impl Results {
         let _ = writeln!(o, "Server CPU by thread (seconds in each job's measured window; A = primary, B = secondary):");
         let _ = writeln!(o);
         let _ = writeln!(o, "```text");
-        for r in &self.rows {
-            if let Some(u) = &r.usage {
-                let _ = writeln!(
-                    o,
-                    "{:<20} {:<26} {}",
-                    r.system,
-                    r.label,
-                    u.threads_summary(3)
-                );
-                if let Some(a) = r.activemap_summary() {
-                    let _ = writeln!(o, "{:<20} {:<26} {a}", "", "");
-                }
-            }
-        }
-        if let Some(u) = self.sync.as_ref().and_then(|s| s.usage.as_ref()) {
-            let _ = writeln!(
-                o,
-                "{:<20} {:<26} {}",
-                "hastd",
-                "full sync",
-                u.threads_summary(3)
-            );
-        }
+        self.cpu_by_thread(&mut o, "", 3);
         let _ = writeln!(o, "```");
         for e in &self.errors {
             let _ = writeln!(
