@@ -425,3 +425,39 @@ fn socket_from(ip: std::net::IpAddr, to: std::net::SocketAddr) -> std::net::TcpS
     hast_tests::proxy::connect_from(ip, to)
         .unwrap_or_else(|e| panic!("cannot connect to {to} from {ip}: {e}"))
 }
+
+/// Writes that stay within keepdirty cost the secondary no flush while
+/// they run; once they stop, one flush makes them durable there (and
+/// releases the primary's holds), and an idle pair flushes no more.
+#[test]
+fn idle_primary_flushes_the_secondary_once() {
+    let mut c = cluster("memsync", 96 * MIB, false, None);
+    let flushes = |c: &Cluster| c.b.list("r1")["statistics"]["flushes"].as_u64().unwrap();
+    let before = flushes(&c);
+    // A raw NBD client: no flush on disconnect (qemu-io would send one).
+    let mut client = hast_tests::nbd::Client::connect(&c.a.export_socket("r1"), "r1").unwrap();
+    for i in 0..8u64 {
+        let r = client.write(i * EXTENT, &vec![0x5a; 64 * 1024]).unwrap();
+        assert_eq!(r.error, 0);
+    }
+    client.disconnect().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        flushes(&c),
+        before,
+        "no flush of the secondary while writes run"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while flushes(&c) == before {
+        assert!(std::time::Instant::now() < deadline, "no flush once idle");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = flushes(&c);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        flushes(&c),
+        after,
+        "an idle pair flushes once, not periodically"
+    );
+    c.stop();
+}

@@ -45,6 +45,10 @@ pub const PEER_FLUSH_HELD_PER_KEEPDIRTY: usize = 2;
 /// See [`PEER_FLUSH_HELD_PER_KEEPDIRTY`].
 pub const PEER_FLUSH_MIN_HELD: usize = 16;
 
+/// Writes idle this long: the secondary is flushed once, so an idle pair
+/// holds nothing that is not durable on both sides.
+pub const PEER_FLUSH_IDLE: Duration = Duration::from_secs(1);
+
 /// When the primary acknowledges a write (hast.conf `replication`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicationMode {
@@ -225,15 +229,31 @@ impl Remote {
     /// not flushed them (evicted from keepdirty, nothing else in flight)
     /// reach the bound. Extents still in the keepdirty set are marked
     /// anyway, so a workload that stays within keepdirty costs no flush of
-    /// the secondary (its copies become durable at the client's flushes).
+    /// the secondary while it runs; once writes stop for
+    /// [`PEER_FLUSH_IDLE`], one flush makes everything durable there and
+    /// releases the holds. Checks every [`PEER_FLUSH_CHECK`] while extents
+    /// are held, ten times less often otherwise.
     async fn flusher(self: Rc<Self>, link: PeerLink) {
         let bound = (self.disk.metadata().keepdirty as usize * PEER_FLUSH_HELD_PER_KEEPDIRTY)
             .max(PEER_FLUSH_MIN_HELD);
+        let writes = || self.stats.writes.load(Relaxed) + self.stats.deletes.load(Relaxed);
+        let (mut seen, mut last_write) = (writes(), Instant::now());
+        let mut holds = false;
         while link.is_alive() && !self.stopping.get() {
-            glommio::timer::sleep(PEER_FLUSH_CHECK).await;
-            if self.disk.with_map(|m| m.held_only()) >= bound
-                && self.peer_flush(&link).await.is_err()
-            {
+            let pause = if holds {
+                PEER_FLUSH_CHECK
+            } else {
+                PEER_FLUSH_CHECK * 10
+            };
+            glommio::timer::sleep(pause).await;
+            let now_writes = writes();
+            if now_writes != seen {
+                (seen, last_write) = (now_writes, Instant::now());
+            }
+            let only;
+            (holds, only) = self.disk.with_map(|m| (m.holds(), m.held_only()));
+            let due = only >= bound || (holds && last_write.elapsed() >= PEER_FLUSH_IDLE);
+            if due && self.peer_flush(&link).await.is_err() {
                 return;
             }
         }
