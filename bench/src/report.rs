@@ -344,19 +344,10 @@ impl Results {
             "×raw"
         );
         for r in &self.rows {
+            let [system, label, iops, mbs, p50, p99, cpu, rss, xq, xr] = self.cells(r);
             let _ = writeln!(
                 o,
-                "{:<20} {:<26} {:>9.0} {:>8.1} {:>8.0} {:>8.0} {:>9} {:>9} {:>7} {:>7}",
-                r.system,
-                r.label,
-                r.fio.iops,
-                r.fio.mb_per_s,
-                r.fio.p50_us,
-                r.fio.p99_us,
-                opt(r.cpu_s_per_gib(), 2),
-                r.usage.as_ref().map_or("-".into(), Usage::rss_mib),
-                opt(self.ratio(r, QEMU), 2),
-                opt(self.ratio(r, RAW), 2),
+                "{system:<20} {label:<26} {iops:>9} {mbs:>8} {p50:>8} {p99:>8} {cpu:>9} {rss:>9} {xq:>7} {xr:>7}",
             );
         }
         if let Some(s) = &self.sync {
@@ -387,6 +378,23 @@ impl Results {
             let _ = writeln!(o, "\nFAILED: {e}");
         }
         o
+    }
+
+    /// The table cells of a row, formatted (the text and Markdown tables
+    /// only differ in layout).
+    fn cells(&self, r: &Row) -> [String; 10] {
+        [
+            r.system.clone(),
+            r.label.clone(),
+            format!("{:.0}", r.fio.iops),
+            format!("{:.1}", r.fio.mb_per_s),
+            format!("{:.0}", r.fio.p50_us),
+            format!("{:.0}", r.fio.p99_us),
+            opt(r.cpu_s_per_gib(), 2),
+            r.usage.as_ref().map_or("-".into(), Usage::rss_mib),
+            opt(self.ratio(r, QEMU), 2),
+            opt(self.ratio(r, RAW), 2),
+        ]
     }
 
     /// One line per job with server CPU by thread (the `top` busiest
@@ -500,20 +508,7 @@ impl Results {
         );
         let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.rows {
-            let _ = writeln!(
-                o,
-                "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} |",
-                r.system,
-                r.label,
-                r.fio.iops,
-                r.fio.mb_per_s,
-                r.fio.p50_us,
-                r.fio.p99_us,
-                opt(r.cpu_s_per_gib(), 2),
-                r.usage.as_ref().map_or("-".into(), Usage::rss_mib),
-                opt(self.ratio(r, QEMU), 2),
-                opt(self.ratio(r, RAW), 2),
-            );
+            let _ = writeln!(o, "| {} |", self.cells(r).join(" | "));
         }
         if let Some(s) = &self.sync {
             let _ = writeln!(o);

@@ -599,19 +599,22 @@ pub fn sync(cfg: &Config, res: &mut Results) {
     );
     let limit = Duration::from_secs(size / (10 * MIB) + 60);
     let every = Duration::from_millis(100);
+    let wait_connected = |c: &Cluster| {
+        wait_for(
+            &c.a,
+            "big",
+            "the connection",
+            Duration::from_secs(30),
+            every,
+            |j| j["connected"] == true,
+        )
+    };
     let procs = hastd_pids(&c);
     eprintln!("== sync: new secondary, full synchronisation");
     let mon = Monitor::start(procs, Duration::ZERO);
     let asked = Instant::now();
     c.b.hastctl(&["role", "secondary", "big"]);
-    let connected = wait_for(
-        &c.a,
-        "big",
-        "the connection",
-        Duration::from_secs(30),
-        every,
-        |j| j["connected"] == true,
-    );
+    let connected = wait_connected(&c);
     let done = wait_for(&c.a, "big", "the end of the sync", limit, every, in_sync);
     let usage = mon.finish();
     let mut s = SyncResult {
@@ -645,14 +648,7 @@ pub fn sync(cfg: &Config, res: &mut Results) {
     c.b.start();
     let procs = hastd_pids(&c);
     c.b.hastctl(&["role", "secondary", "big"]);
-    let connected = wait_for(
-        &c.a,
-        "big",
-        "the connection",
-        Duration::from_secs(30),
-        every,
-        |j| j["connected"] == true,
-    );
+    let connected = wait_connected(&c);
     // The load must end before the sync does: 60% of the unloaded sync.
     let runtime = ((s.sync_s * 0.6) as u32)
         .saturating_sub(cfg.ramp)

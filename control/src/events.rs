@@ -621,9 +621,8 @@ mod tests {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 
-    #[test]
-    fn subscribers_get_their_resources_events_after_the_ack() {
-        let b = Broadcaster::new();
+    /// A subscriber to `r1`, with its acknowledgement read.
+    fn subscribed(b: &Broadcaster) -> (BufReader<UnixStream>, Response) {
         let (server, client) = UnixStream::pair().unwrap();
         b.subscribe(&server, ack(&["r1"])).unwrap();
         drop(server);
@@ -633,7 +632,14 @@ mod tests {
         let mut r = BufReader::new(client);
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
-        let first: Response = serde_json::from_str(&line).unwrap();
+        let first = serde_json::from_str(&line).unwrap();
+        (r, first)
+    }
+
+    #[test]
+    fn subscribers_get_their_resources_events_after_the_ack() {
+        let b = Broadcaster::new();
+        let (mut r, first) = subscribed(&b);
         assert_eq!(first.resources[0].name, "r1");
         b.publish(&ev("r2", StreamKind::Connect));
         b.publish(&ev("r1", StreamKind::Connect));
@@ -707,14 +713,7 @@ mod tests {
         stats.sync_total.store(100, Relaxed);
         stats.sync_done.store(40, Relaxed);
         b.start_progress_sampler(vec![("r1".into(), stats.clone())]);
-        let (server, client) = UnixStream::pair().unwrap();
-        b.subscribe(&server, ack(&["r1"])).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut r = BufReader::new(client);
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
+        let (mut r, _) = subscribed(&b);
         // Direction set but no syncstart seen: nothing for 1.5 intervals.
         std::thread::sleep(PROGRESS_INTERVAL * 3 / 2);
         b.publish(&ev("r1", StreamKind::Syncstart));

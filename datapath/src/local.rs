@@ -62,6 +62,19 @@ pub enum LocalError {
     },
 }
 
+/// Where a completed write's data stands ([`LocalDisk::write_complete`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Every leg holds it (or there is no other leg to hold it).
+    InSync,
+    /// The peer completed its copy, which may still be in its disk cache:
+    /// the extent stays marked until a flush there (see
+    /// [`ActiveMap::hold_until_peer_flush`]).
+    PeerUnflushed,
+    /// A leg lacks it: the extent needs synchronisation.
+    NeedsSync,
+}
+
 /// The open local provider of one resource.
 pub struct LocalDisk {
     file: DmaFile,
@@ -257,15 +270,19 @@ impl LocalDisk {
         Ok(())
     }
 
-    /// Completes a write started with [`LocalDisk::write_start`];
-    /// `in_sync` says whether every leg now holds the data.
-    pub fn write_complete(&self, offset: u64, len: u64, in_sync: bool) {
+    /// Completes a write started with [`LocalDisk::write_start`], saying
+    /// where its data now stands.
+    pub fn write_complete(&self, offset: u64, len: u64, outcome: Settled) {
         let mut map = self.map.borrow_mut();
-        if !in_sync {
-            // The bits are durable: the write was marked before it was
-            // issued, so no metadata write is needed here.
-            let extra = map.need_sync(offset, len);
-            debug_assert!(extra.is_none());
+        match outcome {
+            Settled::InSync => {}
+            Settled::PeerUnflushed => map.hold_until_peer_flush(offset, len),
+            Settled::NeedsSync => {
+                // The bits are durable: the write was marked before it was
+                // issued, so no metadata write is needed here.
+                let extra = map.need_sync(offset, len);
+                debug_assert!(extra.is_none());
+            }
         }
         map.write_complete(offset, len);
         self.stats.dirty_bytes.store(map.dirty_bytes(), Relaxed);

@@ -505,15 +505,20 @@ impl Res {
         Ok(old)
     }
 
-    async fn open_disk(&self, role: Role) -> Result<Rc<LocalDisk>, String> {
-        let disk = LocalDisk::open(
+    /// Opens the resource's provider (errors name the resource).
+    async fn open_provider(&self) -> Result<Rc<LocalDisk>, String> {
+        LocalDisk::open(
             &self.spec.localpath,
             &self.spec.name,
             self.spec.metaflush,
             self.stats.clone(),
         )
         .await
-        .map_err(|e| format!("[{}] {e}", self.spec.name))?;
+        .map_err(|e| format!("[{}] {e}", self.spec.name))
+    }
+
+    async fn open_disk(&self, role: Role) -> Result<Rc<LocalDisk>, String> {
+        let disk = self.open_provider().await?;
         if let Err(e) = disk.set_prevrole(role).await {
             let msg = format!(
                 "[{}] {}: cannot write metadata: {e}",
@@ -543,14 +548,7 @@ impl Res {
                 Ok(())
             }
             Active::Idle => {
-                let disk = LocalDisk::open(
-                    &self.spec.localpath,
-                    &self.spec.name,
-                    self.spec.metaflush,
-                    self.stats.clone(),
-                )
-                .await
-                .map_err(|e| format!("[{}] {e}", self.spec.name))?;
+                let disk = self.open_provider().await?;
                 let res = disk.update_metadata(flag).await.map_err(fail);
                 let prev = disk.metadata().prevrole;
                 let _ = disk.close(prev).await;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use glommio::io::{DmaBuffer, ReadResult};
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
-use crate::local::LocalDisk;
+use crate::local::{LocalDisk, Settled};
 use crate::peer::frame::LinkError;
 use crate::peer::link::{Payload, PeerLink, Pending};
 use crate::peer::proto::{flags, Kind};
@@ -212,7 +212,7 @@ impl Primary {
         }
         let (Some(pending), Some(link)) = (pending, link) else {
             // No remote leg: the peer lacks this data.
-            self.disk.write_complete(offset, len, false);
+            self.disk.write_complete(offset, len, Settled::NeedsSync);
             return if local_ok {
                 Ok(())
             } else {
@@ -304,11 +304,12 @@ fn settle(
     local_ok: bool,
     remote_ok: bool,
 ) {
-    let remote_ok = remote_ok && link.is_alive();
-    if local_ok && remote_ok {
-        disk.with_map(|m| m.hold_until_peer_flush(offset, len));
-    }
-    disk.write_complete(offset, len, local_ok && remote_ok);
+    let outcome = if local_ok && remote_ok && link.is_alive() {
+        Settled::PeerUnflushed
+    } else {
+        Settled::NeedsSync
+    };
+    disk.write_complete(offset, len, outcome);
 }
 
 fn log_remote_failure(e: &LinkError, offset: u64, len: u64) {

@@ -82,6 +82,9 @@ pub struct HostLock {
     _file: File,
 }
 
+/// How long one `zpool` command may take.
+const ZPOOL_LIMIT: Duration = Duration::from_secs(120);
+
 /// The lock file serialising every use of zfs-fuse on this host.
 pub const ZFS_LOCK: &str = "/tmp/hast-tests-zfs-fuse.lock";
 
@@ -328,22 +331,12 @@ fn wait_gone(pid: u32, limit: Duration) {
 
 /// `zpool ARGS` with a 120 s deadline; returns its output.
 pub fn zpool(args: &[&str]) -> Output {
-    run_limited(Command::new("zpool").args(args), Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e}"))
+    run_limited(Command::new("zpool").args(args), ZPOOL_LIMIT).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `zpool ARGS`, asserting success; returns stdout (and stderr appended,
-/// zfs-fuse prints notes there).
+/// `zpool ARGS`, asserting success; returns stdout.
 pub fn zpool_ok(args: &[&str]) -> String {
-    let out = zpool(args);
-    assert!(
-        out.status.success(),
-        "zpool {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(Command::new("zpool").args(args), ZPOOL_LIMIT)
 }
 
 /// The result of a finished scrub, parsed from `zpool status`.

@@ -289,19 +289,30 @@ fn assert_status_complete(node: &TestNode) {
     }
 }
 
-#[test]
-fn zfs_pool_survives_a_planned_failover() {
+/// The start of a ZFS test: the host's zfs-fuse lock, a scratch directory,
+/// three memsync resources and a raidz pool created on them through node A
+/// (the primary). None when the ZFS tools are missing (and allowed to be).
+/// Bound in this order, they are dropped in the reverse one.
+fn zfs_pool(tag: &str) -> Option<(HostLock, tempfile::TempDir, Cluster, Rig)> {
     if !zfs_tools() {
-        return;
+        return None;
     }
-    let _lock = HostLock::acquire(Path::new(ZFS_LOCK), Duration::from_secs(600));
+    let lock = HostLock::acquire(Path::new(ZFS_LOCK), Duration::from_secs(600));
     let tmp = tempfile::Builder::new()
         .prefix("hast-failover-")
         .tempdir_in(test_root())
         .expect("tempdir");
-    let mut c = three_disk_cluster("memsync");
-    let mut rig = Rig::new(tmp.path(), &c.a, "planned");
+    let c = three_disk_cluster("memsync");
+    let mut rig = Rig::new(tmp.path(), &c.a, tag);
     rig.create();
+    Some((lock, tmp, c, rig))
+}
+
+#[test]
+fn zfs_pool_survives_a_planned_failover() {
+    let Some((_lock, _tmp, mut c, mut rig)) = zfs_pool("planned") else {
+        return;
+    };
     let files = write_files(&rig.mountpoint, 6);
     sync_all_filesystems();
 
@@ -345,17 +356,9 @@ fn zfs_pool_survives_a_planned_failover() {
 
 #[test]
 fn zfs_pool_survives_a_primary_crash_and_the_old_primary_catches_up_incrementally() {
-    if !zfs_tools() {
+    let Some((_lock, _tmp, mut c, mut rig)) = zfs_pool("crash") else {
         return;
-    }
-    let _lock = HostLock::acquire(Path::new(ZFS_LOCK), Duration::from_secs(600));
-    let tmp = tempfile::Builder::new()
-        .prefix("hast-failover-")
-        .tempdir_in(test_root())
-        .expect("tempdir");
-    let mut c = three_disk_cluster("memsync");
-    let mut rig = Rig::new(tmp.path(), &c.a, "crash");
-    rig.create();
+    };
     let files = write_files(&rig.mountpoint, 3);
 
     // A write stream into the pool; A's hastd dies in the middle of it.

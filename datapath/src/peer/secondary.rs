@@ -33,7 +33,7 @@ use super::proto::{
 };
 use crate::events::{EventSink, PeerEventKind};
 use crate::generation::{decide, resolve_split_brain, Decision, Gen};
-use crate::local::LocalDisk;
+use crate::local::{LocalDisk, Settled};
 use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
 use crate::stats::ResourceStats;
 
@@ -529,7 +529,7 @@ async fn handle(
                 let status = match (marked, res) {
                     (Ok(()), res) => {
                         if sync {
-                            disk.write_complete(offset, len, true);
+                            disk.write_complete(offset, len, Settled::InSync);
                         }
                         match res {
                             Ok(()) => 0,
