@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::nbd::{Client, CMD_FLUSH, CMD_WRITE};
-use crate::{signal, TestNode};
+use crate::{reap, signal, TestNode};
 
 /// Runs a command with a deadline; a command that overstays is killed
 /// (SIGKILL, by its PID) and reported as an error.
@@ -289,18 +289,7 @@ impl ZfsFuse {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             signal(c.id(), libc::SIGTERM);
-            let start = Instant::now();
-            loop {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                if start.elapsed() > Duration::from_secs(10) {
-                    signal(c.id(), libc::SIGKILL);
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            reap(&mut c, Duration::from_secs(10));
         }
         for m in &self.mounts {
             fuse_unmount(m);
@@ -470,18 +459,8 @@ impl NbdFuse {
     pub fn unmount(&mut self) {
         fuse_unmount(&self.mnt);
         if let Some(mut c) = self.child.take() {
-            let start = Instant::now();
-            loop {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                if start.elapsed() > Duration::from_secs(10) {
-                    signal(c.id(), libc::SIGKILL);
-                    let _ = c.wait();
-                    fuse_unmount(&self.mnt);
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if !reap(&mut c, Duration::from_secs(10)) {
+                fuse_unmount(&self.mnt);
             }
         }
     }

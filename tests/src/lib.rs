@@ -547,6 +547,23 @@ pub fn wait_child(c: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Cleanup: waits up to `limit` for a child to exit, then kills it (no
+/// panic: used from drops). Returns whether it exited by itself.
+pub fn reap(c: &mut Child, limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = c.try_wait() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            let _ = c.kill();
+            let _ = c.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Polls `cond` until true or panics after `limit`.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
