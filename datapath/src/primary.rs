@@ -20,7 +20,7 @@ use glommio::io::{DmaBuffer, ReadResult};
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::{LocalDisk, Settled};
 use crate::peer::frame::LinkError;
-use crate::peer::link::{Payload, PeerLink, Pending};
+use crate::peer::link::{Payload, PeerLink, Pending, WhenFull};
 use crate::peer::proto::{flags, Kind};
 use crate::peer::remote::{Remote, ReplicationMode};
 use crate::stats::ResourceStats;
@@ -136,14 +136,17 @@ impl Primary {
             Change::Write(buf) => (Kind::Write, Payload::Dma(buf.clone())),
             Change::Zero => (Kind::Zero, Payload::None),
         };
-        let sent = if self.mode() == ReplicationMode::Async {
-            // Async never waits for the peer: past the backlog the write
-            // stays local and its extents are caught up by the background
-            // synchronisation.
-            link.try_request(kind, f, offset, len as u32, payload).await
+        // Async never waits for the peer: past the backlog the write stays
+        // local and its extents are caught up by the background
+        // synchronisation.
+        let when_full = if self.mode() == ReplicationMode::Async {
+            WhenFull::Fail
         } else {
-            link.request(kind, f, offset, len as u32, payload).await
+            WhenFull::Wait
         };
+        let sent = link
+            .request(kind, f, offset, len as u32, payload, when_full)
+            .await;
         match sent {
             Ok(p) => Some(p),
             Err(LinkError::Backlog) => {

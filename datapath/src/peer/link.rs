@@ -70,6 +70,16 @@ struct SlotState {
     permit: Option<StaticPermit>,
 }
 
+/// What [`PeerLink::request`] does when the in-flight window or the byte
+/// budget is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait for room.
+    Wait,
+    /// Fail with [`LinkError::Backlog`].
+    Fail,
+}
+
 /// A request in flight.
 #[derive(Clone)]
 pub struct Pending {
@@ -242,8 +252,10 @@ impl PeerLink {
         self.inner.inflight.borrow().len()
     }
 
-    /// Sends a request; returns once it is queued for sending (waiting
-    /// for room in the in-flight window and the byte budget).
+    /// Sends a request; returns once it is queued for sending. When the
+    /// in-flight window or the byte budget is full, `when_full` says
+    /// whether to wait for room or to fail with [`LinkError::Backlog`]
+    /// (async replication leaves such writes to the background sync).
     pub async fn request(
         &self,
         kind: Kind,
@@ -251,43 +263,16 @@ impl PeerLink {
         offset: u64,
         length: u32,
         payload: Payload,
-    ) -> Result<Pending, LinkError> {
-        self.send_request(kind, flags, offset, length, payload, true)
-            .await
-    }
-
-    /// Like [`PeerLink::request`] but never waits: fails with
-    /// [`LinkError::Backlog`] when the window or byte budget is full
-    /// (async replication leaves such writes to the background sync).
-    pub async fn try_request(
-        &self,
-        kind: Kind,
-        flags: u8,
-        offset: u64,
-        length: u32,
-        payload: Payload,
-    ) -> Result<Pending, LinkError> {
-        self.send_request(kind, flags, offset, length, payload, false)
-            .await
-    }
-
-    async fn send_request(
-        &self,
-        kind: Kind,
-        flags: u8,
-        offset: u64,
-        length: u32,
-        payload: Payload,
-        wait: bool,
+        when_full: WhenFull,
     ) -> Result<Pending, LinkError> {
         if !self.is_alive() {
             return Err(LinkError::Disconnected);
         }
-        let permit = take(&self.inner.window, 1, wait).await?;
+        let permit = take(&self.inner.window, 1, when_full).await?;
         let n = payload.bytes().len() as u64;
         let bytes = if n > 0 {
             let n = n.min(self.inner.limits.max_bytes as u64);
-            Some(take(&self.inner.bytes, n, wait).await?)
+            Some(take(&self.inner.bytes, n, when_full).await?)
         } else {
             None
         };
@@ -339,7 +324,7 @@ impl PeerLink {
         length: u32,
         payload: Payload,
     ) -> Result<Option<DmaBuffer>, LinkError> {
-        self.request(kind, flags, offset, length, payload)
+        self.request(kind, flags, offset, length, payload, WhenFull::Wait)
             .await?
             .done()
             .await
@@ -398,14 +383,15 @@ impl Future for WaitDead {
 
 /// Takes `n` permits: waiting for them (a closed semaphore means the link
 /// died), or not ([`LinkError::Backlog`] when they are not available).
-async fn take(sem: &Rc<Semaphore>, n: u64, wait: bool) -> Result<StaticPermit, LinkError> {
-    if wait {
-        sem.acquire_static_permit(n)
+async fn take(sem: &Rc<Semaphore>, n: u64, when_full: WhenFull) -> Result<StaticPermit, LinkError> {
+    match when_full {
+        WhenFull::Wait => sem
+            .acquire_static_permit(n)
             .await
-            .map_err(|_| LinkError::Disconnected)
-    } else {
-        sem.try_acquire_static_permit(n)
-            .map_err(|_| LinkError::Backlog)
+            .map_err(|_| LinkError::Disconnected),
+        WhenFull::Fail => sem
+            .try_acquire_static_permit(n)
+            .map_err(|_| LinkError::Backlog),
     }
 }
 

@@ -15,7 +15,7 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::Task;
 
 use super::frame::{self, LinkError};
-use super::link::{LinkLimits, Payload, PeerLink};
+use super::link::{LinkLimits, Payload, PeerLink, WhenFull};
 use super::proto::{
     flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, PROTO_VERSION, PROTO_VERSION_MIN,
 };
@@ -277,7 +277,9 @@ impl Remote {
                 }
                 glommio::timer::sleep(Duration::from_millis(1)).await;
                 let _ = frame::with_timeout(self.cfg.timeout, self.peer_flush(&l)).await;
-                let _ = l.request(Kind::Bye, 0, 0, 0, Payload::None).await;
+                let _ = l
+                    .request(Kind::Bye, 0, 0, 0, Payload::None, WhenFull::Wait)
+                    .await;
                 // Give the writer a moment to send it.
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
