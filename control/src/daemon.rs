@@ -29,8 +29,10 @@ use crate::proto::{
 pub const MAX_INFLIGHT: usize = 128;
 /// Write payload bytes buffered per export.
 pub const BUFFER_BUDGET: usize = 64 << 20;
-/// Payload bytes queued for the secondary per resource (the async backlog).
-pub const ASYNC_BACKLOG: usize = 256 << 20;
+/// Payload bytes of the replicated requests not yet written by the
+/// secondary, per resource (with the request count, the replication window:
+/// how far behind an async secondary can be, docs/failover.md).
+pub const WINDOW_BYTES: usize = 64 << 20;
 
 /// Command-line options of hastd.
 #[derive(Debug, Clone)]
@@ -255,7 +257,7 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, String> {
             Replication::Async => ReplicationMode::Async,
         },
         timeout: r.timeout,
-        async_backlog: ASYNC_BACKLOG,
+        window_bytes: WINDOW_BYTES,
         splitbrain_auto: r.splitbrain == crate::config::SplitBrainPolicy::Auto,
     })
 }
@@ -559,7 +561,7 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
         sync: sync_report(&stats),
         synced_bytes: g(&stats.sync_bytes_total),
         connected: stats.connected.load(Relaxed),
-        backlog_overflows: g(&stats.backlog_overflows),
+        window_waits: g(&stats.window_waits),
         split_brain: stats.split_brain.load(Relaxed),
         last_error: stats
             .last_error

@@ -169,9 +169,8 @@ pub struct ResourceReport {
     pub synced_bytes: u64,
     /// The replication connection is up.
     pub connected: bool,
-    /// Async writes left to the background sync because the backlog was
-    /// full.
-    pub backlog_overflows: u64,
+    /// Writes that waited for room in the replication window.
+    pub window_waits: u64,
     /// The last handshake found a split-brain.
     pub split_brain: bool,
     /// The last replication problem, if any.

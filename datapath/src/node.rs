@@ -31,6 +31,12 @@ use crate::stats::ResourceStats;
 /// (at most; less if `timeout` is shorter).
 pub const FIRST_CONTACT: Duration = Duration::from_secs(5);
 
+/// Replicated requests not yet written by the secondary, at most: with
+/// [`ResourceSpec::window_bytes`], the replication window. A write waits
+/// for room in it, in every mode; so an async secondary is never more than
+/// this far behind while connected (docs/failover.md).
+pub const WINDOW_REQUESTS: usize = 1024;
+
 /// Commands queued per shard at most (role changes are rare; the control
 /// socket handles one request at a time).
 const SHARD_QUEUE: usize = 64;
@@ -62,9 +68,9 @@ pub struct ResourceSpec {
     pub mode: ReplicationMode,
     /// Peer timeout.
     pub timeout: Duration,
-    /// Payload bytes queued for the secondary at most; in async mode,
-    /// writes beyond it are left to the background synchronisation.
-    pub async_backlog: usize,
+    /// Payload bytes of the replicated requests not yet written by the
+    /// secondary, at most (see [`WINDOW_REQUESTS`]).
+    pub window_bytes: usize,
     /// `splitbrain auto` policy.
     pub splitbrain_auto: bool,
 }
@@ -619,8 +625,8 @@ impl Res {
                     source: self.spec.source,
                     timeout: self.spec.timeout,
                     mode: self.spec.mode,
-                    max_inflight: 1024,
-                    max_bytes: self.spec.async_backlog,
+                    max_inflight: WINDOW_REQUESTS,
+                    max_bytes: self.spec.window_bytes,
                     sync_window: 16,
                     sync_chunk: 1 << 20,
                     retry: self.spec.timeout.min(Duration::from_secs(2)),

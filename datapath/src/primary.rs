@@ -20,7 +20,7 @@ use glommio::io::{DmaBuffer, ReadResult};
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::{LocalDisk, Settled};
 use crate::peer::frame::LinkError;
-use crate::peer::link::{Payload, PeerLink, Pending, WhenFull};
+use crate::peer::link::{Payload, PeerLink, Pending};
 use crate::peer::proto::{flags, Kind};
 use crate::peer::remote::{Remote, ReplicationMode};
 use crate::stats::ResourceStats;
@@ -136,25 +136,15 @@ impl Primary {
             Change::Write(buf) => (Kind::Write, Payload::Dma(buf.clone())),
             Change::Zero => (Kind::Zero, Payload::None),
         };
-        // Async never waits for the peer: past the backlog the write stays
-        // local and its extents are caught up by the background
-        // synchronisation.
-        let when_full = if self.mode() == ReplicationMode::Async {
-            WhenFull::Fail
-        } else {
-            WhenFull::Wait
-        };
-        let sent = link
-            .request(kind, f, offset, len as u32, payload, when_full)
-            .await;
-        match sent {
-            Ok(p) => Some(p),
-            Err(LinkError::Backlog) => {
-                self.stats.backlog_overflows.fetch_add(1, Relaxed);
-                None
-            }
-            Err(_) => None,
+        // Every mode waits for room in the replication window: that is
+        // what bounds how far behind the secondary an async primary can
+        // be, so what a crash of the primary can lose (docs/failover.md).
+        if link.window_full(payload.len()) {
+            self.stats.window_waits.fetch_add(1, Relaxed);
         }
+        link.request(kind, f, offset, len as u32, payload)
+            .await
+            .ok()
     }
 
     /// The common shape of every data-changing request.

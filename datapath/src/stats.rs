@@ -61,9 +61,9 @@ pub struct ResourceStats {
     pub sync_received: AtomicU64,
     /// Requests waiting for the peer (sent, not done).
     pub remote_inflight: AtomicU64,
-    /// Async writes left to the background sync because the backlog was
-    /// full.
-    pub backlog_overflows: AtomicU64,
+    /// Writes that waited for room in the replication window (the
+    /// secondary is as far behind as the window allows).
+    pub window_waits: AtomicU64,
     /// Last connection problem (for `hastctl list`).
     pub last_error: std::sync::Mutex<String>,
 }

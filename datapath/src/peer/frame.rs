@@ -42,9 +42,6 @@ pub enum LinkError {
     /// The peer executed the request and it failed with this errno.
     #[error("peer reported error {0}")]
     Remote(u32),
-    /// The async backlog is full: the request was not queued.
-    #[error("replication backlog full")]
-    Backlog,
     /// Local misuse or state (e.g. the resource is stopping).
     #[error("{0}")]
     Local(String),

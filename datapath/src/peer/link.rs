@@ -1,9 +1,13 @@
 //! The primary's side of an established peer connection: a pipelined,
 //! bounded request stream to the secondary.
 //!
-//! - `request` assigns a sequence number, waits for a slot in the in-flight
-//!   window, and queues the frame for the writer task; it returns a
-//!   [`Pending`] to await the secondary's `Received` and `Done`.
+//! - `request` assigns a sequence number, waits for room in the window
+//!   (requests and payload bytes not yet `Done` at the secondary), and
+//!   queues the frame for the writer task; it returns a [`Pending`] to
+//!   await the secondary's `Received` and `Done`. The window is what bounds
+//!   how far the secondary can be behind the primary while connected (the
+//!   loss bound of async replication, docs/failover.md) and how much the
+//!   secondary can be asked to hold.
 //! - the writer task is the only one writing to the socket; the reader
 //!   task is the only one reading from it and completes pending requests by
 //!   sequence number; the keepalive task pings an idle peer and declares a
@@ -45,6 +49,16 @@ pub enum Payload {
 }
 
 impl Payload {
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// No payload bytes?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn bytes(&self) -> &[u8] {
         match self {
             Payload::None => &[],
@@ -58,8 +72,6 @@ impl Payload {
 struct Outgoing {
     header: Header,
     payload: Payload,
-    /// Payload bytes accounted against the link's budget until sent.
-    _bytes: Option<StaticPermit>,
 }
 
 #[derive(Default)]
@@ -67,17 +79,9 @@ struct SlotState {
     received: bool,
     done: Option<Result<Option<DmaBuffer>, LinkError>>,
     waker: Option<Waker>,
-    permit: Option<StaticPermit>,
-}
-
-/// What [`PeerLink::request`] does when the in-flight window or the byte
-/// budget is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WhenFull {
-    /// Wait for room.
-    Wait,
-    /// Fail with [`LinkError::Backlog`].
-    Fail,
+    /// The request's room in the window (one request, its payload bytes),
+    /// given back when it completes.
+    permits: Option<(StaticPermit, Option<StaticPermit>)>,
 }
 
 /// A request in flight.
@@ -146,7 +150,7 @@ impl Future for WaitDone {
 fn complete(slot: &Rc<RefCell<SlotState>>, r: Result<Option<DmaBuffer>, LinkError>) {
     let mut s = slot.borrow_mut();
     s.done = Some(r);
-    s.permit = None;
+    s.permits = None;
     if let Some(w) = s.waker.take() {
         w.wake();
     }
@@ -155,13 +159,14 @@ fn complete(slot: &Rc<RefCell<SlotState>>, r: Result<Option<DmaBuffer>, LinkErro
 /// Limits of one link.
 #[derive(Debug, Clone, Copy)]
 pub struct LinkLimits {
-    /// Requests in flight at most.
+    /// Requests not yet `Done` at the secondary, at most.
     pub max_inflight: usize,
     /// Keepalive interval when idle.
     pub keepalive: Duration,
     /// A peer silent this long is dead.
     pub timeout: Duration,
-    /// Payload bytes queued for sending at most (the async backlog).
+    /// Payload bytes of the requests not yet `Done` at the secondary, at
+    /// most (a single larger request takes the whole budget).
     pub max_bytes: usize,
 }
 
@@ -252,10 +257,16 @@ impl PeerLink {
         self.inner.inflight.borrow().len()
     }
 
-    /// Sends a request; returns once it is queued for sending. When the
-    /// in-flight window or the byte budget is full, `when_full` says
-    /// whether to wait for room or to fail with [`LinkError::Backlog`]
-    /// (async replication leaves such writes to the background sync).
+    /// Would a request with `payload` bytes wait for room in the window
+    /// now?
+    pub fn window_full(&self, payload: usize) -> bool {
+        let n = (payload as u64).min(self.inner.limits.max_bytes as u64);
+        self.inner.window.available() == 0 || (n > 0 && self.inner.bytes.available() < n)
+    }
+
+    /// Sends a request; returns once it is queued for sending, after
+    /// waiting for room in the window (requests and payload bytes). The
+    /// room is given back when the request completes.
     pub async fn request(
         &self,
         kind: Kind,
@@ -263,16 +274,15 @@ impl PeerLink {
         offset: u64,
         length: u32,
         payload: Payload,
-        when_full: WhenFull,
     ) -> Result<Pending, LinkError> {
         if !self.is_alive() {
             return Err(LinkError::Disconnected);
         }
-        let permit = take(&self.inner.window, 1, when_full).await?;
+        let permit = take(&self.inner.window, 1).await?;
         let n = payload.bytes().len() as u64;
         let bytes = if n > 0 {
             let n = n.min(self.inner.limits.max_bytes as u64);
-            Some(take(&self.inner.bytes, n, when_full).await?)
+            Some(take(&self.inner.bytes, n).await?)
         } else {
             None
         };
@@ -299,15 +309,11 @@ impl PeerLink {
         let header =
             Header::request(kind, flags, seq, offset, length).with_payload(payload.bytes());
         let slot = Rc::new(RefCell::new(SlotState {
-            permit: Some(permit),
+            permits: Some((permit, bytes)),
             ..Default::default()
         }));
         self.inner.inflight.borrow_mut().insert(seq, slot.clone());
-        let out = Outgoing {
-            header,
-            payload,
-            _bytes: bytes,
-        };
+        let out = Outgoing { header, payload };
         if self.inner.out.send(Some(out)).await.is_err() {
             self.inner.inflight.borrow_mut().remove(&seq);
             return Err(LinkError::Disconnected);
@@ -324,7 +330,7 @@ impl PeerLink {
         length: u32,
         payload: Payload,
     ) -> Result<Option<DmaBuffer>, LinkError> {
-        self.request(kind, flags, offset, length, payload, WhenFull::Wait)
+        self.request(kind, flags, offset, length, payload)
             .await?
             .done()
             .await
@@ -381,18 +387,12 @@ impl Future for WaitDead {
     }
 }
 
-/// Takes `n` permits: waiting for them (a closed semaphore means the link
-/// died), or not ([`LinkError::Backlog`] when they are not available).
-async fn take(sem: &Rc<Semaphore>, n: u64, when_full: WhenFull) -> Result<StaticPermit, LinkError> {
-    match when_full {
-        WhenFull::Wait => sem
-            .acquire_static_permit(n)
-            .await
-            .map_err(|_| LinkError::Disconnected),
-        WhenFull::Fail => sem
-            .try_acquire_static_permit(n)
-            .map_err(|_| LinkError::Backlog),
-    }
+/// Takes `n` permits, waiting for them (a closed semaphore means the link
+/// died).
+async fn take(sem: &Rc<Semaphore>, n: u64) -> Result<StaticPermit, LinkError> {
+    sem.acquire_static_permit(n)
+        .await
+        .map_err(|_| LinkError::Disconnected)
 }
 
 async fn writer_task(
@@ -401,7 +401,7 @@ async fn writer_task(
     rx: LocalReceiver<Option<Outgoing>>,
 ) {
     let mut batch = frame::Batch::default();
-    // Byte permits of batched frames, released once they are written.
+    // Batched frames, dropped (their payload buffers freed) once written.
     let mut held: Vec<Outgoing> = Vec::new();
     while let Some(Some(first)) = rx.recv().await {
         let mut next = Some(first);
@@ -525,7 +525,6 @@ async fn keepalive_task(link: PeerLink) {
                 .try_send(Some(Outgoing {
                     header: hdr,
                     payload: Payload::None,
-                    _bytes: None,
                 }))
                 .is_ok()
             {

@@ -15,7 +15,7 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::Task;
 
 use super::frame::{self, LinkError};
-use super::link::{LinkLimits, Payload, PeerLink, WhenFull};
+use super::link::{LinkLimits, Payload, PeerLink};
 use super::proto::{
     flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, PROTO_VERSION, PROTO_VERSION_MIN,
 };
@@ -77,7 +77,8 @@ pub struct RemoteConfig {
     pub mode: ReplicationMode,
     /// Requests in flight to the secondary at most.
     pub max_inflight: usize,
-    /// Payload bytes queued for the secondary at most (async backlog).
+    /// Payload bytes of the requests not yet done at the secondary, at
+    /// most (with `max_inflight`: the replication window).
     pub max_bytes: usize,
     /// Synchronisation chunks in flight at most.
     pub sync_window: usize,
@@ -277,9 +278,7 @@ impl Remote {
                 }
                 glommio::timer::sleep(Duration::from_millis(1)).await;
                 let _ = frame::with_timeout(self.cfg.timeout, self.peer_flush(&l)).await;
-                let _ = l
-                    .request(Kind::Bye, 0, 0, 0, Payload::None, WhenFull::Wait)
-                    .await;
+                let _ = l.request(Kind::Bye, 0, 0, 0, Payload::None).await;
                 // Give the writer a moment to send it.
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
@@ -403,8 +402,7 @@ impl Remote {
             }
         }
         // Connected and in sync. Extents marked later (a remote leg that
-        // failed while the link stayed up, an async backlog overflow) are
-        // caught up in the background.
+        // failed while the link stayed up) are caught up in the background.
         while link.is_alive() && !self.stopping.get() {
             futures_lite::future::or(link.dead(), glommio::timer::sleep(Duration::from_secs(1)))
                 .await;
