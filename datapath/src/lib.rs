@@ -6,6 +6,7 @@
 //! without glommio; the I/O modules drive it.
 
 pub mod activemap;
+pub mod batch;
 pub mod events;
 pub mod export;
 pub mod generation;
@@ -17,4 +18,6 @@ pub mod peer;
 pub mod primary;
 pub mod provider;
 pub mod rangelock;
+pub mod signal;
 pub mod stats;
+pub mod storage;

@@ -1,5 +1,6 @@
 //! The local leg of a resource: the open provider, its metadata and its
-//! activemap, with direct I/O through glommio.
+//! activemap. The bytes go to a [`Storage`]: the provider with direct I/O
+//! through glommio, or memory in tests.
 //!
 //! All methods run on the executor that owns the resource; interior
 //! mutability is `RefCell`, never held across an await.
@@ -11,7 +12,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use glommio::io::{DmaBuffer, DmaFile, ReadResult};
+use glommio::io::DmaBuffer;
 use glommio::sync::Semaphore;
 
 use crate::activemap::{ActiveMap, PersistBatch};
@@ -19,6 +20,7 @@ use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METAD
 use crate::provider::{self, ProviderError, ProviderInfo};
 use crate::rangelock::{Acquire, RangeLock};
 use crate::stats::ResourceStats;
+use crate::storage::{DirectFile, ReadData, Storage};
 
 /// Largest zero-fill write issued at once when zeroing without hole
 /// punching.
@@ -77,7 +79,7 @@ pub enum Settled {
 
 /// The open local provider of one resource.
 pub struct LocalDisk {
-    file: DmaFile,
+    store: Box<dyn Storage>,
     path: PathBuf,
     info: ProviderInfo,
     md: RefCell<Metadata>,
@@ -95,8 +97,8 @@ fn io_err(e: glommio::GlommioError<()>) -> io::Error {
 }
 
 impl LocalDisk {
-    /// Opens `path`, checks its metadata belongs to `resource`, and loads
-    /// the activemap.
+    /// Opens the provider at `path` (O_DIRECT), checks its metadata
+    /// belongs to `resource`, and loads the activemap.
     pub async fn open(
         path: &Path,
         resource: &str,
@@ -111,11 +113,26 @@ impl LocalDisk {
             tracing::warn!(resource, "{w}");
         }
         let file = provider::open_direct(path).await?;
+        let store = Box::new(DirectFile::new(file));
+        Self::with_storage(store, path, info, resource, metaflush, stats).await
+    }
+
+    /// Opens a resource on any storage (`info` describes it; `path` names
+    /// it in messages): checks its metadata belongs to `resource` and
+    /// loads the activemap.
+    pub async fn with_storage(
+        store: Box<dyn Storage>,
+        path: &Path,
+        info: ProviderInfo,
+        resource: &str,
+        metaflush: bool,
+        stats: Arc<ResourceStats>,
+    ) -> Result<Rc<LocalDisk>, LocalError> {
         let perr = |what, e| LocalError::Provider(ProviderError::new(path, what, e));
-        let block = file
-            .read_at_aligned(0, METADATA_SIZE)
+        let block = store
+            .read(0, METADATA_SIZE)
             .await
-            .map_err(|e| perr("read metadata", io_err(e)))?;
+            .map_err(|e| perr("read metadata", e))?;
         let md =
             Metadata::decode(&block, info.mediasize).map_err(|source| LocalError::Metadata {
                 path: path.to_owned(),
@@ -135,10 +152,10 @@ impl LocalDisk {
                 created: md.sectorsize,
             });
         }
-        let image = file
-            .read_at_aligned(md.mapoff, md.mapsize as usize)
+        let image = store
+            .read(md.mapoff, md.mapsize as usize)
             .await
-            .map_err(|e| perr("read activemap", io_err(e)))?;
+            .map_err(|e| perr("read activemap", e))?;
         if image.len() as u64 != md.mapsize {
             return Err(perr(
                 "read activemap",
@@ -153,12 +170,12 @@ impl LocalDisk {
         stats.dirty_bytes.store(map.dirty_bytes(), Relaxed);
         stats.ondisk_extents.store(map.ondisk_extents(), Relaxed);
         let zeros = Rc::new({
-            let mut b = file.alloc_dma_buffer(ZERO_CHUNK);
+            let mut b = store.alloc(ZERO_CHUNK);
             b.as_bytes_mut().fill(0);
             b
         });
         Ok(Rc::new(LocalDisk {
-            file,
+            store,
             path: path.to_owned(),
             info,
             md: RefCell::new(md),
@@ -198,7 +215,7 @@ impl LocalDisk {
 
     /// An aligned buffer for direct I/O.
     pub fn alloc(&self, len: usize) -> DmaBuffer {
-        self.file.alloc_dma_buffer(len)
+        self.store.alloc(len)
     }
 
     /// Updates and durably writes the metadata block.
@@ -207,10 +224,11 @@ impl LocalDisk {
         let mut md = self.md.borrow().clone();
         f(&mut md);
         let block = md.encode();
-        let mut buf = self.file.alloc_dma_buffer(METADATA_SIZE);
+        let mut buf = self.store.alloc(METADATA_SIZE);
         buf.as_bytes_mut().copy_from_slice(&block[..]);
-        self.file.write_at(buf, 0).await.map_err(io_err)?;
-        self.file.fdatasync().await.map_err(io_err)?;
+        let n = self.store.write(0, buf).await?;
+        check_len(n, METADATA_SIZE as u64)?;
+        self.store.flush().await?;
         *self.md.borrow_mut() = md;
         Ok(())
     }
@@ -347,12 +365,12 @@ impl LocalDisk {
             while j < batch.sectors.len() && batch.sectors[j].0 == batch.sectors[j - 1].0 + 1 {
                 j += 1;
             }
-            let mut buf = self.file.alloc_dma_buffer((j - i) * ss);
+            let mut buf = self.store.alloc((j - i) * ss);
             for (k, (_, img)) in batch.sectors[i..j].iter().enumerate() {
                 buf.as_bytes_mut()[k * ss..(k + 1) * ss].copy_from_slice(img);
             }
             let pos = mapoff + (batch.sectors[i].0 * ss) as u64;
-            let n = self.file.write_at(buf, pos).await.map_err(io_err)?;
+            let n = self.store.write(pos, buf).await?;
             if n != (j - i) * ss {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -362,27 +380,26 @@ impl LocalDisk {
             i = j;
         }
         if self.metaflush {
-            self.file.fdatasync().await.map_err(io_err)?;
+            self.store.flush().await?;
         }
         Ok(())
     }
 
     /// Reads `[offset, offset+len)` of the data area.
-    pub async fn read(&self, offset: u64, len: usize) -> io::Result<ReadResult> {
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<ReadData> {
         let ss = self.sectorsize();
         let localoff = self.md.borrow().localoff;
         let start = round_down(offset, ss);
         let end = round_up(offset + len as u64, ss);
         let r = self
-            .file
-            .read_at_aligned(localoff + start, (end - start) as usize)
-            .await
-            .map_err(io_err)?;
+            .store
+            .read(localoff + start, (end - start) as usize)
+            .await?;
         let skip = (offset - start) as usize;
         if r.len() < skip + len {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
         }
-        ReadResult::slice(&r, skip, len)
+        r.slice(skip, len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short read"))
     }
 
@@ -413,11 +430,7 @@ impl LocalDisk {
         let len = data.len() as u64;
         if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
             let localoff = self.md.borrow().localoff;
-            let n = self
-                .file
-                .write_rc_at(data, localoff + offset)
-                .await
-                .map_err(io_err)?;
+            let n = self.store.write_rc(localoff + offset, data).await?;
             return check_len(n, len);
         }
         self.write_unaligned(offset, data.as_bytes()).await
@@ -430,11 +443,7 @@ impl LocalDisk {
         let len = data.len() as u64;
         let localoff = self.md.borrow().localoff;
         if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
-            let n = self
-                .file
-                .write_at(data, localoff + offset)
-                .await
-                .map_err(io_err)?;
+            let n = self.store.write(localoff + offset, data).await?;
             return check_len(n, len);
         }
         self.write_unaligned(offset, data.as_bytes()).await
@@ -449,20 +458,15 @@ impl LocalDisk {
         let start = round_down(offset, ss);
         let end = round_up(offset + len, ss);
         let old = self
-            .file
-            .read_at_aligned(localoff + start, (end - start) as usize)
-            .await
-            .map_err(io_err)?;
+            .store
+            .read(localoff + start, (end - start) as usize)
+            .await?;
         check_len(old.len(), end - start)?;
-        let mut buf = self.file.alloc_dma_buffer((end - start) as usize);
+        let mut buf = self.store.alloc((end - start) as usize);
         buf.as_bytes_mut().copy_from_slice(&old);
         let skip = (offset - start) as usize;
         buf.as_bytes_mut()[skip..skip + len as usize].copy_from_slice(data);
-        let n = self
-            .file
-            .write_at(buf, localoff + start)
-            .await
-            .map_err(io_err)?;
+        let n = self.store.write(localoff + start, buf).await?;
         check_len(n, end - start)
     }
 
@@ -486,7 +490,7 @@ impl LocalDisk {
             self.write_zero_bytes(a1, end - a1).await?;
         }
         let localoff = self.md.borrow().localoff;
-        if self.file.deallocate(localoff + a0, a1 - a0).await.is_ok() {
+        if self.store.deallocate(localoff + a0, a1 - a0).await.is_ok() {
             return Ok(());
         }
         let mut pos = a0;
@@ -494,19 +498,14 @@ impl LocalDisk {
             let n = (a1 - pos).min(ZERO_CHUNK as u64);
             if n == ZERO_CHUNK as u64 {
                 let w = self
-                    .file
-                    .write_rc_at(self.zeros.clone(), localoff + pos)
-                    .await
-                    .map_err(io_err)?;
+                    .store
+                    .write_rc(localoff + pos, self.zeros.clone())
+                    .await?;
                 check_len(w, n)?;
             } else {
-                let mut b = self.file.alloc_dma_buffer(n as usize);
+                let mut b = self.store.alloc(n as usize);
                 b.as_bytes_mut().fill(0);
-                let w = self
-                    .file
-                    .write_at(b, localoff + pos)
-                    .await
-                    .map_err(io_err)?;
+                let w = self.store.write(localoff + pos, b).await?;
                 check_len(w, n)?;
             }
             pos += n;
@@ -515,14 +514,14 @@ impl LocalDisk {
     }
 
     async fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut b = self.file.alloc_dma_buffer(len as usize);
+        let mut b = self.store.alloc(len as usize);
         b.as_bytes_mut().fill(0);
         self.write(offset, b).await
     }
 
     /// Makes every completed write durable.
     pub async fn flush(&self) -> io::Result<()> {
-        self.file.fdatasync().await.map_err(io_err)
+        self.store.flush().await
     }
 
     /// Bytes needing synchronisation.
@@ -590,7 +589,7 @@ impl LocalDisk {
         self.update_metadata(|md| md.prevrole = role).await?;
         self.flush().await?;
         match Rc::try_unwrap(self) {
-            Ok(disk) => disk.file.close().await.map_err(io_err),
+            Ok(disk) => disk.store.close().await,
             // Someone still holds a reference (a request being torn down):
             // the descriptor closes when the last one goes.
             Err(_) => Ok(()),

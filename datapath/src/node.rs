@@ -673,6 +673,8 @@ impl Res {
             events: self.events.clone(),
             timeout: self.spec.timeout,
             splitbrain_auto: self.spec.splitbrain_auto,
+            max_requests: WINDOW_REQUESTS,
+            max_bytes: self.spec.window_bytes,
         });
         Ok(Active::Secondary { secondary })
     }

@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use glommio::io::{DmaBuffer, ReadResult};
+use glommio::io::DmaBuffer;
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::{LocalDisk, Settled};
@@ -24,6 +24,7 @@ use crate::peer::link::{Payload, PeerLink, Pending};
 use crate::peer::proto::{flags, Kind};
 use crate::peer::remote::{Remote, ReplicationMode};
 use crate::stats::ResourceStats;
+use crate::storage::ReadData;
 
 /// Largest payload of one request (NBD's customary maximum).
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
@@ -39,7 +40,7 @@ pub struct Primary {
 /// secondary while the primary is being synchronised from it.
 pub enum PrimaryRead {
     /// Read locally.
-    Local(ReadResult),
+    Local(ReadData),
     /// Read from the secondary.
     Remote(DmaBuffer),
 }

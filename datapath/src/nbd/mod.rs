@@ -12,7 +12,6 @@ pub mod proto;
 
 mod handshake;
 mod server;
-mod signal;
 mod transmission;
 
 pub use server::{NbdConfig, NbdExport, NbdHandle, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};

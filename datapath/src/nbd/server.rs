@@ -32,9 +32,9 @@ use tracing::Instrument;
 
 use super::handshake::{self, ExportInfo};
 use super::proto::{self, ExportLimits};
-use super::signal::Signal;
 use super::transmission::{self, ConnParams};
 use crate::export::{BackendGeometry, BlockBackend};
+use crate::signal::Signal;
 
 /// Connections served at once per export; further ones are accepted and
 /// closed immediately (with a warning).

@@ -50,8 +50,8 @@ use glommio::sync::{Gate, Semaphore, StaticPermit};
 use tracing::Instrument;
 
 use super::proto::{self, Errno, ExportLimits, Op, Request, RequestError, SimpleReplyHeader};
-use super::signal::Signal;
 use crate::export::{BlockBackend, WriteFlags};
+use crate::signal::Signal;
 
 /// How long the writer may take to send the replies still queued once the
 /// connection is ending (the client may have stopped reading).

@@ -1,10 +1,10 @@
 //! Frame I/O over a peer connection (both sides): reading a header,
-//! reading a payload straight into an aligned buffer, writing a frame, and
-//! the connection-level error type.
+//! reading a payload straight into an aligned buffer, writing a single
+//! frame (the handshake; the request and reply streams go through
+//! [`crate::batch`]), and the connection-level error type.
 
 use std::future::Future;
 use std::io;
-use std::os::fd::RawFd;
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -86,10 +86,6 @@ pub async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut n: usize) -> Result<()
     Ok(())
 }
 
-/// Largest payload copied behind its header so that a small frame leaves
-/// in one send.
-pub const COALESCE_MAX: usize = 16 * 1024;
-
 /// Writes a header and its payload.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -97,7 +93,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     payload: &[u8],
 ) -> Result<(), LinkError> {
     let head = hdr.encode();
-    if !payload.is_empty() && payload.len() <= COALESCE_MAX {
+    if !payload.is_empty() && payload.len() <= crate::batch::SMALL_PAYLOAD {
         let mut one = Vec::with_capacity(HEADER_LEN + payload.len());
         one.extend_from_slice(&head);
         one.extend_from_slice(payload);
@@ -116,44 +112,6 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// its aligned buffer.
 pub const RECV_BUFFER: usize = 64 * 1024;
 
-/// Largest batch of small frames sent in one write.
-pub const BATCH_MAX: usize = 256 * 1024;
-
-/// Accumulates small frames so that frames queued together leave in one
-/// send (fewer syscalls and segments under load); large payloads are
-/// written straight from their buffers.
-#[derive(Default)]
-pub struct Batch {
-    buf: Vec<u8>,
-}
-
-impl Batch {
-    /// Adds a frame; returns false when the frame is too large to batch
-    /// (the caller flushes and writes it with [`write_frame`]).
-    pub fn push(&mut self, hdr: &Header, payload: &[u8]) -> bool {
-        if payload.len() > COALESCE_MAX {
-            return false;
-        }
-        self.buf.extend_from_slice(&hdr.encode());
-        self.buf.extend_from_slice(payload);
-        true
-    }
-
-    /// Is the batch worth sending now?
-    pub fn full(&self) -> bool {
-        self.buf.len() >= BATCH_MAX
-    }
-
-    /// Writes what is batched.
-    pub async fn flush<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), LinkError> {
-        if !self.buf.is_empty() {
-            w.write_all(&self.buf).await?;
-            self.buf.clear();
-        }
-        Ok(())
-    }
-}
-
 /// Runs `fut` with a deadline.
 pub async fn with_timeout<T>(
     limit: Duration,
@@ -164,16 +122,6 @@ pub async fn with_timeout<T>(
         Err(LinkError::Timeout(limit))
     })
     .await
-}
-
-/// Shuts a socket down in both directions, waking any pending read or
-/// write on it (used to tear a connection down from outside its tasks).
-pub fn shutdown_fd(fd: RawFd) {
-    // SAFETY: shutdown(2) on a descriptor number; if it was already closed
-    // the call fails harmlessly with EBADF/ENOTSOCK. No memory involved.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
-    }
 }
 
 /// Is every byte zero? (Synchronisation sends such chunks as holes.)

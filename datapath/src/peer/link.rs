@@ -12,8 +12,12 @@
 //!   task is the only one reading from it and completes pending requests by
 //!   sequence number; the keepalive task pings an idle peer and declares a
 //!   silent one dead.
-//! - when the connection dies every pending request fails with
-//!   [`LinkError::Disconnected`]; callers then mark their extents for sync.
+//! - when the connection dies ([`PeerLink::kill`], from any task) every
+//!   pending request fails with [`LinkError::Disconnected`]; callers then
+//!   mark their extents for sync. The reader and the writer race their
+//!   loops against the death signal and drop their halves of the stream,
+//!   which closes it: the link works over any async byte stream (TCP, an
+//!   in-memory pipe in tests) and never touches a descriptor.
 //! - a write's `Done` means the secondary wrote it, not that its copy is
 //!   durable: the caller keeps the extent marked until a later
 //!   [`PeerLink::flush`] has completed (see `Remote::peer_flush`).
@@ -21,20 +25,22 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
-use glommio::io::{DmaBuffer, ReadResult};
-use glommio::net::TcpStream;
+use glommio::io::DmaBuffer;
 use glommio::sync::{Semaphore, StaticPermit};
 
 use super::frame::{self, LinkError};
 use super::proto::{Header, Kind};
+use crate::batch::{self, SendEnd};
+use crate::signal::{Notify, Signal};
+use crate::storage::ReadData;
 
 /// Payload of an outgoing request.
 pub enum Payload {
@@ -43,7 +49,7 @@ pub enum Payload {
     /// An application write buffer, shared with the local write.
     Dma(Rc<DmaBuffer>),
     /// Data read from the local provider (synchronisation).
-    Read(ReadResult),
+    Read(ReadData),
     /// Small owned bytes (control messages).
     Bytes(Vec<u8>),
 }
@@ -72,6 +78,15 @@ impl Payload {
 struct Outgoing {
     header: Header,
     payload: Payload,
+}
+
+impl batch::Frame for Outgoing {
+    fn encode_head(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.header.encode());
+    }
+    fn payload(&self) -> &[u8] {
+        self.payload.bytes()
+    }
 }
 
 #[derive(Default)]
@@ -171,17 +186,18 @@ pub struct LinkLimits {
 }
 
 struct Inner {
-    out: LocalSender<Option<Outgoing>>,
+    out: LocalSender<Outgoing>,
     inflight: RefCell<HashMap<u64, Rc<RefCell<SlotState>>>>,
+    /// Notified whenever a request completes (see [`PeerLink::idle`]).
+    completed: Notify,
     next_seq: Cell<u64>,
     window: Rc<Semaphore>,
     bytes: Rc<Semaphore>,
-    dead: Cell<bool>,
+    /// Fired once, when the connection dies.
+    death: Signal,
     reason: RefCell<Option<LinkError>>,
-    death_wakers: RefCell<Vec<Waker>>,
     last_rx: Cell<Instant>,
     last_tx: Cell<Instant>,
-    fd: RawFd,
     alloc: Box<dyn Fn(usize) -> DmaBuffer>,
     limits: LinkLimits,
 }
@@ -196,25 +212,27 @@ impl PeerLink {
     /// Takes over an established (handshaken) connection and starts its
     /// writer, reader and keepalive tasks on the current executor.
     /// `alloc` provides aligned buffers for read replies.
-    pub fn start(
-        stream: TcpStream,
-        fd: RawFd,
+    pub fn start<S>(
+        stream: S,
         limits: LinkLimits,
         alloc: impl Fn(usize) -> DmaBuffer + 'static,
-    ) -> PeerLink {
+    ) -> PeerLink
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        // Room for every request of the window and a keepalive.
         let (tx, rx) = local_channel::new_bounded(limits.max_inflight.max(1) + 1);
         let inner = Rc::new(Inner {
             out: tx,
             inflight: RefCell::new(HashMap::new()),
+            completed: Notify::new(),
             next_seq: Cell::new(1),
             window: Rc::new(Semaphore::new(limits.max_inflight.max(1) as u64)),
             bytes: Rc::new(Semaphore::new(limits.max_bytes.max(1 << 20) as u64)),
-            dead: Cell::new(false),
+            death: Signal::new(),
             reason: RefCell::new(None),
-            death_wakers: RefCell::new(Vec::new()),
             last_rx: Cell::new(Instant::now()),
             last_tx: Cell::new(Instant::now()),
-            fd,
             alloc: Box::new(alloc),
             limits,
         });
@@ -244,7 +262,7 @@ impl PeerLink {
 
     /// Is the connection still up?
     pub fn is_alive(&self) -> bool {
-        !self.inner.dead.get()
+        !self.inner.death.is_fired()
     }
 
     /// Why the connection died, if it did.
@@ -255,6 +273,15 @@ impl PeerLink {
     /// Requests in flight.
     pub fn inflight(&self) -> usize {
         self.inner.inflight.borrow().len()
+    }
+
+    /// Resolves when no request is in flight (or the link is dead).
+    pub async fn idle(&self) {
+        let inner = &self.inner;
+        let idle = inner
+            .completed
+            .wait_until(|| inner.inflight.borrow().is_empty());
+        futures_lite::future::or(idle, inner.death.wait()).await
     }
 
     /// Would a request with `payload` bytes wait for room in the window
@@ -314,7 +341,7 @@ impl PeerLink {
         }));
         self.inner.inflight.borrow_mut().insert(seq, slot.clone());
         let out = Outgoing { header, payload };
-        if self.inner.out.send(Some(out)).await.is_err() {
+        if self.inner.out.send(out).await.is_err() {
             self.inner.inflight.borrow_mut().remove(&seq);
             return Err(LinkError::Disconnected);
         }
@@ -336,19 +363,18 @@ impl PeerLink {
             .await
     }
 
-    /// Tears the connection down (idempotent); pending requests fail.
+    /// Tears the connection down (idempotent); pending requests fail. The
+    /// reader and the writer stop at their next poll and close the stream.
     pub fn kill(&self, reason: LinkError) {
         let inner = &self.inner;
-        if inner.dead.replace(true) {
+        if inner.death.is_fired() {
             return;
         }
         tracing::debug!(reason = %reason, "peer link closing");
         *inner.reason.borrow_mut() = Some(reason);
-        frame::shutdown_fd(inner.fd);
+        inner.death.fire();
         inner.window.close();
         inner.bytes.close();
-        // Wake the writer if it waits for work (None = stop).
-        let _ = inner.out.try_send(None);
         let pending: Vec<_> = inner
             .inflight
             .borrow_mut()
@@ -358,32 +384,12 @@ impl PeerLink {
         for s in pending {
             complete(&s, Err(LinkError::Disconnected));
         }
-        for w in inner.death_wakers.borrow_mut().drain(..) {
-            w.wake();
-        }
+        inner.completed.notify_all();
     }
 
     /// Resolves when the connection is dead.
-    pub fn dead(&self) -> WaitDead {
-        WaitDead(self.clone())
-    }
-}
-
-/// Future of [`PeerLink::dead`].
-pub struct WaitDead(PeerLink);
-
-impl Future for WaitDead {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.0.is_alive() {
-            return Poll::Ready(());
-        }
-        let mut wakers = self.0.inner.death_wakers.borrow_mut();
-        // The same task polling again (e.g. in a loop) replaces its waker,
-        // so the list stays bounded by the number of waiting tasks.
-        wakers.retain(|w| !w.will_wake(cx.waker()));
-        wakers.push(cx.waker().clone());
-        Poll::Pending
+    pub async fn dead(&self) {
+        self.inner.death.wait().await
     }
 }
 
@@ -395,101 +401,72 @@ async fn take(sem: &Rc<Semaphore>, n: u64) -> Result<StaticPermit, LinkError> {
         .map_err(|_| LinkError::Disconnected)
 }
 
-async fn writer_task(
+async fn writer_task<S: AsyncWrite + Unpin>(
     link: PeerLink,
-    mut w: WriteHalf<TcpStream>,
-    rx: LocalReceiver<Option<Outgoing>>,
+    mut w: WriteHalf<S>,
+    rx: LocalReceiver<Outgoing>,
 ) {
-    let mut batch = frame::Batch::default();
-    // Batched frames, dropped (their payload buffers freed) once written.
-    let mut held: Vec<Outgoing> = Vec::new();
-    while let Some(Some(first)) = rx.recv().await {
-        let mut next = Some(first);
-        let mut stop = false;
-        while let Some(o) = next.take() {
-            if !link.is_alive() {
-                return;
-            }
-            if batch.push(&o.header, o.payload.bytes()) {
-                held.push(o);
-            } else {
-                // Large payload: send what is batched, then this frame
-                // straight from its buffer.
-                let r = match batch.flush(&mut w).await {
-                    Ok(()) => frame::write_frame(&mut w, &o.header, o.payload.bytes()).await,
-                    Err(e) => Err(e),
-                };
-                held.clear();
-                if let Err(e) = r {
-                    link.kill(e);
-                    return;
-                }
-            }
-            if batch.full() {
-                break;
-            }
-            // Take whatever else is already queued, without waiting.
-            match futures_lite::future::poll_once(rx.recv()).await {
-                Some(Some(Some(o))) => next = Some(o),
-                Some(_) => stop = true,
-                None => {}
-            }
-        }
-        if let Err(e) = batch.flush(&mut w).await {
-            link.kill(e);
-            return;
-        }
-        held.clear();
-        link.inner.last_tx.set(Instant::now());
-        if stop {
-            break;
-        }
+    let inner = &link.inner;
+    let end = batch::send(&mut w, &rx, &inner.death, || {
+        inner.last_tx.set(Instant::now())
+    })
+    .await;
+    if let SendEnd::Failed(e) = end {
+        link.kill(e.into());
     }
 }
 
-async fn reader_task(link: PeerLink, r: ReadHalf<TcpStream>) {
+async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
     let mut r = futures_lite::io::BufReader::with_capacity(frame::RECV_BUFFER, r);
-    let err = loop {
-        let hdr = match frame::read_header(&mut r).await {
-            Ok(h) => h,
-            Err(e) => break e,
-        };
-        link.inner.last_rx.set(Instant::now());
-        let slot = match hdr.kind {
-            Kind::KeepaliveReply => continue,
-            Kind::Received => {
-                if let Some(s) = link.inner.inflight.borrow().get(&hdr.seq) {
-                    let mut st = s.borrow_mut();
-                    st.received = true;
-                    if let Some(w) = st.waker.take() {
-                        w.wake();
+    let read_all = async {
+        loop {
+            let hdr = match frame::read_header(&mut r).await {
+                Ok(h) => h,
+                Err(e) => break e,
+            };
+            link.inner.last_rx.set(Instant::now());
+            let slot = match hdr.kind {
+                Kind::KeepaliveReply => continue,
+                Kind::Received => {
+                    if let Some(s) = link.inner.inflight.borrow().get(&hdr.seq) {
+                        let mut st = s.borrow_mut();
+                        st.received = true;
+                        if let Some(w) = st.waker.take() {
+                            w.wake();
+                        }
                     }
+                    continue;
                 }
-                continue;
+                Kind::Done | Kind::ReadReply => link.inner.inflight.borrow_mut().remove(&hdr.seq),
+                other => {
+                    break LinkError::Local(format!("unexpected {other:?} from the secondary"));
+                }
+            };
+            let mut data = None;
+            if hdr.payload_len > 0 {
+                let mut buf = (link.inner.alloc)(hdr.payload_len as usize);
+                if let Err(e) = frame::read_payload(&mut r, &hdr, buf.as_bytes_mut()).await {
+                    break e;
+                }
+                data = Some(buf);
             }
-            Kind::Done | Kind::ReadReply => link.inner.inflight.borrow_mut().remove(&hdr.seq),
-            other => {
-                break LinkError::Local(format!("unexpected {other:?} from the secondary"));
-            }
-        };
-        let mut data = None;
-        if hdr.payload_len > 0 {
-            let mut buf = (link.inner.alloc)(hdr.payload_len as usize);
-            if let Err(e) = frame::read_payload(&mut r, &hdr, buf.as_bytes_mut()).await {
-                break e;
-            }
-            data = Some(buf);
+            let Some(slot) = slot else {
+                break LinkError::Local(format!("reply for unknown request {}", hdr.seq));
+            };
+            let result = if hdr.status != 0 {
+                Err(LinkError::Remote(hdr.status))
+            } else {
+                Ok(data)
+            };
+            complete(&slot, result);
+            link.inner.completed.notify_all();
         }
-        let Some(slot) = slot else {
-            break LinkError::Local(format!("reply for unknown request {}", hdr.seq));
-        };
-        let result = if hdr.status != 0 {
-            Err(LinkError::Remote(hdr.status))
-        } else {
-            Ok(data)
-        };
-        complete(&slot, result);
     };
+    let died = async {
+        link.inner.death.wait().await;
+        LinkError::Disconnected
+    };
+    let err = futures_lite::future::or(died, read_all).await;
     if link.is_alive() {
         tracing::warn!(error = %err, "peer connection lost");
     }
@@ -503,7 +480,7 @@ async fn keepalive_task(link: PeerLink) {
         .min(limits.timeout / 2)
         .max(Duration::from_millis(100));
     while link.is_alive() {
-        glommio::timer::sleep(tick).await;
+        futures_lite::future::or(glommio::timer::sleep(tick), link.dead()).await;
         if !link.is_alive() {
             break;
         }
@@ -522,10 +499,10 @@ async fn keepalive_task(link: PeerLink) {
             if link
                 .inner
                 .out
-                .try_send(Some(Outgoing {
+                .try_send(Outgoing {
                     header: hdr,
                     payload: Payload::None,
-                }))
+                })
                 .is_ok()
             {
                 link.inner.last_tx.set(now);

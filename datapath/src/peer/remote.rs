@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -338,7 +338,7 @@ impl Remote {
     /// One connection: connect, handshake, synchronise, then serve until
     /// the link dies.
     async fn session(self: &Rc<Self>) -> Result<(), LinkError> {
-        let (mut stream, fd) = self.connect().await?;
+        let mut stream = self.connect().await?;
         let (decision, reply, p_gen) = self.handshake(&mut stream).await?;
         if self.stopping.get() {
             return Ok(());
@@ -350,7 +350,6 @@ impl Remote {
         }
         let link = PeerLink::start(
             stream,
-            fd,
             LinkLimits {
                 max_inflight: self.cfg.max_inflight,
                 keepalive: self.cfg.timeout / 3,
@@ -438,7 +437,7 @@ impl Remote {
         Err(LinkError::Local(format!("connection lost: {why}")))
     }
 
-    async fn connect(&self) -> Result<(TcpStream, RawFd), LinkError> {
+    async fn connect(&self) -> Result<TcpStream, LinkError> {
         let (addrs, source, timeout) = (self.cfg.remote.clone(), self.cfg.source, self.cfg.timeout);
         let (tx, rx) = flume::bounded(1);
         // Blocking connect on a helper thread: the executor keeps serving.
@@ -458,7 +457,7 @@ impl Remote {
         // SAFETY: fd is a connected TCP socket we own (just released from
         // the std stream); the glommio stream takes ownership and closes it.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        Ok((stream, fd))
+        Ok(stream)
     }
 
     async fn handshake(

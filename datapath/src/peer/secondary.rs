@@ -6,12 +6,22 @@
 //! reads the next frame, so overlapping writes are applied in the order the
 //! primary sent them. Flush is a barrier: it waits for every write received
 //! before it, then flushes the provider.
+//!
+//! Bounds: at most `max_requests` requests are executed at once, and the
+//! payloads held (received writes not yet applied, read replies not yet
+//! sent) take at most `max_bytes` (a single larger one takes the whole
+//! budget): no primary, honest or not, makes the secondary hold more.
+//!
+//! The connection is any async byte stream: TCP from the listener, or an
+//! in-memory pipe in tests ([`Secondary::attach`]). It is torn down by a
+//! stop signal its loops race against, never by shutting a descriptor
+//! down from outside.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,11 +29,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures_lite::io::{ReadHalf, WriteHalf};
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
-use glommio::io::ReadResult;
+use futures_lite::io::BufReader;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpStream;
-use glommio::sync::Semaphore;
+use glommio::sync::{Gate, Semaphore, StaticPermit};
 use glommio::Task;
 
 use super::frame::{self, LinkError};
@@ -31,17 +41,17 @@ use super::proto::{
     flags, negotiate, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, PROTO_VERSION,
     PROTO_VERSION_MIN,
 };
+use crate::batch::{self, SendEnd};
 use crate::events::{EventSink, PeerEventKind};
 use crate::generation::{decide, resolve_split_brain, Decision, Gen};
 use crate::local::{LocalDisk, Settled};
 use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
+use crate::signal::Signal;
 use crate::stats::ResourceStats;
+use crate::storage::ReadData;
 
 /// Hello flag: the primary has never been written (both sides virgin).
 pub const HELLO_VIRGIN: u64 = super::proto::hello_flags::VIRGIN;
-
-/// Requests the secondary executes at once, at most.
-const MAX_INFLIGHT: usize = 1024;
 
 /// A connection handed over by the listener.
 pub struct Incoming {
@@ -70,15 +80,23 @@ pub struct SecondaryCtx {
     /// `splitbrain auto`: resolve a split-brain where one side changed
     /// nothing.
     pub splitbrain_auto: bool,
+    /// Requests executed at once, at most.
+    pub max_requests: usize,
+    /// Payload bytes held at once, at most.
+    pub max_bytes: usize,
 }
 
 /// The secondary role of one resource: at most one primary connection.
 pub struct Secondary {
     ctx: SecondaryCtx,
-    /// The connection: its descriptor (-1 once closed: the number may be
-    /// reused by anything) and its task.
     current: RefCell<Option<Connection>>,
     split_brain_reported: Cell<bool>,
+}
+
+/// The current connection: what stops it, and its task.
+struct Connection {
+    stop: Signal,
+    task: Task<()>,
 }
 
 impl Secondary {
@@ -101,45 +119,51 @@ impl Secondary {
     /// have completed.
     pub async fn disconnect(&self) {
         let cur = self.current.borrow_mut().take();
-        if let Some((fd, task)) = cur {
-            if fd.get() >= 0 {
-                frame::shutdown_fd(fd.get());
-            }
-            task.await;
+        if let Some(c) = cur {
+            c.stop.fire();
+            c.task.await;
         }
     }
 
-    /// Handles a new connection from the primary: replaces any current
-    /// one, answers the handshake and serves requests in a task.
+    /// Handles a new TCP connection from the primary (see
+    /// [`Secondary::attach`]).
     pub async fn accept(self: &Rc<Self>, inc: Incoming) {
-        // A reconnecting primary replaces a connection it gave up on; the
-        // old one's requests finish first so ordering is kept.
-        self.disconnect().await;
         let fd = inc.fd.into_raw_fd();
         // SAFETY: fd is a connected TCP socket whose ownership we just took
         // from the OwnedFd; the glommio stream now owns and closes it.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
         let _ = stream.set_nodelay(true);
-        let me = self.clone();
-        let slot = Rc::new(Cell::new(fd));
-        let guard = FdSlot(slot.clone());
-        let task = glommio::spawn_local(async move {
-            // Declared before the stream is moved in: however the
-            // connection ends, the slot is cleared when the descriptor is
-            // closed, with no await point in between.
-            let _guard = guard;
-            me.connection(stream, fd, inc.hello, inc.peer).await;
-        });
-        *self.current.borrow_mut() = Some((slot, task));
+        self.attach(stream, inc.hello, inc.peer).await;
     }
 
-    async fn connection(
+    /// Serves a primary's connection whose Hello has been read: replaces
+    /// any current connection, answers the handshake and serves requests
+    /// in a task.
+    pub async fn attach<S>(self: &Rc<Self>, stream: S, hello: Hello, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        // A reconnecting primary replaces a connection it gave up on; the
+        // old one's requests finish first so ordering is kept.
+        self.disconnect().await;
+        let me = self.clone();
+        let stop = Signal::new();
+        let task = glommio::spawn_local({
+            let stop = stop.clone();
+            async move { me.connection(stream, hello, peer, stop).await }
+        });
+        *self.current.borrow_mut() = Some(Connection { stop, task });
+    }
+
+    async fn connection<S>(
         self: Rc<Self>,
-        mut stream: TcpStream,
-        fd: RawFd,
+        mut stream: S,
         hello: Hello,
         peer: SocketAddr,
-    ) {
+        stop: Signal,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
         let ctx = &self.ctx;
         let reply = self.handshake(&hello).await;
         let refused = reply.refusal.is_some();
@@ -160,7 +184,7 @@ impl Secondary {
         ctx.stats.connected.store(true, Relaxed);
         tracing::info!(resource = %ctx.resource, peer = %peer, "primary connected");
         ctx.events.emit(PeerEventKind::Connect);
-        let result = serve(ctx, stream, fd).await;
+        let result = serve(ctx, stream, stop).await;
         ctx.stats.connected.store(false, Relaxed);
         match result {
             Ok(()) => tracing::info!(resource = %ctx.resource, "primary disconnected (bye)"),
@@ -286,18 +310,6 @@ impl Secondary {
     }
 }
 
-/// The current connection: its descriptor slot and its task.
-type Connection = (Rc<Cell<RawFd>>, Task<()>);
-
-/// Marks a connection's descriptor as closed when dropped.
-struct FdSlot(Rc<Cell<RawFd>>);
-
-impl Drop for FdSlot {
-    fn drop(&mut self) {
-        self.0.set(-1);
-    }
-}
-
 /// Counts writes in flight per flush epoch so a flush waits exactly for
 /// the writes received before it.
 #[derive(Default)]
@@ -354,87 +366,395 @@ impl Future for BarrierWait {
 
 enum ReplyPayload {
     None,
-    Read(ReadResult),
+    Read(ReadData),
 }
 
 struct Reply {
     header: Header,
     payload: ReplyPayload,
+    /// The payload's share of the byte budget, released once sent.
+    _bytes: Option<StaticPermit>,
+}
+
+impl batch::Frame for Reply {
+    fn encode_head(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.header.encode());
+    }
+    fn payload(&self) -> &[u8] {
+        match &self.payload {
+            ReplyPayload::None => &[],
+            ReplyPayload::Read(r) => r,
+        }
+    }
+}
+
+/// Where replies go: the writer's queue, unless the connection stops.
+#[derive(Clone)]
+struct Replies {
+    tx: Rc<LocalSender<Reply>>,
+    stop: Signal,
+}
+
+impl Replies {
+    /// Queues a reply (dropped if the connection is stopping: nobody
+    /// would send it).
+    async fn send(&self, reply: Reply) {
+        let queued = async {
+            let _ = self.tx.send(reply).await;
+        };
+        futures_lite::future::or(queued, self.stop.wait()).await
+    }
+
+    /// Queues a reply without payload.
+    async fn status(&self, kind: Kind, seq: u64, status: u32) {
+        self.send(Reply {
+            header: Header::reply(kind, seq, status),
+            payload: ReplyPayload::None,
+            _bytes: None,
+        })
+        .await
+    }
+}
+
+/// What the requests of one connection share.
+struct Session<'a> {
+    ctx: &'a SecondaryCtx,
+    /// Requests executing.
+    window: Rc<Semaphore>,
+    /// Payload bytes held.
+    bytes: Rc<Semaphore>,
+    barrier: Rc<Barrier>,
+    replies: Replies,
+    tasks: Gate,
 }
 
 /// The request loop of one connection.
-async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), LinkError> {
-    let (r, w) = futures_lite::io::split(stream);
-    let mut r = futures_lite::io::BufReader::with_capacity(frame::RECV_BUFFER, r);
-    let (tx, rx) = local_channel::new_bounded::<Reply>(MAX_INFLIGHT + 16);
-    let writer = glommio::spawn_local(reply_writer(w, rx, fd));
-    let window = Rc::new(Semaphore::new(MAX_INFLIGHT as u64));
-    let barrier = Rc::new(Barrier::default());
-    let tx = Rc::new(tx);
-    let tasks = glommio::sync::Gate::new();
-    let result = loop {
-        let hdr = match frame::with_timeout(ctx.timeout, frame::read_header(&mut r)).await {
-            Ok(h) => h,
-            Err(LinkError::Closed) => break Err(LinkError::Closed),
-            Err(e) => break Err(e),
-        };
-        match handle(ctx, &mut r, &hdr, &window, &barrier, &tx, &tasks).await {
-            Ok(true) => {}
-            Ok(false) => break Ok(()),
-            Err(e) => break Err(e),
+async fn serve<S>(ctx: &SecondaryCtx, stream: S, stop: Signal) -> Result<(), LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let (r, mut w) = futures_lite::io::split(stream);
+    let mut r = BufReader::with_capacity(frame::RECV_BUFFER, r);
+    // Every executing request (the window) sends one reply, plus the
+    // handful of control requests handled in line.
+    let (tx, rx) = local_channel::new_bounded::<Reply>(ctx.max_requests + 16);
+    let writer = glommio::spawn_local({
+        let stop = stop.clone();
+        async move {
+            if let SendEnd::Failed(e) = batch::send(&mut w, &rx, &stop, || {}).await {
+                tracing::debug!(error = %e, "cannot send to the primary");
+                // The reader stops too.
+                stop.fire();
+            }
+        }
+    });
+    let session = Session {
+        ctx,
+        window: Rc::new(Semaphore::new(ctx.max_requests.max(1) as u64)),
+        bytes: Rc::new(Semaphore::new(ctx.max_bytes.max(1 << 20) as u64)),
+        barrier: Rc::new(Barrier::default()),
+        replies: Replies {
+            tx: Rc::new(tx),
+            stop: stop.clone(),
+        },
+        tasks: Gate::new(),
+    };
+    let requests = async {
+        loop {
+            let hdr = frame::with_timeout(ctx.timeout, frame::read_header(&mut r)).await?;
+            if !session.handle(&mut r, &hdr).await? {
+                return Ok(());
+            }
         }
     };
+    let stopped = async {
+        stop.wait().await;
+        Err(LinkError::Local("disconnected by this node".into()))
+    };
+    let result = futures_lite::future::or(stopped, requests).await;
     if let Err(e) = &result {
         if !matches!(e, LinkError::Closed) {
             tracing::warn!(resource = %ctx.resource, error = %e, "closing the primary's connection");
         }
     }
-    // Requests already read complete (their data is applied); then stop
-    // the writer.
-    let _ = tasks.close().await;
-    drop(tx);
-    frame::shutdown_fd(fd);
+    // Requests already read complete (their data is applied), their
+    // replies are sent, then the writer ends and the stream closes.
+    let _ = session.tasks.close().await;
+    drop(session);
     writer.await;
     result
 }
 
-async fn reply_writer(mut w: WriteHalf<TcpStream>, rx: LocalReceiver<Reply>, fd: RawFd) {
-    let mut batch = frame::Batch::default();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut stop = false;
-        while let Some(rep) = next.take() {
-            let payload: &[u8] = match &rep.payload {
-                ReplyPayload::None => &[],
-                ReplyPayload::Read(r) => r,
-            };
-            if !batch.push(&rep.header, payload) {
-                let r = match batch.flush(&mut w).await {
-                    Ok(()) => frame::write_frame(&mut w, &rep.header, payload).await,
-                    Err(e) => Err(e),
+impl Session<'_> {
+    /// Handles one request; Ok(false) ends the connection cleanly.
+    async fn handle<R: AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        hdr: &Header,
+    ) -> Result<bool, LinkError> {
+        match hdr.kind {
+            Kind::Keepalive => {
+                self.replies.status(Kind::KeepaliveReply, hdr.seq, 0).await;
+            }
+            Kind::Write | Kind::Zero => self.write(r, hdr).await?,
+            Kind::Flush => self.flush(hdr).await?,
+            Kind::Read => self.read(hdr).await?,
+            Kind::SyncStart => self.sync_start(hdr).await,
+            Kind::SyncComplete => self.sync_complete(r, hdr).await?,
+            Kind::Bye => return Ok(false),
+            other => {
+                return Err(LinkError::Local(format!(
+                    "unexpected {other:?} from the primary"
+                )))
+            }
+        }
+        Ok(true)
+    }
+
+    async fn permit(&self) -> Result<StaticPermit, LinkError> {
+        self.window
+            .acquire_static_permit(1)
+            .await
+            .map_err(|_| LinkError::Local("stopping".into()))
+    }
+
+    /// Takes `len` bytes of the budget (all of it for a larger request).
+    async fn budget(&self, len: u32) -> Result<Option<StaticPermit>, LinkError> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let n = u64::from(len).min(self.ctx.max_bytes.max(1 << 20) as u64);
+        self.bytes
+            .acquire_static_permit(n)
+            .await
+            .map(Some)
+            .map_err(|_| LinkError::Local("stopping".into()))
+    }
+
+    fn spawn(&self, fut: impl Future<Output = ()> + 'static) -> Result<(), LinkError> {
+        self.tasks
+            .spawn(fut)
+            .map(|t| {
+                t.detach();
+            })
+            .map_err(|_| LinkError::Local("connection is closing".into()))
+    }
+
+    /// A replicated or synchronisation write: read its payload, take its
+    /// range-lock ticket (arrival order), apply it in a task.
+    async fn write<R: AsyncRead + Unpin>(&self, r: &mut R, hdr: &Header) -> Result<(), LinkError> {
+        let permit = self.permit().await?;
+        let bytes = self.budget(hdr.payload_len).await?;
+        let disk = self.ctx.disk.clone();
+        let seq = hdr.seq;
+        let (offset, len) = (hdr.offset, u64::from(hdr.length));
+        let data = if hdr.kind == Kind::Write {
+            let mut buf = disk.alloc(hdr.length as usize);
+            frame::read_payload(r, hdr, buf.as_bytes_mut()).await?;
+            Some(buf)
+        } else {
+            None
+        };
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > disk.datasize())
+        {
+            self.replies
+                .status(Kind::Done, seq, libc::EINVAL as u32)
+                .await;
+            return Ok(());
+        }
+        if hdr.flags & flags::WANT_RECEIVED != 0 {
+            self.replies.status(Kind::Received, seq, 0).await;
+        }
+        let ticket = disk.lock_range(offset, len);
+        let epoch = self.barrier.enter();
+        let (replies, barrier, stats) = (
+            self.replies.clone(),
+            self.barrier.clone(),
+            self.ctx.stats.clone(),
+        );
+        let fua = hdr.flags & flags::FUA != 0;
+        let sync = hdr.flags & flags::SYNC != 0;
+        let fut = async move {
+            let _permit = permit;
+            let _guard = ticket.await;
+            // Replicated writes need no mark here: the primary keeps the
+            // extent marked until a flush on this side after our Done
+            // (see Remote::peer_flush). Synchronisation writes are marked,
+            // together with the data write (Done waits for both): the
+            // primary forgets a synchronised extent at our Done, so after
+            // it our own map covers the extent until a later metadata
+            // flush (which flushes the disk cache too) made it durable.
+            let data_write = async {
+                let res = match data {
+                    Some(buf) => disk.write(offset, buf).await,
+                    None => disk.zero(offset, len).await,
                 };
-                if r.is_err() {
-                    frame::shutdown_fd(fd);
-                    return;
+                match res {
+                    Ok(()) if fua => disk.flush().await,
+                    other => other,
                 }
+            };
+            let mark = async {
+                if sync {
+                    disk.write_start(offset, len).await
+                } else {
+                    Ok(())
+                }
+            };
+            let (marked, res) = futures_lite::future::zip(mark, data_write).await;
+            let status = match (marked, res) {
+                (Ok(()), res) => {
+                    if sync {
+                        disk.write_complete(offset, len, Settled::InSync);
+                    }
+                    match res {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            stats.write_errors.fetch_add(1, Relaxed);
+                            tracing::error!(offset, len, error = %e, "local write failed");
+                            errno_of(&e)
+                        }
+                    }
+                }
+                // write_start undid its own mark; a failed Done makes the
+                // primary mark the extent for synchronisation.
+                (Err(e), _) => errno_of(&e),
+            };
+            if sync {
+                stats.sync_received.fetch_add(len, Relaxed);
+            } else {
+                stats.writes.fetch_add(1, Relaxed);
             }
-            if batch.full() {
-                break;
+            barrier.leave(epoch);
+            drop(bytes);
+            replies.status(Kind::Done, seq, status).await;
+        };
+        self.spawn(fut)
+    }
+
+    /// A barrier: waits for the writes received before it, then flushes.
+    async fn flush(&self, hdr: &Header) -> Result<(), LinkError> {
+        let permit = self.permit().await?;
+        let wait = self.barrier.close_epoch();
+        let (disk, replies, stats, seq) = (
+            self.ctx.disk.clone(),
+            self.replies.clone(),
+            self.ctx.stats.clone(),
+            hdr.seq,
+        );
+        self.spawn(async move {
+            let _permit = permit;
+            wait.await;
+            stats.flushes.fetch_add(1, Relaxed);
+            let status = match disk.flush().await {
+                Ok(()) => 0,
+                Err(e) => {
+                    stats.flush_errors.fetch_add(1, Relaxed);
+                    errno_of(&e)
+                }
+            };
+            replies.status(Kind::Done, seq, status).await;
+        })
+    }
+
+    /// A read (the primary is synchronised from us, or reads through).
+    async fn read(&self, hdr: &Header) -> Result<(), LinkError> {
+        let permit = self.permit().await?;
+        let (offset, len, seq) = (hdr.offset, hdr.length, hdr.seq);
+        let disk = self.ctx.disk.clone();
+        let valid = offset
+            .checked_add(u64::from(len))
+            .is_some_and(|end| end <= disk.datasize());
+        if !valid {
+            drop(permit);
+            self.replies
+                .status(Kind::ReadReply, seq, libc::EINVAL as u32)
+                .await;
+            return Ok(());
+        }
+        let bytes = self.budget(len).await?;
+        let (replies, stats) = (self.replies.clone(), self.ctx.stats.clone());
+        let ticket = disk.lock_range(offset, u64::from(len));
+        self.spawn(async move {
+            let _permit = permit;
+            let _guard = ticket.await;
+            stats.reads.fetch_add(1, Relaxed);
+            let reply = match disk.read(offset, len as usize).await {
+                Ok(data) => Reply {
+                    header: Header::reply(Kind::ReadReply, seq, 0).with_payload(&data),
+                    payload: ReplyPayload::Read(data),
+                    _bytes: bytes,
+                },
+                Err(e) => {
+                    stats.read_errors.fetch_add(1, Relaxed);
+                    Reply {
+                        header: Header::reply(Kind::ReadReply, seq, errno_of(&e)),
+                        payload: ReplyPayload::None,
+                        _bytes: None,
+                    }
+                }
+            };
+            replies.send(reply).await;
+        })
+    }
+
+    /// Marks this node inconsistent before any synchronisation data lands:
+    /// a promotion must know this node is mid-sync.
+    async fn sync_start(&self, hdr: &Header) {
+        let ctx = self.ctx;
+        self.barrier.close_epoch().await;
+        let status = match ctx
+            .disk
+            .update_metadata(|m| m.flags |= FLAG_INCONSISTENT)
+            .await
+        {
+            Ok(()) => 0,
+            Err(e) => errno_of(&e),
+        };
+        tracing::info!(resource = %ctx.resource, "synchronisation from the primary starting");
+        self.replies.status(Kind::Done, hdr.seq, status).await;
+    }
+
+    /// Both legs are identical: record the new generation (after the
+    /// copied data is durable).
+    async fn sync_complete<R: AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        hdr: &Header,
+    ) -> Result<(), LinkError> {
+        let ctx = self.ctx;
+        let disk = &ctx.disk;
+        let mut body = vec![0u8; hdr.payload_len as usize];
+        frame::read_payload(r, hdr, &mut body).await?;
+        let sc = SyncComplete::decode(&body)?;
+        self.barrier.close_epoch().await;
+        let g = sc.generation;
+        disk.clear_all_sync();
+        let res = async {
+            // Copied data durable before the generation that vouches for it.
+            disk.flush().await?;
+            disk.persist_all().await?;
+            disk.update_metadata(|m| {
+                m.localcnt = g;
+                m.remotecnt = g;
+                m.flags &= !(FLAG_INCONSISTENT | FLAG_DISCARD);
+            })
+            .await
+        }
+        .await;
+        let status = match res {
+            Ok(()) => {
+                ctx.stats.dirty_bytes.store(0, Relaxed);
+                tracing::info!(resource = %ctx.resource, generation = g,
+                    "synchronised with the primary");
+                0
             }
-            // Replies completed together leave in one send.
-            match futures_lite::future::poll_once(rx.recv()).await {
-                Some(Some(r)) => next = Some(r),
-                Some(None) => stop = true,
-                None => {}
-            }
-        }
-        if batch.flush(&mut w).await.is_err() {
-            frame::shutdown_fd(fd);
-            return;
-        }
-        if stop {
-            break;
-        }
+            Err(e) => errno_of(&e),
+        };
+        self.replies.status(Kind::Done, hdr.seq, status).await;
+        Ok(())
     }
 }
 
@@ -442,232 +762,4 @@ fn errno_of(e: &std::io::Error) -> u32 {
     e.raw_os_error()
         .map(|n| n as u32)
         .unwrap_or(libc::EIO as u32)
-}
-
-async fn send(tx: &LocalSender<Reply>, header: Header) {
-    let _ = tx
-        .send(Reply {
-            header,
-            payload: ReplyPayload::None,
-        })
-        .await;
-}
-
-/// Handles one request; Ok(false) ends the connection cleanly.
-async fn handle(
-    ctx: &SecondaryCtx,
-    r: &mut futures_lite::io::BufReader<ReadHalf<TcpStream>>,
-    hdr: &Header,
-    window: &Rc<Semaphore>,
-    barrier: &Rc<Barrier>,
-    tx: &Rc<LocalSender<Reply>>,
-    tasks: &glommio::sync::Gate,
-) -> Result<bool, LinkError> {
-    let disk = ctx.disk.clone();
-    let seq = hdr.seq;
-    match hdr.kind {
-        Kind::Keepalive => {
-            send(tx, Header::reply(Kind::KeepaliveReply, seq, 0)).await;
-        }
-        Kind::Write | Kind::Zero => {
-            let permit = window
-                .acquire_static_permit(1)
-                .await
-                .map_err(|_| LinkError::Local("stopping".into()))?;
-            let (offset, len) = (hdr.offset, u64::from(hdr.length));
-            let data = if hdr.kind == Kind::Write {
-                let mut buf = disk.alloc(hdr.length as usize);
-                frame::read_payload(r, hdr, buf.as_bytes_mut()).await?;
-                Some(buf)
-            } else {
-                None
-            };
-            if offset
-                .checked_add(len)
-                .is_none_or(|end| end > disk.datasize())
-            {
-                send(tx, Header::reply(Kind::Done, seq, libc::EINVAL as u32)).await;
-                return Ok(true);
-            }
-            if hdr.flags & flags::WANT_RECEIVED != 0 {
-                send(tx, Header::reply(Kind::Received, seq, 0)).await;
-            }
-            // Take the range-lock ticket now, in arrival order.
-            let ticket = disk.lock_range(offset, len);
-            let epoch = barrier.enter();
-            let (tx, barrier, stats) = (tx.clone(), barrier.clone(), ctx.stats.clone());
-            let fua = hdr.flags & flags::FUA != 0;
-            let sync = hdr.flags & flags::SYNC != 0;
-            let fut = async move {
-                let _permit = permit;
-                let _guard = ticket.await;
-                // Replicated writes need no mark here: the primary keeps the
-                // extent marked until a flush on this side after our Done
-                // (see Remote::peer_flush). Synchronisation writes are marked,
-                // together with the data write (Done waits for both): the
-                // primary forgets a synchronised extent at our Done, so after
-                // it our own map covers the extent until a later metadata
-                // flush (which flushes the disk cache too) made it durable.
-                let data_write = async {
-                    let res = match data {
-                        Some(buf) => disk.write(offset, buf).await,
-                        None => disk.zero(offset, len).await,
-                    };
-                    match res {
-                        Ok(()) if fua => disk.flush().await,
-                        other => other,
-                    }
-                };
-                let mark = async {
-                    if sync {
-                        disk.write_start(offset, len).await
-                    } else {
-                        Ok(())
-                    }
-                };
-                let (marked, res) = futures_lite::future::zip(mark, data_write).await;
-                let status = match (marked, res) {
-                    (Ok(()), res) => {
-                        if sync {
-                            disk.write_complete(offset, len, Settled::InSync);
-                        }
-                        match res {
-                            Ok(()) => 0,
-                            Err(e) => {
-                                stats.write_errors.fetch_add(1, Relaxed);
-                                tracing::error!(offset, len, error = %e, "local write failed");
-                                errno_of(&e)
-                            }
-                        }
-                    }
-                    // write_start undid its own mark; a failed Done makes the
-                    // primary mark the extent for synchronisation.
-                    (Err(e), _) => errno_of(&e),
-                };
-                if sync {
-                    stats.sync_received.fetch_add(len, Relaxed);
-                } else {
-                    stats.writes.fetch_add(1, Relaxed);
-                }
-                barrier.leave(epoch);
-                send(&tx, Header::reply(Kind::Done, seq, status)).await;
-            };
-            spawn_tracked(tasks, fut)?;
-        }
-        Kind::Flush => {
-            let wait = barrier.close_epoch();
-            let (tx, stats) = (tx.clone(), ctx.stats.clone());
-            spawn_tracked(tasks, async move {
-                wait.await;
-                stats.flushes.fetch_add(1, Relaxed);
-                let status = match disk.flush().await {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        stats.flush_errors.fetch_add(1, Relaxed);
-                        errno_of(&e)
-                    }
-                };
-                send(&tx, Header::reply(Kind::Done, seq, status)).await;
-            })?;
-        }
-        Kind::Read => {
-            let permit = window
-                .acquire_static_permit(1)
-                .await
-                .map_err(|_| LinkError::Local("stopping".into()))?;
-            let (offset, len) = (hdr.offset, hdr.length);
-            let (tx, stats) = (tx.clone(), ctx.stats.clone());
-            let ticket = disk.lock_range(offset, u64::from(len));
-            spawn_tracked(tasks, async move {
-                let _permit = permit;
-                let valid = offset
-                    .checked_add(u64::from(len))
-                    .is_some_and(|end| end <= disk.datasize());
-                let reply = if !valid {
-                    Reply {
-                        header: Header::reply(Kind::ReadReply, seq, libc::EINVAL as u32),
-                        payload: ReplyPayload::None,
-                    }
-                } else {
-                    let _guard = ticket.await;
-                    stats.reads.fetch_add(1, Relaxed);
-                    match disk.read(offset, len as usize).await {
-                        Ok(data) => Reply {
-                            header: Header::reply(Kind::ReadReply, seq, 0).with_payload(&data),
-                            payload: ReplyPayload::Read(data),
-                        },
-                        Err(e) => {
-                            stats.read_errors.fetch_add(1, Relaxed);
-                            Reply {
-                                header: Header::reply(Kind::ReadReply, seq, errno_of(&e)),
-                                payload: ReplyPayload::None,
-                            }
-                        }
-                    }
-                };
-                let _ = tx.send(reply).await;
-            })?;
-        }
-        Kind::SyncStart => {
-            // Mark ourselves inconsistent before any synchronisation data
-            // lands: a promotion must know this node is mid-sync.
-            barrier.close_epoch().await;
-            let status = match disk.update_metadata(|m| m.flags |= FLAG_INCONSISTENT).await {
-                Ok(()) => 0,
-                Err(e) => errno_of(&e),
-            };
-            tracing::info!(resource = %ctx.resource, "synchronisation from the primary starting");
-            send(tx, Header::reply(Kind::Done, seq, status)).await;
-        }
-        Kind::SyncComplete => {
-            let mut body = vec![0u8; hdr.payload_len as usize];
-            frame::read_payload(r, hdr, &mut body).await?;
-            let sc = SyncComplete::decode(&body)?;
-            barrier.close_epoch().await;
-            let g = sc.generation;
-            disk.clear_all_sync();
-            let res = async {
-                // Copied data durable before the generation that vouches
-                // for it.
-                disk.flush().await?;
-                disk.persist_all().await?;
-                disk.update_metadata(|m| {
-                    m.localcnt = g;
-                    m.remotecnt = g;
-                    m.flags &= !(FLAG_INCONSISTENT | FLAG_DISCARD);
-                })
-                .await
-            }
-            .await;
-            let status = match res {
-                Ok(()) => {
-                    ctx.stats.dirty_bytes.store(0, Relaxed);
-                    tracing::info!(resource = %ctx.resource, generation = g,
-                        "synchronised with the primary");
-                    0
-                }
-                Err(e) => errno_of(&e),
-            };
-            send(tx, Header::reply(Kind::Done, seq, status)).await;
-        }
-        Kind::Bye => return Ok(false),
-        other => {
-            return Err(LinkError::Local(format!(
-                "unexpected {other:?} from the primary"
-            )))
-        }
-    }
-    Ok(true)
-}
-
-fn spawn_tracked(
-    tasks: &glommio::sync::Gate,
-    fut: impl Future<Output = ()> + 'static,
-) -> Result<(), LinkError> {
-    tasks
-        .spawn(fut)
-        .map(|t| {
-            t.detach();
-        })
-        .map_err(|_| LinkError::Local("connection is closing".into()))
 }
