@@ -515,7 +515,7 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
     let g = ResourceStats::get;
     let role = stats.role();
     let active = role != Role::Init;
-    let local = g(&stats.local_queue);
+    let local = stats.local_queue.get();
     ResourceReport {
         name: r.name.clone(),
         role: role.to_string(),
@@ -572,7 +572,7 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
         queues: Queues {
             local,
             send: 0,
-            recv: g(&stats.remote_inflight),
+            recv: stats.remote_inflight.get(),
             done: 0,
             idle: if active {
                 (MAX_INFLIGHT as u64).saturating_sub(local)
@@ -586,10 +586,7 @@ fn report(cfg: &Config, r: &ResourceConfig, node: &Node) -> ResourceReport {
 }
 
 fn sync_report(stats: &ResourceStats) -> Option<crate::proto::SyncReport> {
-    let dir = stats.sync_direction.load(Relaxed);
-    if dir == 0 {
-        return None;
-    }
+    let dir = stats.sync_state()?;
     let total = stats.sync_total.load(Relaxed);
     let done = stats.sync_done.load(Relaxed).min(total.max(1));
     let started = stats.sync_started_ms.load(Relaxed);
@@ -605,12 +602,7 @@ fn sync_report(stats: &ResourceStats) -> Option<crate::proto::SyncReport> {
         None
     };
     Some(crate::proto::SyncReport {
-        direction: if dir == 1 {
-            "to-secondary"
-        } else {
-            "from-secondary"
-        }
-        .into(),
+        direction: dir.name().into(),
         done,
         total,
         rate,

@@ -444,11 +444,7 @@ fn sample_progress(inner: &Weak<Mutex<Inner>>, resources: &[(String, Arc<Resourc
 /// The progress of a running synchronisation, from the data path's
 /// counters; None when none runs.
 fn progress_of(stats: &ResourceStats) -> Option<StreamKind> {
-    let direction = match stats.sync_direction.load(Relaxed) {
-        0 => return None,
-        1 => "to-secondary",
-        _ => "from-secondary",
-    };
+    let direction = stats.sync_state()?.name();
     let total = stats.sync_total.load(Relaxed);
     let done = stats.sync_done.load(Relaxed).min(total);
     Some(StreamKind::Progress {
@@ -495,6 +491,7 @@ impl Notifier {
 mod tests {
     use super::*;
     use crate::proto::ResourceReport;
+    use hast_datapath::generation::SyncDirection;
     use std::io::{BufRead, BufReader};
     use std::time::Instant;
 
@@ -709,7 +706,7 @@ mod tests {
     fn progress_only_between_syncstart_and_its_end() {
         let b = Broadcaster::new();
         let stats = Arc::new(ResourceStats::default());
-        stats.sync_direction.store(1, Relaxed);
+        stats.set_sync_state(Some(SyncDirection::ToSecondary));
         stats.sync_total.store(100, Relaxed);
         stats.sync_done.store(40, Relaxed);
         b.start_progress_sampler(vec![("r1".into(), stats.clone())]);
@@ -727,7 +724,7 @@ mod tests {
                 total: 100
             }
         );
-        stats.sync_direction.store(0, Relaxed);
+        stats.set_sync_state(None);
         b.publish(&ev("r1", StreamKind::Syncdone));
         // Whatever progress was sampled before, syncdone comes, and then
         // nothing but what we publish.
@@ -738,7 +735,7 @@ mod tests {
             }
             assert_eq!(e.kind.name(), "progress");
         }
-        stats.sync_direction.store(1, Relaxed);
+        stats.set_sync_state(Some(SyncDirection::ToSecondary));
         std::thread::sleep(PROGRESS_INTERVAL * 3 / 2);
         b.publish(&ev("r1", StreamKind::Connect));
         assert_eq!(read_event(&mut r).kind, StreamKind::Connect);

@@ -101,6 +101,9 @@ pub struct ActiveMap {
     held: BitVec<u8, Lsb0>,
     /// Held extents captured by the peer flush in progress.
     closing: BitVec<u8, Lsb0>,
+    /// Extents marked only because they are held (see
+    /// [`ActiveMap::held_only`]), maintained at every change.
+    held_only: usize,
     stats: ActiveMapStats,
 }
 
@@ -147,6 +150,7 @@ impl ActiveMap {
             ahead_seq: None,
             held: bitvec![u8, Lsb0; 0; n],
             closing: bitvec![u8, Lsb0; 0; n],
+            held_only: 0,
             stats: ActiveMapStats::default(),
         }
     }
@@ -166,9 +170,30 @@ impl ActiveMap {
 
     fn set_sync(&mut self, e: usize) {
         if !self.syncmap[e] {
-            self.syncmap.set(e, true);
+            self.update(e, |m| m.syncmap.set(e, true));
             self.dirty_bytes += self.extent_bytes(e as u32);
         }
+    }
+
+    /// Is `e` marked only because the peer has not flushed it?
+    fn is_held_only(&self, e: usize) -> bool {
+        (self.held[e] || self.closing[e])
+            && self.pending[e] == 0
+            && !self.in_lru[e]
+            && !self.syncmap[e]
+    }
+
+    /// Changes the state of extent `e` with `f`, keeping the
+    /// [`ActiveMap::held_only`] count.
+    fn update<T>(&mut self, e: usize, f: impl FnOnce(&mut Self) -> T) -> T {
+        let before = self.is_held_only(e);
+        let out = f(self);
+        match (before, self.is_held_only(e)) {
+            (false, true) => self.held_only += 1,
+            (true, false) => self.held_only -= 1,
+            _ => {}
+        }
+        out
     }
 
     /// Number of extents.
@@ -270,16 +295,21 @@ impl ActiveMap {
             self.lru_push_front(e);
             return;
         }
-        self.in_lru.set(e as usize, true);
+        self.update(e as usize, |m| m.in_lru.set(e as usize, true));
         self.lru_push_front(e);
         self.lru_len += 1;
         if self.lru_len > self.keepdirty {
             let old = self.lru_tail;
-            self.lru_unlink(old);
-            self.in_lru.set(old as usize, false);
-            self.lru_len -= 1;
-            self.maybe_clear(old as usize);
+            self.evict(old);
         }
+    }
+
+    /// Drops `e` (the tail) from the keepdirty list.
+    fn evict(&mut self, e: u32) {
+        self.lru_unlink(e);
+        self.update(e as usize, |m| m.in_lru.set(e as usize, false));
+        self.lru_len -= 1;
+        self.maybe_clear(e as usize);
     }
 
     /// Schedules a lazy clear of `e` if nothing needs its bit any more.
@@ -305,7 +335,7 @@ impl ActiveMap {
         let mut need = None;
         let range = self.extent_range(offset, len);
         for e in range.clone() {
-            self.pending[e as usize] += 1;
+            self.update(e as usize, |m| m.pending[e as usize] += 1);
             self.touch(e);
             if let Some(s) = self.require(e as usize) {
                 need = Some(s);
@@ -347,7 +377,7 @@ impl ActiveMap {
     /// [`ActiveMap::write_complete`], so the mark never lapses.
     pub fn hold_until_peer_flush(&mut self, offset: u64, len: u64) {
         for e in self.extent_range(offset, len) {
-            self.held.set(e as usize, true);
+            self.update(e as usize, |m| m.held.set(e as usize, true));
         }
     }
 
@@ -364,8 +394,8 @@ impl ActiveMap {
     /// their marks may be cleared (lazily, with the next batch).
     pub fn peer_flush_done(&mut self) {
         let done: Vec<usize> = self.closing.iter_ones().collect();
-        self.closing.fill(false);
         for e in done {
+            self.update(e, |m| m.closing.set(e, false));
             self.maybe_clear(e);
         }
     }
@@ -379,9 +409,11 @@ impl ActiveMap {
             .iter_ones()
             .chain(self.closing.iter_ones())
             .collect();
-        self.held.fill(false);
-        self.closing.fill(false);
         for e in lost {
+            self.update(e, |m| {
+                m.held.set(e, false);
+                m.closing.set(e, false);
+            });
             self.set_sync(e);
             if self.syncing[e] {
                 self.redirtied.set(e, true);
@@ -390,13 +422,10 @@ impl ActiveMap {
     }
 
     /// Extents marked only because the peer has not flushed them yet
-    /// (neither in flight, nor recently written, nor needing sync).
+    /// (neither in flight, nor recently written, nor needing sync). A
+    /// count kept at every change: O(1).
     pub fn held_only(&self) -> usize {
-        self.held
-            .iter_ones()
-            .chain(self.closing.iter_ones())
-            .filter(|&e| self.pending[e] == 0 && !self.in_lru[e] && !self.syncmap[e])
-            .count()
+        self.held_only
     }
 
     /// Does any extent wait for a peer flush?
@@ -419,10 +448,10 @@ impl ActiveMap {
     /// programming error that would corrupt the map).
     pub fn write_complete(&mut self, offset: u64, len: u64) {
         for e in self.extent_range(offset, len) {
-            let p = &mut self.pending[e as usize];
-            assert!(*p > 0, "write_complete without write_start on extent {e}");
-            *p -= 1;
-            if *p == 0 {
+            let p = self.pending[e as usize];
+            assert!(p > 0, "write_complete without write_start on extent {e}");
+            self.update(e as usize, |m| m.pending[e as usize] -= 1);
+            if p == 1 {
                 self.maybe_clear(e as usize);
             }
         }
@@ -448,7 +477,7 @@ impl ActiveMap {
     /// Extent `e` is now identical on both legs.
     pub fn sync_done(&mut self, e: u32) {
         if self.syncmap[e as usize] {
-            self.syncmap.set(e as usize, false);
+            self.update(e as usize, |m| m.syncmap.set(e as usize, false));
             self.dirty_bytes -= self.extent_bytes(e);
         }
         self.redirtied.set(e as usize, false);
@@ -535,11 +564,7 @@ impl ActiveMap {
     /// The bits drop with the next batch.
     pub fn clear_keepdirty(&mut self) {
         while self.lru_tail != NIL {
-            let e = self.lru_tail;
-            self.lru_unlink(e);
-            self.in_lru.set(e as usize, false);
-            self.lru_len -= 1;
-            self.maybe_clear(e as usize);
+            self.evict(self.lru_tail);
         }
     }
 
@@ -1092,6 +1117,9 @@ mod tests {
                         }
                     }
                 }
+                // The maintained count matches its definition.
+                let recount = (0..40).filter(|&e| m.is_held_only(e)).count();
+                prop_assert_eq!(m.held_only(), recount);
             }
 
             // Crash: each sector is either its durable or its written image

@@ -67,6 +67,17 @@ pub enum SyncDirection {
     FromSecondary,
 }
 
+impl SyncDirection {
+    /// The name used in `hastctl list` and the event stream
+    /// (`to-secondary`, `from-secondary`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncDirection::ToSecondary => "to-secondary",
+            SyncDirection::FromSecondary => "from-secondary",
+        }
+    }
+}
+
 impl fmt::Display for SyncDirection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -5,7 +5,7 @@
 //! All methods run on the executor that owns the resource; interior
 //! mutability is `RefCell`, never held across an await.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -19,6 +19,7 @@ use crate::activemap::{ActiveMap, PersistBatch};
 use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METADATA_SIZE};
 use crate::provider::{self, ProviderError, ProviderInfo};
 use crate::rangelock::{Acquire, RangeLock};
+use crate::signal::Notify;
 use crate::stats::ResourceStats;
 use crate::storage::{DirectFile, ReadData, Storage};
 
@@ -90,6 +91,11 @@ pub struct LocalDisk {
     locks: RangeLock,
     stats: Arc<ResourceStats>,
     zeros: Rc<DmaBuffer>,
+    /// Notified when a completed write marks its extents for sync.
+    marked: Notify,
+    /// Notified when the held-only extents reach `held_bound`.
+    held: Notify,
+    held_bound: Cell<usize>,
 }
 
 fn io_err(e: glommio::GlommioError<()>) -> io::Error {
@@ -185,6 +191,9 @@ impl LocalDisk {
             locks: RangeLock::new(),
             stats,
             zeros,
+            marked: Notify::new(),
+            held: Notify::new(),
+            held_bound: Cell::new(usize::MAX),
         }))
     }
 
@@ -304,6 +313,29 @@ impl LocalDisk {
         }
         map.write_complete(offset, len);
         self.stats.dirty_bytes.store(map.dirty_bytes(), Relaxed);
+        let held_full = map.held_only() >= self.held_bound.get();
+        drop(map);
+        if outcome == Settled::NeedsSync {
+            self.marked.notify_all();
+        }
+        if held_full {
+            self.held.notify_all();
+        }
+    }
+
+    /// Resolves at the next write completed as needing synchronisation.
+    pub async fn marked_for_sync(&self) {
+        self.marked.notified().await
+    }
+
+    /// Resolves when the extents marked only because the peer has not
+    /// flushed them reach `bound` (at once if they have).
+    pub async fn held_reached(&self, bound: usize) {
+        self.held_bound.set(bound);
+        let map = &self.map;
+        self.held
+            .wait_until(|| map.borrow().held_only() >= bound)
+            .await
     }
 
     async fn persist_until(&self, seq: u64) -> io::Result<()> {

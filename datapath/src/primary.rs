@@ -10,6 +10,7 @@
 //! its extents need synchronisation; the first such write of a
 //! disconnected epoch bumps the generation counter first.
 
+use std::io;
 use std::ops::Deref;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -52,22 +53,6 @@ impl Deref for PrimaryRead {
             PrimaryRead::Local(r) => r,
             PrimaryRead::Remote(b) => b.as_bytes(),
         }
-    }
-}
-
-/// Decrements a gauge when dropped (request finished or cancelled).
-struct Gauge<'a>(&'a AtomicU64);
-
-impl<'a> Gauge<'a> {
-    fn enter(g: &'a AtomicU64) -> Self {
-        g.fetch_add(1, Relaxed);
-        Gauge(g)
-    }
-}
-
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -116,16 +101,16 @@ impl Primary {
             .unwrap_or(ReplicationMode::MemSync)
     }
 
-    /// Sends the remote leg of a change; None when there is no peer.
+    /// Sends the remote leg of a change (it only queues it, after waiting
+    /// for room in the replication window); None when the link failed.
     async fn send_remote(
         &self,
-        link: &Option<PeerLink>,
+        link: &PeerLink,
         change: &Change,
         offset: u64,
-        len: u64,
+        len: u32,
         fua: bool,
     ) -> Option<Pending> {
-        let link = link.as_ref()?;
         let mut f = 0u8;
         if self.mode() == ReplicationMode::MemSync {
             f |= flags::WANT_RECEIVED;
@@ -143,12 +128,54 @@ impl Primary {
         if link.window_full(payload.len()) {
             self.stats.window_waits.fetch_add(1, Relaxed);
         }
-        link.request(kind, f, offset, len as u32, payload)
-            .await
-            .ok()
+        link.request(kind, f, offset, len, payload).await.ok()
     }
 
-    /// The common shape of every data-changing request.
+    /// Marks the range before any leg may write it: starts a new
+    /// generation first when writing without the peer (once per
+    /// disconnected epoch, so a later reconnect can tell who wrote), then
+    /// makes the activemap mark durable.
+    ///
+    /// Our mark must be durable before the secondary can see the write,
+    /// not just before our own data write: if we crash after sending, the
+    /// secondary (still running) reports only its sync bits at the next
+    /// handshake, so our on-disk map is what must cover every write it may
+    /// have applied. (Overlapping the two metadata flushes is therefore not
+    /// safe.)
+    async fn mark(&self, offset: u64, len: u64, alone: bool) -> Result<(), String> {
+        if alone {
+            self.disk
+                .bump_generation_if_needed()
+                .await
+                .map_err(|e| format!("cannot update the generation counter: {e}"))?;
+        }
+        self.disk
+            .write_start(offset, len)
+            .await
+            .map_err(|e| format!("cannot mark the activemap: {e}"))
+    }
+
+    /// The local leg of a change (and its flush for FUA).
+    async fn write_local(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        change: &Change,
+    ) -> io::Result<()> {
+        match change {
+            Change::Write(buf) => self.disk.write_rc(offset, buf.clone()).await?,
+            Change::Zero => self.disk.zero(offset, len).await?,
+        }
+        if fua {
+            self.disk.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The common shape of every data-changing request: lock the range,
+    /// mark it, send it, write it locally, then wait for the replication
+    /// mode's acknowledgement point.
     async fn modify(
         &self,
         offset: u64,
@@ -161,104 +188,60 @@ impl Primary {
         if len == 0 {
             return Ok(());
         }
-        let _q = Gauge::enter(&self.stats.local_queue);
+        // The wire carries 32-bit lengths (as NBD does).
+        let length = u32::try_from(len).map_err(|_| BackendError::Invalid)?;
+        let _q = self.stats.local_queue.enter();
         let range = self.disk.lock_range(offset, len).await;
         let link = self.remote.as_ref().and_then(|r| r.link());
-        if link.is_none() {
-            // Writing without the peer: start a new generation first (once
-            // per disconnected epoch), so a later reconnect can tell who
-            // wrote.
-            if let Err(e) = self.disk.bump_generation_if_needed().await {
-                tracing::error!(path = %self.disk.path().display(), error = %e,
-                    "cannot update the generation counter; write refused");
-                errors.fetch_add(1, Relaxed);
-                return Err(BackendError::Io);
-            }
-        }
-        // Our mark must be durable before the secondary can see the write,
-        // not just before our own data write: if we crash after sending, the
-        // secondary (still running) reports only its sync bits at the next
-        // handshake, so our on-disk map is what must cover every write it
-        // may have applied. (Overlapping the two metadata flushes is
-        // therefore not safe.)
-        if let Err(e) = self.disk.write_start(offset, len).await {
-            tracing::error!(path = %self.disk.path().display(), error = %e,
-                "cannot mark the activemap; write refused");
+        if let Err(why) = self.mark(offset, len, link.is_none()).await {
+            tracing::error!(path = %self.disk.path().display(), offset, len, "{why}; write refused");
             errors.fetch_add(1, Relaxed);
             return Err(BackendError::Io);
         }
         // Remote first (it only queues), then the local write runs while
         // the data travels.
-        let pending = self.send_remote(&link, &change, offset, len, fua).await;
-        let local = match &change {
-            Change::Write(buf) => self.disk.write_rc(offset, buf.clone()).await,
-            Change::Zero => self.disk.zero(offset, len).await,
+        let pending = match &link {
+            Some(l) => self.send_remote(l, &change, offset, length, fua).await,
+            None => None,
         };
-        let local = match local {
-            Ok(()) if fua => self.disk.flush().await,
-            other => other,
-        };
-        let local_ok = local.is_ok();
+        let local = self.write_local(offset, len, fua, &change).await;
         if let Err(e) = &local {
             tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
                 "local write failed");
             errors.fetch_add(1, Relaxed);
         }
+        let local_ok = local.is_ok();
         let (Some(pending), Some(link)) = (pending, link) else {
             // No remote leg: the peer lacks this data.
             self.disk.write_complete(offset, len, Settled::NeedsSync);
-            return if local_ok {
-                Ok(())
-            } else {
-                Err(BackendError::Io)
-            };
+            return local.map_err(|_| BackendError::Io);
         };
-        // Acknowledgement point of the replication mode. FUA always waits
-        // for the secondary's Done (it flushed before sending it).
-        let mode = self.mode();
-        if mode == ReplicationMode::FullSync || fua {
-            let remote_ok = self.wait_done(&pending).await;
-            settle(&self.disk, &link, offset, len, local_ok, remote_ok);
-            drop(range);
-        } else {
-            if mode == ReplicationMode::MemSync {
+        let leg = RemoteLeg {
+            disk: self.disk.clone(),
+            stats: self.stats.clone(),
+            link,
+            offset,
+            len,
+            local_ok,
+        };
+        // The acknowledgement point of the replication mode. FUA always
+        // waits for the secondary's Done (it flushed before sending it).
+        match (self.mode(), fua) {
+            (ReplicationMode::FullSync, _) | (_, true) => {
+                let done = pending.done().await.map(|_| ());
+                leg.settle(done);
+            }
+            (ReplicationMode::MemSync, false) => {
                 // Received (or failed): either way the request is settled
                 // from the client's point of view; a failure marks the
-                // extent below.
+                // extent when it completes.
                 let _ = pending.received().await;
+                leg.settle_at_done(pending);
             }
-            drop(range);
-            // The extent stays marked until the secondary is done.
-            let (disk, stats) = (self.disk.clone(), self.stats.clone());
-            self.stats.remote_inflight.fetch_add(1, Relaxed);
-            glommio::spawn_local(async move {
-                let remote_ok = match pending.done().await {
-                    Ok(_) => true,
-                    Err(e) => {
-                        log_remote_failure(&e, offset, len);
-                        false
-                    }
-                };
-                settle(&disk, &link, offset, len, local_ok, remote_ok);
-                stats.remote_inflight.fetch_sub(1, Relaxed);
-            })
-            .detach();
+            (ReplicationMode::Async, false) => leg.settle_at_done(pending),
         }
-        if local_ok {
-            Ok(())
-        } else {
-            Err(BackendError::Io)
-        }
-    }
-
-    async fn wait_done(&self, pending: &Pending) -> bool {
-        match pending.done().await {
-            Ok(_) => true,
-            Err(e) => {
-                log_remote_failure(&e, 0, 0);
-                false
-            }
-        }
+        drop(range);
+        local.map_err(|_| BackendError::Io)
     }
 
     async fn flush_inner(&self) -> Result<(), BackendError> {
@@ -285,25 +268,46 @@ impl Primary {
     }
 }
 
-/// Records how a write ended on both legs. A copy the secondary completed
-/// may still sit in its disk cache: the extent stays marked until a flush
-/// there (Remote::peer_flush), or is marked for synchronisation if the
-/// connection is lost first. The link is checked here, with no await since
-/// the Done, so that a hold is never taken after the loss was recorded.
-fn settle(
-    disk: &LocalDisk,
-    link: &PeerLink,
+/// The remote leg of a write after its local leg completed: settled when
+/// the secondary's Done (or the loss of the link) comes.
+struct RemoteLeg {
+    disk: Rc<LocalDisk>,
+    stats: Arc<ResourceStats>,
+    link: PeerLink,
     offset: u64,
     len: u64,
     local_ok: bool,
-    remote_ok: bool,
-) {
-    let outcome = if local_ok && remote_ok && link.is_alive() {
-        Settled::PeerUnflushed
-    } else {
-        Settled::NeedsSync
-    };
-    disk.write_complete(offset, len, outcome);
+}
+
+impl RemoteLeg {
+    /// Records how the write ended on both legs. A copy the secondary
+    /// completed may still sit in its disk cache: the extent stays marked
+    /// until a flush there (Remote::peer_flush), or is marked for
+    /// synchronisation if the connection is lost first. The link is checked
+    /// here, with no await since the Done, so that a hold is never taken
+    /// after the loss was recorded.
+    fn settle(&self, remote: Result<(), LinkError>) {
+        if let Err(e) = &remote {
+            log_remote_failure(e, self.offset, self.len);
+        }
+        let outcome = if self.local_ok && remote.is_ok() && self.link.is_alive() {
+            Settled::PeerUnflushed
+        } else {
+            Settled::NeedsSync
+        };
+        self.disk.write_complete(self.offset, self.len, outcome);
+    }
+
+    /// Settles when the request completes, after the client's
+    /// acknowledgement (no task waits: the completion runs it).
+    fn settle_at_done(self, pending: Pending) {
+        let stats = self.stats.clone();
+        stats.remote_inflight.inc();
+        pending.on_done(move |remote| {
+            self.settle(remote);
+            self.stats.remote_inflight.dec();
+        });
+    }
 }
 
 fn log_remote_failure(e: &LinkError, offset: u64, len: u64) {
@@ -340,7 +344,7 @@ impl BlockBackend for Primary {
 
     async fn read(&self, offset: u64, len: u32) -> Result<PrimaryRead, BackendError> {
         self.check(offset, u64::from(len))?;
-        let _q = Gauge::enter(&self.stats.local_queue);
+        let _q = self.stats.local_queue.enter();
         self.stats.reads.fetch_add(1, Relaxed);
         if let Some(r) = &self.remote {
             if r.reads_from_peer(offset, u64::from(len)) {

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::generation::SyncDirection;
 use crate::metadata::Role;
 
 /// Counters and gauges of one resource.
@@ -33,8 +34,9 @@ pub struct ResourceStats {
     pub dirty_bytes: AtomicU64,
     /// Extents marked in the on-disk activemap.
     pub ondisk_extents: AtomicU64,
-    /// Requests being processed locally.
-    pub local_queue: AtomicU64,
+    /// Application requests being served: the load the synchronisation's
+    /// rate control yields to.
+    pub local_queue: Gauge,
     /// Extent size of the open provider (0 when not open).
     pub extentsize: AtomicU64,
     /// Keepdirty of the open provider (0 when not open).
@@ -47,8 +49,9 @@ pub struct ResourceStats {
     pub connected: AtomicBool,
     /// The last handshake detected a split-brain.
     pub split_brain: AtomicBool,
-    /// Synchronisation direction: 0 none, 1 to the secondary, 2 from it.
-    pub sync_direction: AtomicU8,
+    /// The synchronisation running, if any (see
+    /// [`ResourceStats::sync_state`]).
+    sync_direction: AtomicU8,
     /// Bytes to synchronise when the current pass started.
     pub sync_total: AtomicU64,
     /// Bytes synchronised in the current pass.
@@ -59,8 +62,9 @@ pub struct ResourceStats {
     pub sync_bytes_total: AtomicU64,
     /// Synchronisation bytes received as the secondary.
     pub sync_received: AtomicU64,
-    /// Requests waiting for the peer (sent, not done).
-    pub remote_inflight: AtomicU64,
+    /// Replicated writes acknowledged to the client and waiting for the
+    /// secondary's Done.
+    pub remote_inflight: Gauge,
     /// Writes that waited for room in the replication window (the
     /// secondary is as far behind as the window allows).
     pub window_waits: AtomicU64,
@@ -87,5 +91,67 @@ impl ResourceStats {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
+    }
+
+    /// The synchronisation running, and its direction.
+    pub fn sync_state(&self) -> Option<SyncDirection> {
+        match self.sync_direction.load(Relaxed) {
+            1 => Some(SyncDirection::ToSecondary),
+            2 => Some(SyncDirection::FromSecondary),
+            _ => None,
+        }
+    }
+
+    /// Records the synchronisation running (the remote leg's to set).
+    pub fn set_sync_state(&self, s: Option<SyncDirection>) {
+        let code = match s {
+            None => 0,
+            Some(SyncDirection::ToSecondary) => 1,
+            Some(SyncDirection::FromSecondary) => 2,
+        };
+        self.sync_direction.store(code, Relaxed);
+    }
+}
+
+/// How many things are in progress (requests being served, writes
+/// waiting for the peer): read by the control plane, and by whoever
+/// yields to them.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Counts one thing in progress until the guard is dropped.
+    pub fn enter(&self) -> GaugeGuard<'_> {
+        self.inc();
+        GaugeGuard(self)
+    }
+
+    /// One more in progress.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// One fewer in progress.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+
+    /// How many are in progress.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+
+    /// Is anything in progress?
+    pub fn busy(&self) -> bool {
+        self.get() > 0
+    }
+}
+
+/// Counts one thing in a [`Gauge`] while alive.
+pub struct GaugeGuard<'a>(&'a Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

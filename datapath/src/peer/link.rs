@@ -97,6 +97,18 @@ struct SlotState {
     /// The request's room in the window (one request, its payload bytes),
     /// given back when it completes.
     permits: Option<(StaticPermit, Option<StaticPermit>)>,
+    /// Run once at completion (see [`Pending::on_done`]).
+    on_done: Option<OnDone>,
+}
+
+/// What [`Pending::on_done`] runs.
+type OnDone = Box<dyn FnOnce(Result<(), LinkError>)>;
+
+fn outcome(done: &Result<Option<DmaBuffer>, LinkError>) -> Result<(), LinkError> {
+    match done {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.clone()),
+    }
 }
 
 /// A request in flight.
@@ -115,6 +127,24 @@ impl Pending {
     /// Resolves with the outcome: `Ok(Some(data))` for a read.
     pub fn done(&self) -> WaitDone {
         WaitDone(self.slot.clone())
+    }
+
+    /// Runs `f` with the outcome when the request completes: in the task
+    /// that completes it (the reader at the secondary's `Done`, or
+    /// whoever kills the link), with no await in between — or now, if it
+    /// has completed already. Cheaper than a task waiting for
+    /// [`Pending::done`], and nothing can run between the completion and
+    /// `f`.
+    pub fn on_done(self, f: impl FnOnce(Result<(), LinkError>) + 'static) {
+        let mut s = self.slot.borrow_mut();
+        match &s.done {
+            Some(done) => {
+                let r = outcome(done);
+                drop(s);
+                f(r);
+            }
+            None => s.on_done = Some(Box::new(f)),
+        }
     }
 }
 
@@ -164,10 +194,16 @@ impl Future for WaitDone {
 
 fn complete(slot: &Rc<RefCell<SlotState>>, r: Result<Option<DmaBuffer>, LinkError>) {
     let mut s = slot.borrow_mut();
+    let then = s.on_done.take().map(|f| (f, outcome(&r)));
     s.done = Some(r);
     s.permits = None;
-    if let Some(w) = s.waker.take() {
+    let waker = s.waker.take();
+    drop(s);
+    if let Some(w) = waker {
         w.wake();
+    }
+    if let Some((f, r)) = then {
+        f(r);
     }
 }
 
@@ -195,6 +231,8 @@ struct Inner {
     bytes: Rc<Semaphore>,
     /// Fired once, when the connection dies.
     death: Signal,
+    /// We said goodbye: the peer closing the connection is expected.
+    leaving: Cell<bool>,
     reason: RefCell<Option<LinkError>>,
     last_rx: Cell<Instant>,
     last_tx: Cell<Instant>,
@@ -230,6 +268,7 @@ impl PeerLink {
             window: Rc::new(Semaphore::new(limits.max_inflight.max(1) as u64)),
             bytes: Rc::new(Semaphore::new(limits.max_bytes.max(1 << 20) as u64)),
             death: Signal::new(),
+            leaving: Cell::new(false),
             reason: RefCell::new(None),
             last_rx: Cell::new(Instant::now()),
             last_tx: Cell::new(Instant::now()),
@@ -391,6 +430,25 @@ impl PeerLink {
     pub async fn dead(&self) {
         self.inner.death.wait().await
     }
+
+    /// Ends the connection cleanly: sends `Bye`, waits (at most the peer
+    /// timeout) for the secondary to close its side — it does once the
+    /// requests it read are done — and closes ours.
+    pub async fn bye(&self) {
+        self.inner.leaving.set(true);
+        if self
+            .request(Kind::Bye, 0, 0, 0, Payload::None)
+            .await
+            .is_ok()
+        {
+            let closed = async {
+                self.dead().await;
+                Ok(())
+            };
+            let _ = frame::with_timeout(self.inner.limits.timeout, closed).await;
+        }
+        self.kill(LinkError::Local("closed by this node".into()));
+    }
 }
 
 /// Takes `n` permits, waiting for them (a closed semaphore means the link
@@ -468,7 +526,11 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
     };
     let err = futures_lite::future::or(died, read_all).await;
     if link.is_alive() {
-        tracing::warn!(error = %err, "peer connection lost");
+        if link.inner.leaving.get() && matches!(err, LinkError::Closed) {
+            tracing::debug!("secondary closed the connection after our Bye");
+        } else {
+            tracing::warn!(error = %err, "peer connection lost");
+        }
     }
     link.kill(err);
 }

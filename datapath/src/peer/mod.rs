@@ -3,10 +3,12 @@
 //!
 //! See `docs/protocol.md`.
 
-pub mod proto;
-// further modules are declared by the lead
+pub mod durability;
 pub mod frame;
+pub mod handshake;
 pub mod link;
 pub mod listener;
+pub mod proto;
 pub mod remote;
 pub mod secondary;
+pub mod sync;

@@ -1,53 +1,36 @@
-//! The primary's remote leg: connects to the secondary (from `source`),
-//! handshakes, synchronises, and keeps the link for the write path;
-//! reconnects on its own after any failure.
+//! The primary's remote leg: the connection to the secondary. It connects
+//! (from `source`), handshakes, synchronises, then lends the link to the
+//! write path until the link dies, and starts again after a pause.
+//!
+//! One file per job: this one manages the connection and owns its state
+//! ([`Conn`]); [`super::sync`] copies dirty extents; [`super::durability`]
+//! decides when the secondary's disk is flushed so that held extents can
+//! be released; [`super::handshake`] decides what the counters mean.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
-use glommio::sync::{Gate, Semaphore};
+use glommio::sync::Semaphore;
 use glommio::Task;
 
 use super::frame::{self, LinkError};
-use super::link::{LinkLimits, Payload, PeerLink};
-use super::proto::{
-    flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, PROTO_VERSION, PROTO_VERSION_MIN,
-};
-use super::secondary::HELLO_VIRGIN;
+use super::handshake::{self, Agreement};
+use super::link::{LinkLimits, PeerLink};
+use super::proto::{Header, HelloReply, Kind, Refusal};
 use crate::events::{EventSink, PeerEventKind};
-use crate::generation::{
-    decide, resolve_split_brain, target_generation, Decision, Gen, SyncDirection,
-};
+use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;
-use crate::metadata::FLAG_INCONSISTENT;
+use crate::signal::Signal;
 use crate::stats::ResourceStats;
-
-/// Synchronisation chunks in flight at most while the application has
-/// requests in flight.
-pub const SYNC_WINDOW_UNDER_LOAD: usize = 1;
-
-/// How often the flusher looks at the extents waiting for the secondary's
-/// flush.
-pub const PEER_FLUSH_CHECK: Duration = Duration::from_millis(10);
-
-/// The secondary is flushed when the extents marked only because it has
-/// not flushed them reach this many times keepdirty (at least
-/// [`PEER_FLUSH_MIN_HELD`]): after a crash, at most that many more extents
-/// than keepdirty and the writes in flight are resynchronised.
-pub const PEER_FLUSH_HELD_PER_KEEPDIRTY: usize = 2;
-
-/// See [`PEER_FLUSH_HELD_PER_KEEPDIRTY`].
-pub const PEER_FLUSH_MIN_HELD: usize = 16;
-
-/// Writes idle this long: the secondary is flushed once, so an idle pair
-/// holds nothing that is not durable on both sides.
-pub const PEER_FLUSH_IDLE: Duration = Duration::from_secs(1);
 
 /// When the primary acknowledges a write (hast.conf `replication`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,10 +58,11 @@ pub struct RemoteConfig {
     pub timeout: Duration,
     /// Replication mode.
     pub mode: ReplicationMode,
-    /// Requests in flight to the secondary at most.
+    /// Requests not yet done at the secondary, at most (with `max_bytes`:
+    /// the replication window).
     pub max_inflight: usize,
     /// Payload bytes of the requests not yet done at the secondary, at
-    /// most (with `max_inflight`: the replication window).
+    /// most.
     pub max_bytes: usize,
     /// Synchronisation chunks in flight at most.
     pub sync_window: usize,
@@ -91,63 +75,130 @@ pub struct RemoteConfig {
     pub splitbrain_auto: bool,
 }
 
-/// The remote leg of a primary.
-pub struct Remote {
-    cfg: RemoteConfig,
-    disk: Rc<LocalDisk>,
-    /// One flush of the secondary at a time (peer_flush).
-    flush_lock: Rc<Semaphore>,
-    stats: Arc<ResourceStats>,
-    events: EventSink,
-    link: RefCell<Option<PeerLink>>,
-    from_secondary: Cell<bool>,
-    stopping: Cell<bool>,
-    split_brain_reported: Cell<bool>,
-    resolved_split: Cell<bool>,
-    task: RefCell<Option<Task<()>>>,
-    wake: Rc<Semaphore>,
-    /// Signalled once the first connection attempt has concluded (peer
-    /// unreachable, refused, or handshake done and the sync direction
-    /// known).
-    first: Rc<Semaphore>,
-    first_done: Cell<bool>,
+/// A byte stream to the secondary.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Duplex for T {}
+
+/// A connection to the secondary, of whatever transport.
+pub type PeerStream = Box<dyn Duplex>;
+
+/// A future of a new connection.
+pub type Connecting = Pin<Box<dyn Future<Output = Result<PeerStream, LinkError>>>>;
+
+/// How the remote leg reaches the secondary: TCP for hastd
+/// ([`Remote::start`]); anything that yields a byte stream in tests.
+pub type Connector = Box<dyn Fn() -> Connecting>;
+
+/// The connection, as the write path and the control plane see it.
+#[derive(Clone)]
+enum Conn {
+    /// No connection: connecting, refused, or waiting to retry.
+    Down,
+    /// Handshake accepted; the peer's dirty extents are being merged. The
+    /// link carries no writes yet (they are local and marked), but reads
+    /// of extents this node lacks already go to the peer (and fail until
+    /// the link is up) when `sync` is from the secondary.
+    Preparing { sync: Option<SyncDirection> },
+    /// The link carries writes; `sync` is the synchronisation running.
+    Up {
+        link: PeerLink,
+        sync: Option<SyncDirection>,
+    },
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The remote leg of a primary.
+pub struct Remote {
+    pub(super) cfg: RemoteConfig,
+    pub(super) disk: Rc<LocalDisk>,
+    pub(super) stats: Arc<ResourceStats>,
+    pub(super) events: EventSink,
+    connector: Connector,
+    conn: RefCell<Conn>,
+    /// One flush of the secondary at a time (see `durability`).
+    pub(super) flush_lock: Semaphore,
+    /// Fired by [`Remote::stop`].
+    pub(super) stop: Signal,
+    /// Fired once the first connection attempt has concluded.
+    first: Signal,
+    split_brain_reported: Cell<bool>,
+    task: RefCell<Option<Task<()>>>,
 }
 
 impl Remote {
-    /// Starts the connection manager on the current executor.
+    /// Starts the connection manager on the current executor, reaching the
+    /// secondary over TCP.
     pub fn start(
         cfg: RemoteConfig,
         disk: Rc<LocalDisk>,
         stats: Arc<ResourceStats>,
         events: EventSink,
     ) -> Rc<Remote> {
-        stats.connected.store(false, Relaxed);
+        let (addrs, source, timeout) = (cfg.remote.clone(), cfg.source, cfg.timeout);
+        let connector: Connector = Box::new(move || {
+            let addrs = addrs.clone();
+            Box::pin(async move {
+                let s = tcp_connect(addrs, source, timeout).await?;
+                Ok(Box::new(s) as PeerStream)
+            })
+        });
+        Self::start_with(cfg, connector, disk, stats, events)
+    }
+
+    /// Starts the connection manager with any way of reaching the
+    /// secondary.
+    pub fn start_with(
+        cfg: RemoteConfig,
+        connector: Connector,
+        disk: Rc<LocalDisk>,
+        stats: Arc<ResourceStats>,
+        events: EventSink,
+    ) -> Rc<Remote> {
         let r = Rc::new(Remote {
             cfg,
             disk,
-            flush_lock: Rc::new(Semaphore::new(1)),
             stats,
             events,
-            link: RefCell::new(None),
-            from_secondary: Cell::new(false),
-            stopping: Cell::new(false),
+            connector,
+            conn: RefCell::new(Conn::Down),
+            flush_lock: Semaphore::new(1),
+            stop: Signal::new(),
+            first: Signal::new(),
             split_brain_reported: Cell::new(false),
-            resolved_split: Cell::new(false),
             task: RefCell::new(None),
-            wake: Rc::new(Semaphore::new(0)),
-            first: Rc::new(Semaphore::new(0)),
-            first_done: Cell::new(false),
         });
+        r.set_conn(Conn::Down);
         let me = r.clone();
         *r.task.borrow_mut() = Some(glommio::spawn_local(async move { me.manage().await }));
         r
+    }
+
+    /// Changes the connection state; the control plane's view follows.
+    fn set_conn(&self, c: Conn) {
+        let (connected, sync) = match &c {
+            Conn::Down => (false, None),
+            Conn::Preparing { sync } => (false, *sync),
+            Conn::Up { sync, .. } => (true, *sync),
+        };
+        self.stats.connected.store(connected, Relaxed);
+        // The counters of a pass are set by the pass; only the direction
+        // lives here.
+        if sync.is_none() || self.stats.sync_state() != sync {
+            self.stats.set_sync_state(sync);
+        }
+        *self.conn.borrow_mut() = c;
+    }
+
+    /// Records the synchronisation running on the live connection.
+    pub(super) fn set_sync(&self, sync: Option<SyncDirection>) {
+        let c = match &*self.conn.borrow() {
+            Conn::Down => return,
+            Conn::Preparing { .. } => Conn::Preparing { sync },
+            Conn::Up { link, .. } => Conn::Up {
+                link: link.clone(),
+                sync,
+            },
+        };
+        self.set_conn(c);
     }
 
     /// Resolves once the first connection attempt has concluded, or after
@@ -155,28 +206,15 @@ impl Remote {
     /// so that it learns whether it is out of date (and must read from the
     /// peer) before it serves a single read.
     pub async fn first_attempt(&self, limit: Duration) -> bool {
-        if self.first_done.get() {
-            return true;
-        }
-        let first = self.first.clone();
-        futures_lite::future::or(
-            async move {
-                let ok = first.acquire(1).await.is_ok();
-                first.signal(1);
-                ok
-            },
-            async {
-                glommio::timer::sleep(limit).await;
-                false
-            },
-        )
-        .await
-    }
-
-    fn first_attempt_done(&self) {
-        if !self.first_done.replace(true) {
-            self.first.signal(1);
-        }
+        let concluded = async {
+            self.first.wait().await;
+            true
+        };
+        let late = async {
+            glommio::timer::sleep(limit).await;
+            false
+        };
+        futures_lite::future::or(concluded, late).await
     }
 
     /// Replication mode.
@@ -186,111 +224,50 @@ impl Remote {
 
     /// The live link, if connected.
     pub fn link(&self) -> Option<PeerLink> {
-        let l = self.link.borrow();
-        l.as_ref().filter(|l| l.is_alive()).cloned()
+        match &*self.conn.borrow() {
+            Conn::Up { link, .. } if link.is_alive() => Some(link.clone()),
+            _ => None,
+        }
     }
 
     /// Must a read of this range be served by the secondary (the primary
     /// is being synchronised from it and the range is not done yet)?
     pub fn reads_from_peer(&self, offset: u64, len: u64) -> bool {
-        if !self.from_secondary.get() {
-            return false;
-        }
-        self.disk
-            .with_map(|m| m.extent_range(offset, len).any(|e| m.needs_sync(e)))
+        let from_peer = match &*self.conn.borrow() {
+            Conn::Preparing { sync } | Conn::Up { sync, .. } => {
+                *sync == Some(SyncDirection::FromSecondary)
+            }
+            Conn::Down => false,
+        };
+        from_peer
+            && self
+                .disk
+                .with_map(|m| m.extent_range(offset, len).any(|e| m.needs_sync(e)))
     }
 
-    /// Flushes the secondary's disk and releases the extents that were
-    /// held marked until its copies are durable (those whose Done arrived
-    /// before the flush was sent). On failure the held extents are marked
-    /// for synchronisation. One at a time.
-    pub async fn peer_flush(&self, link: &PeerLink) -> Result<(), LinkError> {
-        let _one = self
-            .flush_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LinkError::Local("stopping".into()))?;
-        if !link.is_alive() {
-            return Err(LinkError::Disconnected);
-        }
-        self.disk.with_map(|m| m.peer_flush_begin());
-        match link.flush().await {
-            Ok(()) => {
-                self.disk.with_map(|m| m.peer_flush_done());
-                Ok(())
-            }
-            Err(e) => {
-                self.disk.with_map(|m| m.peer_lost());
-                Err(e)
-            }
-        }
-    }
-
-    /// Flushes the secondary when the extents marked only because it has
-    /// not flushed them (evicted from keepdirty, nothing else in flight)
-    /// reach the bound. Extents still in the keepdirty set are marked
-    /// anyway, so a workload that stays within keepdirty costs no flush of
-    /// the secondary while it runs; once writes stop for
-    /// [`PEER_FLUSH_IDLE`], one flush makes everything durable there and
-    /// releases the holds. Checks every [`PEER_FLUSH_CHECK`] while extents
-    /// are held, ten times less often otherwise.
-    async fn flusher(self: Rc<Self>, link: PeerLink) {
-        let bound = (self.disk.metadata().keepdirty as usize * PEER_FLUSH_HELD_PER_KEEPDIRTY)
-            .max(PEER_FLUSH_MIN_HELD);
-        let writes = || self.stats.writes.load(Relaxed) + self.stats.deletes.load(Relaxed);
-        let (mut seen, mut last_write) = (writes(), Instant::now());
-        let mut holds = false;
-        while link.is_alive() && !self.stopping.get() {
-            let pause = if holds {
-                PEER_FLUSH_CHECK
-            } else {
-                PEER_FLUSH_CHECK * 10
-            };
-            glommio::timer::sleep(pause).await;
-            let now_writes = writes();
-            if now_writes != seen {
-                (seen, last_write) = (now_writes, Instant::now());
-            }
-            let only;
-            (holds, only) = self.disk.with_map(|m| (m.holds(), m.held_only()));
-            let due = only >= bound || (holds && last_write.elapsed() >= PEER_FLUSH_IDLE);
-            if due && self.peer_flush(&link).await.is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Stops: says goodbye to the secondary, closes the link and waits for
-    /// the manager.
+    /// Stops: lets the requests in flight finish, makes the secondary's
+    /// copies durable (so their extents are released as in sync rather
+    /// than marked by the disconnect), says goodbye, and waits for the
+    /// manager.
     pub async fn stop(&self) {
-        self.stopping.set(true);
-        self.wake.signal(1);
-        let link = self.link.borrow_mut().take();
-        if let Some(l) = link {
-            if l.is_alive() {
-                // Let the requests in flight finish and their extents be
-                // held, then make the secondary's copies durable, so that
-                // they are released as in sync rather than marked for
-                // synchronisation by the disconnect.
-                let start = Instant::now();
-                while l.is_alive() && l.inflight() > 0 && start.elapsed() < self.cfg.timeout {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                }
-                glommio::timer::sleep(Duration::from_millis(1)).await;
-                let _ = frame::with_timeout(self.cfg.timeout, self.peer_flush(&l)).await;
-                let _ = l.request(Kind::Bye, 0, 0, 0, Payload::None).await;
-                // Give the writer a moment to send it.
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-            l.kill(LinkError::Local("role change".into()));
+        self.stop.fire();
+        if let Some(l) = self.link() {
+            let t = self.cfg.timeout;
+            let idle = async {
+                l.idle().await;
+                Ok(())
+            };
+            let _ = frame::with_timeout(t, idle).await;
+            let _ = frame::with_timeout(t, self.peer_flush(&l)).await;
+            l.bye().await;
         }
-        // Whatever the secondary did not flush needs synchronisation.
-        self.disk.with_map(|m| m.peer_lost());
         let task = self.task.borrow_mut().take();
         if let Some(t) = task {
             t.await;
         }
-        self.stats.connected.store(false, Relaxed);
+        // Whatever the secondary did not flush needs synchronisation.
+        self.disk.with_map(|m| m.peer_lost());
+        self.set_conn(Conn::Down);
     }
 
     fn set_error(&self, msg: String) {
@@ -299,22 +276,12 @@ impl Remote {
         }
     }
 
-    async fn pause(&self, d: Duration) {
-        // Woken early by stop().
-        let _ = futures_lite::future::or(
-            async {
-                let _ = self.wake.acquire(1).await;
-            },
-            glommio::timer::sleep(d),
-        )
-        .await;
-    }
-
     async fn manage(self: Rc<Self>) {
         let mut failures = 0u32;
-        while !self.stopping.get() {
+        while !self.stop.is_fired() {
             let r = self.session().await;
-            self.first_attempt_done();
+            self.first.fire();
+            self.set_conn(Conn::Down);
             match r {
                 Ok(()) => failures = 0,
                 Err(e) => {
@@ -328,100 +295,64 @@ impl Remote {
                     self.set_error(e.to_string());
                 }
             }
-            if self.stopping.get() {
-                break;
-            }
-            self.pause(self.cfg.retry).await;
+            let pause = glommio::timer::sleep(self.cfg.retry);
+            futures_lite::future::or(pause, self.stop.wait()).await;
         }
     }
 
-    /// One connection: connect, handshake, synchronise, then serve until
-    /// the link dies.
+    /// One connection: connect, handshake, prepare, synchronise, then serve
+    /// until the link dies.
     async fn session(self: &Rc<Self>) -> Result<(), LinkError> {
-        let mut stream = self.connect().await?;
-        let (decision, reply, p_gen) = self.handshake(&mut stream).await?;
-        if self.stopping.get() {
+        let mut stream = (self.connector)().await?;
+        let (agreement, reply, p_gen) = self.handshake(&mut stream).await?;
+        if self.stop.is_fired() {
             return Ok(());
         }
-        // Out of date: reads of not-yet-copied extents must go to the peer
-        // from the moment anything can see this connection.
-        if decision.direction() == Some(SyncDirection::FromSecondary) {
-            self.from_secondary.set(true);
+        let dir = agreement
+            .decision
+            .direction()
+            .unwrap_or(SyncDirection::ToSecondary);
+        // Out of date: reads of not-yet-copied extents go to the peer from
+        // the moment anything can see this connection.
+        if dir == SyncDirection::FromSecondary {
+            self.set_conn(Conn::Preparing { sync: Some(dir) });
         }
-        let link = PeerLink::start(
-            stream,
-            LinkLimits {
-                max_inflight: self.cfg.max_inflight,
-                keepalive: self.cfg.timeout / 3,
-                timeout: self.cfg.timeout,
-                max_bytes: self.cfg.max_bytes,
-            },
-            {
-                let disk = self.disk.clone();
-                move |n| disk.alloc(n)
-            },
-        );
-        // The secondary's dirty extents need synchronisation too.
-        let prep = async {
-            self.disk.merge_peer_map(&reply.bitmap).await?;
-            if matches!(decision, Decision::ToSecondary { full: true }) {
-                tracing::info!(resource = %self.cfg.resource,
-                    "new secondary: full synchronisation");
-                self.disk.mark_all().await?;
-            }
-            Ok::<(), std::io::Error>(())
-        };
-        if let Err(e) = prep.await {
+        let link = self.start_link(stream);
+        if let Err(e) = self.prepare(&agreement.decision, &reply).await {
             link.kill(LinkError::Local(e.to_string()));
             return Err(LinkError::Local(format!("cannot mark the activemap: {e}")));
         }
-        *self.link.borrow_mut() = Some(link.clone());
-        self.stats.connected.store(true, Relaxed);
+        let initial = (dir == SyncDirection::FromSecondary).then_some(dir);
+        self.set_conn(Conn::Up {
+            link: link.clone(),
+            sync: initial,
+        });
         self.stats.split_brain.store(false, Relaxed);
         self.split_brain_reported.set(false);
         self.set_error(String::new());
-        tracing::info!(resource = %self.cfg.resource, decision = %decision, "connected to the secondary");
+        tracing::info!(resource = %self.cfg.resource, decision = %agreement.decision,
+            "connected to the secondary");
         self.events.emit(PeerEventKind::Connect);
-        self.first_attempt_done();
+        self.first.fire();
 
-        let target = if self.resolved_split.get() {
+        let target = if agreement.resolved_split {
             // Never move a generation backwards.
             p_gen.localcnt.max(reply.gen.localcnt).max(1)
         } else {
-            target_generation(&decision, &p_gen, &reply.gen).unwrap_or(p_gen.localcnt)
+            target_generation(&agreement.decision, &p_gen, &reply.gen).unwrap_or(p_gen.localcnt)
         };
-        let dir = decision.direction().unwrap_or(SyncDirection::ToSecondary);
         // Cancelled (dropped) when the session ends.
         let _flusher = glommio::spawn_local(self.clone().flusher(link.clone()));
-        let synced = self.synchronise(&link, dir, target, &p_gen).await;
-        if let Err(e) = &synced {
-            if link.is_alive() && !self.stopping.get() {
+        if let Err(e) = self.synchronise(&link, dir, target, &p_gen).await {
+            if link.is_alive() && !self.stop.is_fired() {
                 tracing::warn!(resource = %self.cfg.resource, error = %e, "synchronisation failed");
-                link.kill(e.clone());
+                link.kill(e);
             }
         }
-        // Connected and in sync. Extents marked later (a remote leg that
-        // failed while the link stayed up) are caught up in the background.
-        while link.is_alive() && !self.stopping.get() {
-            futures_lite::future::or(link.dead(), glommio::timer::sleep(Duration::from_secs(1)))
-                .await;
-            if !link.is_alive() || self.stopping.get() {
-                break;
-            }
-            if self.disk.dirty_bytes() > 0 {
-                tracing::debug!(resource = %self.cfg.resource, bytes = self.disk.dirty_bytes(),
-                    "catching up extents marked while connected");
-                if let Err(e) = self.copy_dirty(&link, SyncDirection::ToSecondary).await {
-                    if link.is_alive() && !self.stopping.get() {
-                        link.kill(e);
-                    }
-                }
-            }
-        }
-        *self.link.borrow_mut() = None;
-        self.stats.connected.store(false, Relaxed);
+        self.serve(&link).await;
         drop(_flusher);
-        if self.stopping.get() {
+        self.set_conn(Conn::Down);
+        if self.stop.is_fired() {
             // stop() flushes the secondary, then records what is left.
             return Ok(());
         }
@@ -437,56 +368,61 @@ impl Remote {
         Err(LinkError::Local(format!("connection lost: {why}")))
     }
 
-    async fn connect(&self) -> Result<TcpStream, LinkError> {
-        let (addrs, source, timeout) = (self.cfg.remote.clone(), self.cfg.source, self.cfg.timeout);
-        let (tx, rx) = flume::bounded(1);
-        // Blocking connect on a helper thread: the executor keeps serving.
-        std::thread::Builder::new()
-            .name("hast-connect".into())
-            .spawn(move || {
-                let _ = tx.send(connect_blocking(&addrs, source, timeout));
-            })
-            .map_err(|e| LinkError::Io(e.to_string()))?;
-        let sock = rx
-            .recv_async()
-            .await
-            .map_err(|_| LinkError::Local("connect thread vanished".into()))?
-            .map_err(|e| LinkError::Io(e.to_string()))?;
-        let _ = sock.set_nodelay(true);
-        let fd = sock.into_raw_fd();
-        // SAFETY: fd is a connected TCP socket we own (just released from
-        // the std stream); the glommio stream takes ownership and closes it.
-        let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        Ok(stream)
+    fn start_link(&self, stream: PeerStream) -> PeerLink {
+        let disk = self.disk.clone();
+        PeerLink::start(
+            stream,
+            LinkLimits {
+                max_inflight: self.cfg.max_inflight,
+                keepalive: self.cfg.timeout / 3,
+                timeout: self.cfg.timeout,
+                max_bytes: self.cfg.max_bytes,
+            },
+            move |n| disk.alloc(n),
+        )
     }
 
+    /// Marks what the synchronisation must copy: the secondary's dirty
+    /// extents, and every extent for a new secondary.
+    async fn prepare(&self, decision: &Decision, reply: &HelloReply) -> std::io::Result<()> {
+        self.disk.merge_peer_map(&reply.bitmap).await?;
+        if matches!(decision, Decision::ToSecondary { full: true }) {
+            tracing::info!(resource = %self.cfg.resource, "new secondary: full synchronisation");
+            self.disk.mark_all().await?;
+        }
+        Ok(())
+    }
+
+    /// Connected and in sync: serves until the link dies or the leg stops.
+    /// Extents marked meanwhile (a remote leg that failed while the link
+    /// stayed up) are caught up in the background.
+    async fn serve(&self, link: &PeerLink) {
+        while link.is_alive() && !self.stop.is_fired() {
+            if self.disk.dirty_bytes() > 0 {
+                tracing::debug!(resource = %self.cfg.resource, bytes = self.disk.dirty_bytes(),
+                    "catching up extents marked while connected");
+                if let Err(e) = self.copy_dirty(link, SyncDirection::ToSecondary).await {
+                    if link.is_alive() && !self.stop.is_fired() {
+                        link.kill(e);
+                    }
+                }
+                continue;
+            }
+            let marked = self.disk.marked_for_sync();
+            let ended = futures_lite::future::or(link.dead(), self.stop.wait());
+            futures_lite::future::or(marked, ended).await;
+        }
+    }
+
+    /// Sends the Hello and reads the answer; returns what both sides
+    /// agreed, the reply and this node's counters.
     async fn handshake(
         &self,
-        stream: &mut TcpStream,
-    ) -> Result<(Decision, HelloReply, Gen), LinkError> {
+        stream: &mut PeerStream,
+    ) -> Result<(Agreement, HelloReply, Gen), LinkError> {
         let md = self.disk.metadata();
-        let gen = Gen {
-            resuid: md.resuid,
-            localcnt: md.localcnt,
-            remotecnt: md.remotecnt,
-        };
-        let virgin = md.localcnt == 0 && md.remotecnt == 0 && self.disk.dirty_bytes() == 0;
-        let hello = Hello {
-            version_min: PROTO_VERSION_MIN,
-            version_max: PROTO_VERSION,
-            resource: self.cfg.resource.clone(),
-            node: self.cfg.node.clone(),
-            datasize: md.datasize,
-            extentsize: md.extentsize,
-            gen,
-            flags: (md.flags & FLAG_INCONSISTENT)
-                | if virgin { HELLO_VIRGIN } else { 0 }
-                | if self.disk.dirty_bytes() == 0 {
-                    super::proto::hello_flags::CLEAN
-                } else {
-                    0
-                },
-        };
+        let dirty = self.disk.dirty_bytes() > 0;
+        let hello = handshake::primary_hello(&self.cfg.resource, &self.cfg.node, &md, dirty);
         let body = hello.encode();
         let hdr = Header::request(Kind::Hello, 0, 0, 0, 0).with_payload(&body);
         let t = self.cfg.timeout;
@@ -503,49 +439,31 @@ impl Remote {
         let reply = HelloReply::decode(&payload)?;
         if let Some(reason) = reply.refusal {
             if reason == Refusal::SplitBrain {
-                self.report_split_brain(&gen, &reply.gen);
+                self.report_split_brain(&hello.gen, &reply.gen);
             }
             return Err(LinkError::Refused {
                 reason,
                 message: reply.message,
             });
         }
-        let raw = decide(&gen, &reply.gen, virgin);
-        let decision = resolve_split_brain(
-            raw,
-            reply.flags & super::proto::hello_flags::DISCARD != 0,
-            self.cfg.splitbrain_auto,
-            self.disk.dirty_bytes() > 0,
-            reply.flags & super::proto::hello_flags::CLEAN == 0,
-        );
-        if raw == Decision::SplitBrain && decision != Decision::SplitBrain {
-            tracing::warn!(resource = %self.cfg.resource, primary = %gen, secondary = %reply.gen,
-                resolution = %decision,
-                "split-brain resolved: only the extents either side changed are resynchronised");
-            self.resolved_split.set(true);
-        } else {
-            self.resolved_split.set(false);
-        }
-        match decision {
-            Decision::SplitBrain => {
-                self.report_split_brain(&gen, &reply.gen);
+        match handshake::primary_decide(&hello, &reply, dirty, self.cfg.splitbrain_auto) {
+            Ok(a) => {
+                if a.resolved_split {
+                    tracing::warn!(resource = %self.cfg.resource, primary = %hello.gen,
+                        secondary = %reply.gen, resolution = %a.decision,
+                        "split-brain resolved: only the extents either side changed are resynchronised");
+                }
+                Ok((a, reply, hello.gen))
+            }
+            Err(r) => {
+                if r.reason == Refusal::SplitBrain {
+                    self.report_split_brain(&hello.gen, &reply.gen);
+                }
                 Err(LinkError::Refused {
-                    reason: Refusal::SplitBrain,
-                    message: "split-brain".into(),
+                    reason: r.reason,
+                    message: r.message,
                 })
             }
-            Decision::ResuidMismatch => Err(LinkError::Refused {
-                reason: Refusal::ResuidMismatch,
-                message: format!(
-                    "resource unique ID mismatch (primary {:#x}, secondary {:#x})",
-                    gen.resuid, reply.gen.resuid
-                ),
-            }),
-            Decision::Inconsistent => Err(LinkError::Refused {
-                reason: Refusal::InconsistentCounters,
-                message: crate::generation::explain_inconsistent(&gen, &reply.gen),
-            }),
-            d => Ok((d, reply, gen)),
         }
     }
 
@@ -557,251 +475,32 @@ impl Remote {
             self.events.emit(PeerEventKind::SplitBrain);
         }
     }
-
-    /// Synchronises until no extent is dirty, then records the new
-    /// generation on both sides.
-    async fn synchronise(
-        &self,
-        link: &PeerLink,
-        dir: SyncDirection,
-        target: u64,
-        p_gen: &Gen,
-    ) -> Result<(), LinkError> {
-        let need =
-            self.disk.dirty_bytes() > 0 || p_gen.localcnt != target || p_gen.remotecnt != target;
-        if !need {
-            return Ok(());
-        }
-        let lerr = |e: std::io::Error| LinkError::Local(e.to_string());
-        match dir {
-            SyncDirection::ToSecondary => {
-                link.call(Kind::SyncStart, 0, 0, 0, Payload::None).await?;
-            }
-            SyncDirection::FromSecondary => {
-                self.disk
-                    .update_metadata(|m| m.flags |= FLAG_INCONSISTENT)
-                    .await
-                    .map_err(lerr)?;
-                self.from_secondary.set(true);
-            }
-        }
-        let stats = &self.stats;
-        stats.sync_direction.store(
-            match dir {
-                SyncDirection::ToSecondary => 1,
-                SyncDirection::FromSecondary => 2,
-            },
-            Relaxed,
-        );
-        stats.sync_total.store(self.disk.dirty_bytes(), Relaxed);
-        stats.sync_done.store(0, Relaxed);
-        stats.sync_started_ms.store(now_ms(), Relaxed);
-        let started = Instant::now();
-        tracing::info!(resource = %self.cfg.resource, direction = ?dir,
-            bytes = self.disk.dirty_bytes(), "synchronisation started");
-        self.events.emit(PeerEventKind::SyncStart);
-        let result = self.copy_dirty(link, dir).await;
-        stats.sync_direction.store(0, Relaxed);
-        self.from_secondary.set(false);
-        if let Err(e) = result {
-            tracing::warn!(resource = %self.cfg.resource, error = %e,
-                done = stats.sync_done.load(Relaxed), "synchronisation interrupted");
-            self.events.emit(PeerEventKind::SyncIntr);
-            return Err(e);
-        }
-        // Everything copied: both legs are identical. The destination
-        // records the new generation first (after flushing the copied
-        // data), then the source: a crash in between is recognised at the
-        // next handshake (see generation::decide).
-        let body = SyncComplete { generation: target }.encode();
-        let record_here = async {
-            self.disk.flush().await?;
-            self.disk.persist_all().await?;
-            self.disk
-                .update_metadata(|m| {
-                    m.localcnt = target;
-                    m.remotecnt = target;
-                    m.flags &= !FLAG_INCONSISTENT;
-                })
-                .await
-        };
-        match dir {
-            SyncDirection::ToSecondary => {
-                link.call(Kind::SyncComplete, 0, 0, 0, Payload::Bytes(body.to_vec()))
-                    .await?;
-                record_here.await.map_err(lerr)?;
-            }
-            SyncDirection::FromSecondary => {
-                record_here.await.map_err(lerr)?;
-                link.call(Kind::SyncComplete, 0, 0, 0, Payload::Bytes(body.to_vec()))
-                    .await?;
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let bytes = stats.sync_done.load(Relaxed);
-        tracing::info!(resource = %self.cfg.resource, bytes, seconds = secs,
-            mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
-            generation = target, "synchronisation complete");
-        self.events.emit(PeerEventKind::SyncDone);
-        Ok(())
-    }
-
-    /// Rate control: while application requests are being served, the
-    /// synchronisation runs one chunk at a time and, after each, pauses as
-    /// long as the chunk took, so it takes at most about half of the disk
-    /// and link time; when the application is idle it runs `sync_window`
-    /// chunks in flight at full speed.
-    async fn yield_to_application(&self, inflight: &Cell<usize>, last: &Cell<Duration>) {
-        let busy = || self.stats.local_queue.load(Relaxed) > 0;
-        if !busy() {
-            return;
-        }
-        // Let the chunks in flight finish (bounded: progress is never
-        // stopped for long).
-        let mut waited = 0;
-        while inflight.get() >= SYNC_WINDOW_UNDER_LOAD && waited < 1000 {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-            waited += 1;
-        }
-        if busy() {
-            glommio::timer::sleep(last.get().min(Duration::from_millis(200))).await;
-        }
-    }
-
-    /// Copies every dirty extent, `sync_window` chunks in flight, until
-    /// none is left. Extents marked again meanwhile are copied again.
-    async fn copy_dirty(&self, link: &PeerLink, dir: SyncDirection) -> Result<(), LinkError> {
-        let window = Rc::new(Semaphore::new(self.cfg.sync_window.max(1) as u64));
-        let failed: Rc<RefCell<Option<LinkError>>> = Rc::new(RefCell::new(None));
-        let inflight = Rc::new(Cell::new(0usize));
-        let last_chunk = Rc::new(Cell::new(Duration::ZERO));
-        let mut passes = 0u32;
-        loop {
-            passes += 1;
-            let gate = Gate::new();
-            let mut next = self.disk.with_map(|m| m.next_dirty(0));
-            while let Some(ext) = next {
-                if failed.borrow().is_some() || !link.is_alive() || self.stopping.get() {
-                    break;
-                }
-                self.disk.with_map(|m| m.sync_begin(ext));
-                let es = self.disk.extentsize();
-                let start = u64::from(ext) * es;
-                let bytes = self.disk.with_map(|m| m.extent_bytes(ext));
-                let chunk = u64::from(self.cfg.sync_chunk).min(es);
-                let nchunks = bytes.div_ceil(chunk);
-                let remaining = Rc::new(Cell::new(nchunks));
-                let ok = Rc::new(Cell::new(true));
-                for i in 0..nchunks {
-                    self.yield_to_application(&inflight, &last_chunk).await;
-                    let permit = window
-                        .acquire_static_permit(1)
-                        .await
-                        .map_err(|_| LinkError::Local("stopping".into()))?;
-                    inflight.set(inflight.get() + 1);
-                    let off = start + i * chunk;
-                    let len = chunk.min(start + bytes - off) as u32;
-                    let (disk, link, stats) = (self.disk.clone(), link.clone(), self.stats.clone());
-                    let (remaining, ok, failed) = (remaining.clone(), ok.clone(), failed.clone());
-                    let inflight = inflight.clone();
-                    let last_chunk = last_chunk.clone();
-                    let fut = async move {
-                        let started = Instant::now();
-                        let r = copy_chunk(&disk, &link, dir, off, len).await;
-                        last_chunk.set(started.elapsed());
-                        match r {
-                            Ok(()) => {
-                                stats.sync_done.fetch_add(u64::from(len), Relaxed);
-                                stats.sync_bytes_total.fetch_add(u64::from(len), Relaxed);
-                            }
-                            Err(e) => {
-                                ok.set(false);
-                                failed.borrow_mut().get_or_insert(e);
-                            }
-                        }
-                        remaining.set(remaining.get() - 1);
-                        if remaining.get() == 0 {
-                            disk.with_map(|m| {
-                                if ok.get() {
-                                    m.sync_finish(ext);
-                                } else {
-                                    m.sync_abort(ext);
-                                }
-                            });
-                        }
-                        inflight.set(inflight.get() - 1);
-                        drop(permit);
-                    };
-                    gate.spawn(fut)
-                        .map_err(|_| LinkError::Local("stopping".into()))?
-                        .detach();
-                }
-                next = self.disk.with_map(|m| m.next_dirty(ext + 1));
-            }
-            let _ = gate.close().await;
-            if let Some(e) = failed.borrow_mut().take() {
-                return Err(e);
-            }
-            if !link.is_alive() {
-                return Err(link.death_reason().unwrap_or(LinkError::Disconnected));
-            }
-            if self.stopping.get() {
-                return Err(LinkError::Local("stopping".into()));
-            }
-            if self.disk.dirty_bytes() == 0 {
-                return Ok(());
-            }
-            if passes > 1000 {
-                return Err(LinkError::Local(
-                    "extents keep being marked dirty; giving up this pass".into(),
-                ));
-            }
-        }
-    }
 }
 
-/// Copies one chunk in the given direction, holding its range lock so
-/// that application writes to the same bytes wait.
-async fn copy_chunk(
-    disk: &Rc<LocalDisk>,
-    link: &PeerLink,
-    dir: SyncDirection,
-    off: u64,
-    len: u32,
-) -> Result<(), LinkError> {
-    let _guard = disk.lock_range(off, u64::from(len)).await;
-    match dir {
-        SyncDirection::ToSecondary => {
-            let data = disk
-                .read(off, len as usize)
-                .await
-                .map_err(|e| LinkError::Local(format!("local read at {off} failed: {e}")))?;
-            if frame::is_zero(&data) {
-                link.call(Kind::Zero, flags::SYNC, off, len, Payload::None)
-                    .await?;
-            } else {
-                link.call(Kind::Write, flags::SYNC, off, len, Payload::Read(data))
-                    .await?;
-            }
-        }
-        SyncDirection::FromSecondary => {
-            let data = link
-                .call(Kind::Read, flags::SYNC, off, len, Payload::None)
-                .await?
-                .ok_or_else(|| LinkError::Local("read reply without data".into()))?;
-            if data.len() != len as usize {
-                return Err(LinkError::Local("short read reply".into()));
-            }
-            disk.write(off, data)
-                .await
-                .map_err(|e| LinkError::Local(format!("local write at {off} failed: {e}")))?;
-            // Durable before the extent's bit may be cleared on disk.
-            disk.flush()
-                .await
-                .map_err(|e| LinkError::Local(format!("local flush failed: {e}")))?;
-        }
-    }
-    Ok(())
+/// Connects over TCP (from `source`, to each address in turn) on a helper
+/// thread, so the executor keeps serving.
+async fn tcp_connect(
+    addrs: Vec<SocketAddr>,
+    source: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, LinkError> {
+    let (tx, rx) = flume::bounded(1);
+    std::thread::Builder::new()
+        .name("hast-connect".into())
+        .spawn(move || {
+            let _ = tx.send(connect_blocking(&addrs, source, timeout));
+        })
+        .map_err(|e| LinkError::Io(e.to_string()))?;
+    let sock = rx
+        .recv_async()
+        .await
+        .map_err(|_| LinkError::Local("connect thread vanished".into()))?
+        .map_err(|e| LinkError::Io(e.to_string()))?;
+    let _ = sock.set_nodelay(true);
+    let fd = sock.into_raw_fd();
+    // SAFETY: fd is a connected TCP socket we own (just released from the
+    // std stream); the glommio stream takes ownership and closes it.
+    Ok(unsafe { TcpStream::from_raw_fd(fd) })
 }
 
 fn connect_blocking(

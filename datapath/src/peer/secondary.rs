@@ -37,13 +37,10 @@ use glommio::sync::{Gate, Semaphore, StaticPermit};
 use glommio::Task;
 
 use super::frame::{self, LinkError};
-use super::proto::{
-    flags, negotiate, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, PROTO_VERSION,
-    PROTO_VERSION_MIN,
-};
+use super::handshake;
+use super::proto::{flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete};
 use crate::batch::{self, SendEnd};
 use crate::events::{EventSink, PeerEventKind};
-use crate::generation::{decide, resolve_split_brain, Decision, Gen};
 use crate::local::{LocalDisk, Settled};
 use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
 use crate::signal::Signal;
@@ -195,118 +192,58 @@ impl Secondary {
         ctx.events.emit(PeerEventKind::Disconnect);
     }
 
-    /// Checks the primary's Hello; adopts its resource ID when new.
+    /// Checks the primary's Hello (see [`handshake::secondary_decide`]);
+    /// adopts its resource ID when new; reports a split-brain once.
     async fn handshake(&self, hello: &Hello) -> HelloReply {
         let ctx = &self.ctx;
         let md = ctx.disk.metadata();
-        let mine = Gen {
-            resuid: md.resuid,
-            localcnt: md.localcnt,
-            remotecnt: md.remotecnt,
-        };
-        let mut reply = HelloReply {
-            version: PROTO_VERSION,
-            refusal: None,
-            message: String::new(),
-            datasize: md.datasize,
-            extentsize: md.extentsize,
-            gen: mine,
-            flags: (md.flags & FLAG_INCONSISTENT)
-                | if md.flags & FLAG_DISCARD != 0 {
-                    super::proto::hello_flags::DISCARD
-                } else {
-                    0
+        let dirty = ctx.disk.dirty_bytes() > 0;
+        let mut outcome = handshake::secondary_decide(hello, &md, dirty, ctx.splitbrain_auto);
+        match &outcome {
+            Ok(a) => {
+                if a.resolved_split {
+                    tracing::warn!(resource = %ctx.resource, primary = %hello.gen,
+                        secondary = %handshake::gen_of(&md), resolution = %a.decision,
+                        "split-brain resolved: only the extents either side changed are resynchronised");
                 }
-                | if ctx.disk.dirty_bytes() == 0 {
-                    super::proto::hello_flags::CLEAN
-                } else {
-                    0
-                },
-            bitmap: Vec::new(),
-        };
-        let refuse = |mut r: HelloReply, why: Refusal, msg: String| {
-            r.refusal = Some(why);
-            r.message = msg;
-            r
-        };
-        let Some(v) = negotiate(
-            PROTO_VERSION_MIN,
-            PROTO_VERSION,
-            hello.version_min,
-            hello.version_max,
-        ) else {
-            return refuse(reply, Refusal::VersionUnsupported, format!(
-                "no common protocol version (ours {PROTO_VERSION_MIN}..={PROTO_VERSION}, theirs {}..={})",
-                hello.version_min, hello.version_max));
-        };
-        reply.version = v;
-        if hello.datasize != md.datasize || hello.extentsize != md.extentsize {
-            return refuse(reply, Refusal::GeometryMismatch, format!(
-                "data size/extent size differ: primary {}/{}, secondary {}/{} (run 'hastctl create' with the same -e/-m on both nodes)",
-                hello.datasize, hello.extentsize, md.datasize, md.extentsize));
-        }
-        let raw = decide(&hello.gen, &mine, hello.flags & HELLO_VIRGIN != 0);
-        let decision = resolve_split_brain(
-            raw,
-            md.flags & FLAG_DISCARD != 0,
-            ctx.splitbrain_auto,
-            hello.flags & super::proto::hello_flags::CLEAN == 0,
-            ctx.disk.dirty_bytes() > 0,
-        );
-        if raw == Decision::SplitBrain && decision != Decision::SplitBrain {
-            tracing::warn!(resource = %ctx.resource, primary = %hello.gen, secondary = %mine,
-                resolution = %decision,
-                "split-brain resolved: only the extents either side changed are resynchronised");
-        }
-        match decision {
-            Decision::SplitBrain => {
+                ctx.stats.split_brain.store(false, Relaxed);
+            }
+            Err(r) if r.reason == Refusal::SplitBrain => {
                 if !self.split_brain_reported.replace(true) {
-                    tracing::error!(resource = %ctx.resource, primary = %hello.gen, secondary = %mine,
+                    tracing::error!(resource = %ctx.resource, primary = %hello.gen,
+                        secondary = %handshake::gen_of(&md),
                         "split-brain: both nodes wrote since they last agreed; refusing to synchronise");
                     ctx.events.emit(PeerEventKind::SplitBrain);
                 }
                 ctx.stats.split_brain.store(true, Relaxed);
-                return refuse(reply, Refusal::SplitBrain, format!(
-                    "split-brain: both nodes wrote since they last agreed (primary {}, secondary {})",
-                    hello.gen, mine));
             }
-            Decision::ResuidMismatch => {
-                return refuse(
-                    reply,
-                    Refusal::ResuidMismatch,
-                    format!(
-                        "resource unique ID mismatch (primary {:#x}, secondary {:#x})",
-                        hello.gen.resuid, mine.resuid
-                    ),
-                );
-            }
-            Decision::Inconsistent => {
-                return refuse(
-                    reply,
-                    Refusal::InconsistentCounters,
-                    crate::generation::explain_inconsistent(&hello.gen, &mine),
-                );
-            }
-            _ => {}
+            Err(_) => {}
         }
-        ctx.stats.split_brain.store(false, Relaxed);
-        if mine.resuid == 0 {
+        if outcome.is_ok() && md.resuid == 0 {
             let resuid = hello.gen.resuid;
-            if let Err(e) = ctx.disk.update_metadata(|m| m.resuid = resuid).await {
-                return refuse(
-                    reply,
-                    Refusal::Refused,
-                    format!("cannot store the resource ID: {e}"),
-                );
+            match ctx.disk.update_metadata(|m| m.resuid = resuid).await {
+                // The reply keeps our pre-adoption counters so that both
+                // sides reach the same decision (a new secondary).
+                Ok(()) => tracing::info!(resource = %ctx.resource,
+                    resuid = format_args!("{resuid:#x}"),
+                    "new secondary adopted the primary's resource ID"),
+                Err(e) => {
+                    outcome = Err(handshake::Refused {
+                        reason: Refusal::Refused,
+                        message: format!("cannot store the resource ID: {e}"),
+                    })
+                }
             }
-            // The reply keeps our pre-adoption counters so that both sides
-            // reach the same decision (a new secondary).
-            tracing::info!(resource = %ctx.resource, resuid = format_args!("{resuid:#x}"),
-                "new secondary adopted the primary's resource ID");
         }
-        reply.bitmap = ctx.disk.sync_bitmap();
-        tracing::info!(resource = %ctx.resource, decision = %decision, "handshake accepted");
-        reply
+        if let Ok(a) = &outcome {
+            tracing::info!(resource = %ctx.resource, decision = %a.decision, "handshake accepted");
+        }
+        let bitmap = if outcome.is_ok() {
+            ctx.disk.sync_bitmap()
+        } else {
+            Vec::new()
+        };
+        handshake::secondary_reply(&md, dirty, &outcome, bitmap)
     }
 }
 
