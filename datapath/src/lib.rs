@@ -15,6 +15,7 @@ pub mod metadata;
 pub mod nbd;
 pub mod node;
 pub mod peer;
+pub mod pipe;
 pub mod primary;
 pub mod provider;
 pub mod rangelock;

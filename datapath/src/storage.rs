@@ -194,6 +194,18 @@ impl MemDisk {
         }))
     }
 
+    /// A disk of `size` bytes holding fresh metadata for `md` and a zeroed
+    /// activemap, as `hastctl create` leaves a provider.
+    pub fn with_metadata(
+        md: &crate::metadata::Metadata,
+        size: usize,
+        volatile: bool,
+    ) -> Rc<RefCell<MemDisk>> {
+        let disk = MemDisk::new(size, md.sectorsize as usize, volatile);
+        disk.borrow_mut().poke(0, &md.encode()[..]);
+        disk
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.current.len()

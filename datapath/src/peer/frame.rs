@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::proto::{FrameError, Header, Refusal, HEADER_LEN};
+use super::proto::{FrameError, Header, Hello, Kind, Refusal, HEADER_LEN};
 
 /// Why a peer connection failed or a request on it did not complete.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -111,6 +111,21 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// in one read, while a payload larger than this is read straight into
 /// its aligned buffer.
 pub const RECV_BUFFER: usize = 64 * 1024;
+
+/// Reads the primary's Hello from a new connection (the listener does
+/// the same for TCP, before handing the connection over).
+pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, LinkError> {
+    let hdr = read_header(r).await?;
+    if hdr.kind != Kind::Hello {
+        return Err(LinkError::Local(format!(
+            "expected Hello, got {:?}",
+            hdr.kind
+        )));
+    }
+    let mut body = vec![0u8; hdr.payload_len as usize];
+    read_payload(r, &hdr, &mut body).await?;
+    Ok(Hello::decode(&body)?)
+}
 
 /// Runs `fut` with a deadline.
 pub async fn with_timeout<T>(
