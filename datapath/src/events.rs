@@ -1,5 +1,5 @@
 //! Events the data path reports to the control plane (which runs the
-//! `exec` hooks and, later, the event stream). Sent with `try_send` on a
+//! `exec` hooks and the event stream). Sent with `try_send` on a
 //! bounded channel: the data path never blocks on the control plane.
 
 /// What happened.

@@ -1,5 +1,7 @@
-//! HAST data path: on-disk metadata and activemap, direct local I/O, the
-//! block export (NBD), and (later) replication and synchronisation.
+//! HAST data path: on-disk metadata and activemap, local I/O behind the
+//! [`storage`] seam, the block export (NBD), replication and
+//! synchronisation ([`peer`]), and the per-core node runtime ([`node`]).
+//! See `docs/architecture.md` for the life of one replicated write.
 //!
 //! Pure logic (metadata codec, activemap, range lock, NBD protocol codec)
 //! lives in modules with no I/O so that it is unit- and property-tested

@@ -1,5 +1,5 @@
-//! An async range lock for one executor: overlapping writes (and, later,
-//! synchronisation chunks) to the same bytes run one after the other, in
+//! An async range lock for one executor: overlapping writes and
+//! synchronisation chunks to the same bytes run one after the other, in
 //! arrival order, so both legs apply them in the same order. Waiting is
 //! event driven: no sleeping and retrying.
 //!

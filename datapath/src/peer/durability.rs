@@ -53,7 +53,7 @@ impl Remote {
             .flush_lock
             .acquire_permit(1)
             .await
-            .map_err(|_| LinkError::Local("stopping".into()))?;
+            .map_err(|_| LinkError::Stopping)?;
         if !link.is_alive() {
             return Err(LinkError::Disconnected);
         }

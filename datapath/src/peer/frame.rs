@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -15,9 +16,9 @@ use super::proto::{FrameError, Header, Hello, Kind, Refusal, HEADER_LEN};
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
-    /// Socket error.
+    /// Socket error (its kind kept).
     #[error("connection error: {0}")]
-    Io(String),
+    Io(Arc<io::Error>),
     /// The peer closed the connection.
     #[error("connection closed by peer")]
     Closed,
@@ -42,9 +43,41 @@ pub enum LinkError {
     /// The peer executed the request and it failed with this errno.
     #[error("peer reported error {0}")]
     Remote(u32),
-    /// Local misuse or state (e.g. the resource is stopping).
-    #[error("{0}")]
-    Local(String),
+    /// The peer sent something the protocol does not allow here.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A local disk operation failed.
+    #[error("local {op}{} failed: {source}", at.map(|o| format!(" at {o}")).unwrap_or_default())]
+    Disk {
+        /// What was being done.
+        op: &'static str,
+        /// Where, in the data area, if one place.
+        at: Option<u64>,
+        /// The error, its kind kept.
+        source: Arc<io::Error>,
+    },
+    /// This node ended the connection (stop, role change, a newer
+    /// connection of the same peer).
+    #[error("closed by this node")]
+    Stopping,
+    /// Extents keep being marked faster than the synchronisation copies
+    /// them; the connection is restarted.
+    #[error("extents keep being marked dirty; giving up this pass")]
+    SyncStalled,
+    /// The connection was lost, for this reason.
+    #[error("connection lost: {0}")]
+    Lost(Box<LinkError>),
+}
+
+impl LinkError {
+    /// A failed local disk operation.
+    pub fn disk(op: &'static str, at: Option<u64>, e: io::Error) -> LinkError {
+        LinkError::Disk {
+            op,
+            at,
+            source: Arc::new(e),
+        }
+    }
 }
 
 impl From<io::Error> for LinkError {
@@ -52,7 +85,7 @@ impl From<io::Error> for LinkError {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             LinkError::Closed
         } else {
-            LinkError::Io(e.to_string())
+            LinkError::Io(Arc::new(e))
         }
     }
 }
@@ -117,7 +150,7 @@ pub const RECV_BUFFER: usize = 64 * 1024;
 pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, LinkError> {
     let hdr = read_header(r).await?;
     if hdr.kind != Kind::Hello {
-        return Err(LinkError::Local(format!(
+        return Err(LinkError::Protocol(format!(
             "expected Hello, got {:?}",
             hdr.kind
         )));

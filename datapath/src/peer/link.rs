@@ -447,7 +447,7 @@ impl PeerLink {
             };
             let _ = frame::with_timeout(self.inner.limits.timeout, closed).await;
         }
-        self.kill(LinkError::Local("closed by this node".into()));
+        self.kill(LinkError::Stopping);
     }
 }
 
@@ -497,7 +497,7 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
                 }
                 Kind::Done | Kind::ReadReply => link.inner.inflight.borrow_mut().remove(&hdr.seq),
                 other => {
-                    break LinkError::Local(format!("unexpected {other:?} from the secondary"));
+                    break LinkError::Protocol(format!("unexpected {other:?} from the secondary"));
                 }
             };
             let mut data = None;
@@ -509,7 +509,7 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
                 data = Some(buf);
             }
             let Some(slot) = slot else {
-                break LinkError::Local(format!("reply for unknown request {}", hdr.seq));
+                break LinkError::Protocol(format!("reply for unknown request {}", hdr.seq));
             };
             let result = if hdr.status != 0 {
                 Err(LinkError::Remote(hdr.status))

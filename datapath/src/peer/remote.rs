@@ -319,8 +319,9 @@ impl Remote {
         }
         let link = self.start_link(stream);
         if let Err(e) = self.prepare(&agreement.decision, &reply).await {
-            link.kill(LinkError::Local(e.to_string()));
-            return Err(LinkError::Local(format!("cannot mark the activemap: {e}")));
+            let e = LinkError::disk("activemap update", None, e);
+            link.kill(e.clone());
+            return Err(e);
         }
         let initial = (dir == SyncDirection::FromSecondary).then_some(dir);
         self.set_conn(Conn::Up {
@@ -359,13 +360,10 @@ impl Remote {
         // Copies the secondary completed but did not flush may be lost
         // with it: their extents need synchronisation.
         self.disk.with_map(|m| m.peer_lost());
-        let why = link
-            .death_reason()
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| "closed".into());
+        let why = link.death_reason().unwrap_or(LinkError::Closed);
         tracing::warn!(resource = %self.cfg.resource, reason = %why, "disconnected from the secondary");
         self.events.emit(PeerEventKind::Disconnect);
-        Err(LinkError::Local(format!("connection lost: {why}")))
+        Err(LinkError::Lost(Box::new(why)))
     }
 
     fn start_link(&self, stream: PeerStream) -> PeerLink {
@@ -429,7 +427,7 @@ impl Remote {
         frame::with_timeout(t, frame::write_frame(stream, &hdr, &body)).await?;
         let rh = frame::with_timeout(t, frame::read_header(stream)).await?;
         if rh.kind != Kind::HelloReply {
-            return Err(LinkError::Local(format!(
+            return Err(LinkError::Protocol(format!(
                 "expected HelloReply, got {:?}",
                 rh.kind
             )));
@@ -490,12 +488,12 @@ async fn tcp_connect(
         .spawn(move || {
             let _ = tx.send(connect_blocking(&addrs, source, timeout));
         })
-        .map_err(|e| LinkError::Io(e.to_string()))?;
+        .map_err(LinkError::from)?;
     let sock = rx
         .recv_async()
         .await
-        .map_err(|_| LinkError::Local("connect thread vanished".into()))?
-        .map_err(|e| LinkError::Io(e.to_string()))?;
+        .map_err(|_| LinkError::Io(Arc::new(std::io::Error::other("connect thread vanished"))))?
+        .map_err(LinkError::from)?;
     let _ = sock.set_nodelay(true);
     let fd = sock.into_raw_fd();
     // SAFETY: fd is a connected TCP socket we own (just released from the

@@ -406,7 +406,7 @@ where
     };
     let stopped = async {
         stop.wait().await;
-        Err(LinkError::Local("disconnected by this node".into()))
+        Err(LinkError::Stopping)
     };
     let result = futures_lite::future::or(stopped, requests).await;
     if let Err(e) = &result {
@@ -440,7 +440,7 @@ impl Session<'_> {
             Kind::SyncComplete => self.sync_complete(r, hdr).await?,
             Kind::Bye => return Ok(false),
             other => {
-                return Err(LinkError::Local(format!(
+                return Err(LinkError::Protocol(format!(
                     "unexpected {other:?} from the primary"
                 )))
             }
@@ -452,7 +452,7 @@ impl Session<'_> {
         self.window
             .acquire_static_permit(1)
             .await
-            .map_err(|_| LinkError::Local("stopping".into()))
+            .map_err(|_| LinkError::Stopping)
     }
 
     /// Takes `len` bytes of the budget (all of it for a larger request).
@@ -465,7 +465,7 @@ impl Session<'_> {
             .acquire_static_permit(n)
             .await
             .map(Some)
-            .map_err(|_| LinkError::Local("stopping".into()))
+            .map_err(|_| LinkError::Stopping)
     }
 
     fn spawn(&self, fut: impl Future<Output = ()> + 'static) -> Result<(), LinkError> {
@@ -474,7 +474,7 @@ impl Session<'_> {
             .map(|t| {
                 t.detach();
             })
-            .map_err(|_| LinkError::Local("connection is closing".into()))
+            .map_err(|_| LinkError::Stopping)
     }
 
     /// A replicated or synchronisation write: read its payload, take its

@@ -79,7 +79,7 @@ impl Remote {
         if !need {
             return Ok(());
         }
-        let lerr = |e: std::io::Error| LinkError::Local(e.to_string());
+        let lerr = |e| LinkError::disk("metadata update", None, e);
         match dir {
             SyncDirection::ToSecondary => {
                 link.call(Kind::SyncStart, 0, 0, 0, Payload::None).await?;
@@ -170,7 +170,7 @@ impl Remote {
         link: &PeerLink,
         dir: SyncDirection,
     ) -> Result<(), LinkError> {
-        let stopping = || LinkError::Local("stopping".into());
+        let stopping = || LinkError::Stopping;
         let window = Rc::new(Semaphore::new(self.cfg.sync_window.max(1) as u64));
         let failed: Rc<RefCell<Option<LinkError>>> = Rc::new(RefCell::new(None));
         let inflight = Rc::new(InFlight::default());
@@ -247,9 +247,7 @@ impl Remote {
                 return Ok(());
             }
         }
-        Err(LinkError::Local(
-            "extents keep being marked dirty; giving up this pass".into(),
-        ))
+        Err(LinkError::SyncStalled)
     }
 }
 
@@ -268,7 +266,7 @@ async fn copy_chunk(
             let data = disk
                 .read(off, len as usize)
                 .await
-                .map_err(|e| LinkError::Local(format!("local read at {off} failed: {e}")))?;
+                .map_err(|e| LinkError::disk("read", Some(off), e))?;
             if frame::is_zero(&data) {
                 link.call(Kind::Zero, flags::SYNC, off, len, Payload::None)
                     .await?;
@@ -281,17 +279,17 @@ async fn copy_chunk(
             let data = link
                 .call(Kind::Read, flags::SYNC, off, len, Payload::None)
                 .await?
-                .ok_or_else(|| LinkError::Local("read reply without data".into()))?;
+                .ok_or_else(|| LinkError::Protocol("read reply without data".into()))?;
             if data.len() != len as usize {
-                return Err(LinkError::Local("short read reply".into()));
+                return Err(LinkError::Protocol("short read reply".into()));
             }
             disk.write(off, data)
                 .await
-                .map_err(|e| LinkError::Local(format!("local write at {off} failed: {e}")))?;
+                .map_err(|e| LinkError::disk("write", Some(off), e))?;
             // Durable before the extent's bit may be cleared on disk.
             disk.flush()
                 .await
-                .map_err(|e| LinkError::Local(format!("local flush failed: {e}")))?;
+                .map_err(|e| LinkError::disk("flush", None, e))?;
         }
     }
     Ok(())
