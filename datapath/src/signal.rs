@@ -25,8 +25,7 @@ pub struct Signal {
 #[derive(Default)]
 struct Inner {
     fired: Cell<bool>,
-    next_id: Cell<u64>,
-    waiters: RefCell<Vec<(u64, Waker)>>,
+    waiters: Notify,
 }
 
 impl Signal {
@@ -37,13 +36,8 @@ impl Signal {
 
     /// Fire the signal, waking every waiter. Idempotent.
     pub fn fire(&self) {
-        if self.inner.fired.replace(true) {
-            return;
-        }
-        // Take the list first: waking must not happen under the borrow.
-        let waiters = std::mem::take(&mut *self.inner.waiters.borrow_mut());
-        for (_, waker) in waiters {
-            waker.wake();
+        if !self.inner.fired.replace(true) {
+            self.inner.waiters.notify_all();
         }
     }
 
@@ -52,52 +46,10 @@ impl Signal {
         self.inner.fired.get()
     }
 
-    /// A future that completes once the signal has fired.
-    pub fn wait(&self) -> Wait<'_> {
-        Wait {
-            inner: &self.inner,
-            id: None,
-        }
-    }
-}
-
-/// Future returned by [`Signal::wait`].
-pub struct Wait<'a> {
-    inner: &'a Inner,
-    id: Option<u64>,
-}
-
-impl Future for Wait<'_> {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let inner = self.inner;
-        if inner.fired.get() {
-            return Poll::Ready(());
-        }
-        let mut waiters = inner.waiters.borrow_mut();
-        match self.id {
-            Some(id) => {
-                if let Some(entry) = waiters.iter_mut().find(|(i, _)| *i == id) {
-                    entry.1.clone_from(cx.waker());
-                }
-            }
-            None => {
-                let id = inner.next_id.get();
-                inner.next_id.set(id.wrapping_add(1));
-                waiters.push((id, cx.waker().clone()));
-                self.id = Some(id);
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for Wait<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            self.inner.waiters.borrow_mut().retain(|(i, _)| *i != id);
-        }
+    /// Completes once the signal has fired.
+    pub async fn wait(&self) {
+        let inner = &self.inner;
+        inner.waiters.wait_until(|| inner.fired.get()).await
     }
 }
 
@@ -193,9 +145,9 @@ mod tests {
         {
             let mut w = Box::pin(s.wait());
             assert!(future::block_on(future::poll_once(&mut w)).is_none());
-            assert_eq!(s.inner.waiters.borrow().len(), 1);
+            assert_eq!(s.inner.waiters.waiters.borrow().len(), 1);
         }
-        assert_eq!(s.inner.waiters.borrow().len(), 0);
+        assert_eq!(s.inner.waiters.waiters.borrow().len(), 0);
         let mut w = Box::pin(s.wait());
         assert!(future::block_on(future::poll_once(&mut w)).is_none());
         s.fire();
