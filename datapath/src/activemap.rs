@@ -104,6 +104,13 @@ pub struct ActiveMap {
     /// Extents marked only because they are held (see
     /// [`ActiveMap::held_only`]), maintained at every change.
     held_only: usize,
+    /// Extents whose data write completed since the last local flush
+    /// began: the write may still be in the disk's volatile cache, so the
+    /// mark must not be cleared on disk yet (a clear could otherwise
+    /// become durable before the data it vouches for).
+    local_unflushed: BitVec<u8, Lsb0>,
+    /// Those captured by the local flush in progress.
+    local_flushing: BitVec<u8, Lsb0>,
     stats: ActiveMapStats,
 }
 
@@ -151,6 +158,8 @@ impl ActiveMap {
             held: bitvec![u8, Lsb0; 0; n],
             closing: bitvec![u8, Lsb0; 0; n],
             held_only: 0,
+            local_unflushed: bitvec![u8, Lsb0; 0; n],
+            local_flushing: bitvec![u8, Lsb0; 0; n],
             stats: ActiveMapStats::default(),
         }
     }
@@ -234,7 +243,13 @@ impl ActiveMap {
     }
 
     fn wanted(&self, e: usize) -> bool {
-        self.pending[e] > 0 || self.in_lru[e] || self.syncmap[e] || self.held[e] || self.closing[e]
+        self.pending[e] > 0
+            || self.in_lru[e]
+            || self.syncmap[e]
+            || self.held[e]
+            || self.closing[e]
+            || self.local_unflushed[e]
+            || self.local_flushing[e]
     }
 
     fn sector_of(&self, e: usize) -> usize {
@@ -421,6 +436,29 @@ impl ActiveMap {
         }
     }
 
+    /// A flush of the local disk is about to be issued: it will make
+    /// durable every data write completed so far. One at a time.
+    pub fn local_flush_begin(&mut self) {
+        self.local_flushing |= &self.local_unflushed;
+        self.local_unflushed.fill(false);
+    }
+
+    /// That flush completed: the data of its extents is durable here, so
+    /// their marks may be cleared (lazily, with the next batch).
+    pub fn local_flush_done(&mut self) {
+        let done: Vec<usize> = self.local_flushing.iter_ones().collect();
+        for e in done {
+            self.local_flushing.set(e, false);
+            self.maybe_clear(e);
+        }
+    }
+
+    /// That flush failed: its extents wait for the next one.
+    pub fn local_flush_failed(&mut self) {
+        self.local_unflushed |= &self.local_flushing;
+        self.local_flushing.fill(false);
+    }
+
     /// Extents marked only because the peer has not flushed them yet
     /// (neither in flight, nor recently written, nor needing sync). A
     /// count kept at every change: O(1).
@@ -451,6 +489,7 @@ impl ActiveMap {
             let p = self.pending[e as usize];
             assert!(p > 0, "write_complete without write_start on extent {e}");
             self.update(e as usize, |m| m.pending[e as usize] -= 1);
+            self.local_unflushed.set(e as usize, true);
             if p == 1 {
                 self.maybe_clear(e as usize);
             }
@@ -700,11 +739,16 @@ mod tests {
 
     const EXT: u32 = 4096;
 
+    /// Writes every batch as the local disk does with metaflush: the
+    /// sectors, then a device flush (which also makes the data written
+    /// before it durable, so the clears it ripens go in the next batch).
     fn persist_all(map: &mut ActiveMap, disk: &mut [u8]) {
         while let Some(b) = map.take_persist() {
             for (s, img) in &b.sectors {
                 disk[s * map.sectorsize()..(s + 1) * map.sectorsize()].copy_from_slice(img);
             }
+            map.local_flush_begin();
+            map.local_flush_done();
             map.persisted(&b);
         }
     }
@@ -779,6 +823,36 @@ mod tests {
     }
 
     #[test]
+    fn no_clear_before_the_data_is_flushed() {
+        let mut m = ActiveMap::new(64 * u64::from(EXT), EXT, 1, 512);
+        let mut disk = vec![0u8; 512];
+        m.write_start(0, 1);
+        persist_all(&mut m, &mut disk);
+        m.write_complete(0, 1);
+        // Evicted while its data may still be in the disk cache: the
+        // batch marking extent 1 must not clear extent 0.
+        m.write_start(u64::from(EXT), 1);
+        let b = m.take_persist().unwrap();
+        let img = b.sectors[0].1.clone();
+        assert!(bit(&img, 0) && bit(&img, 1), "{img:?}");
+        // The batch's flush makes extent 0's data durable; the next batch
+        // clears it.
+        m.local_flush_begin();
+        m.local_flush_done();
+        m.persisted(&b);
+        persist_all(&mut m, &mut disk);
+        assert!(!bit(&disk, 0) && bit(&disk, 1));
+        // A failed flush leaves the extent waiting for the next one.
+        m.write_complete(u64::from(EXT), 1);
+        m.write_start(2 * u64::from(EXT), 1);
+        m.local_flush_begin();
+        m.local_flush_failed();
+        let b = m.take_persist().unwrap();
+        assert!(bit(&b.sectors[0].1, 1), "extent 1 stays marked");
+        m.persisted(&b);
+    }
+
+    #[test]
     fn rewrite_during_inflight_clear_waits() {
         // Extent 0 is being cleared by an outstanding batch when a new
         // write arrives: the write must wait for a later batch.
@@ -787,6 +861,9 @@ mod tests {
         m.write_start(0, 1);
         persist_all(&mut m, &mut disk);
         m.write_complete(0, 1);
+        // Its data is flushed, so its clear may be written.
+        m.local_flush_begin();
+        m.local_flush_done();
         m.write_start(u64::from(EXT), 1); // evicts 0
         let b = m.take_persist().unwrap();
         let s = m
@@ -1030,6 +1107,9 @@ mod tests {
             let mut held = bitvec![u8, Lsb0; 0; 40];
             let mut closing = bitvec![u8, Lsb0; 0; 40];
             let mut flushing = false;
+            // Extents whose completed data write may still be in the
+            // disk's volatile cache (no device flush since).
+            let mut data_unflushed = bitvec![u8, Lsb0; 0; 40];
 
             for op in ops {
                 match op {
@@ -1053,14 +1133,24 @@ mod tests {
                             *next += 1;
                             if *next == b.sectors.len() {
                                 if metaflush {
+                                    // The batch's flush is a device flush:
+                                    // data written before it is durable too.
+                                    m.local_flush_begin();
                                     durable.copy_from_slice(&written);
+                                    data_unflushed.fill(false);
+                                    m.local_flush_done();
                                 }
                                 let (b, _) = batch.take().unwrap();
                                 m.persisted(&b);
                             }
                         }
                     }
-                    Op::Flush => durable.copy_from_slice(&written),
+                    Op::Flush => {
+                        m.local_flush_begin();
+                        durable.copy_from_slice(&written);
+                        data_unflushed.fill(false);
+                        m.local_flush_done();
+                    }
                     Op::Issue => {
                         // Issue the oldest write whose map update is durable.
                         if let Some(w) = writes.iter_mut().find(|w| !w.issued && w.seq.is_none_or(|s| m.is_durable(s))) {
@@ -1084,6 +1174,9 @@ mod tests {
                                 }
                             }
                             m.write_complete(w.off, w.len);
+                            for e in m.extent_range(w.off, w.len) {
+                                data_unflushed.set(e as usize, true);
+                            }
                         }
                     }
                     Op::PeerFlushBegin => {
@@ -1145,6 +1238,13 @@ mod tests {
                 }
                 for e in held.iter_ones().chain(closing.iter_ones()) {
                     prop_assert!(bits[e], "extent {} not yet flushed on the peer lost by crash", e);
+                }
+                // Only meaningful with metaflush: without it nothing is
+                // durable across a power cut anyway.
+                if metaflush {
+                    for e in data_unflushed.iter_ones() {
+                        prop_assert!(bits[e], "extent {} cleared before its data was flushed locally", e);
+                    }
                 }
             }
         }

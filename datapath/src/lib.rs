@@ -21,6 +21,7 @@ pub mod pipe;
 pub mod primary;
 pub mod provider;
 pub mod rangelock;
+pub mod semaphore;
 pub mod signal;
 pub mod stats;
 pub mod storage;

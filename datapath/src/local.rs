@@ -12,8 +12,8 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use crate::semaphore::Semaphore;
 use glommio::io::DmaBuffer;
-use glommio::sync::Semaphore;
 
 use crate::activemap::{ActiveMap, PersistBatch};
 use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METADATA_SIZE};
@@ -87,6 +87,10 @@ pub struct LocalDisk {
     map: RefCell<ActiveMap>,
     /// One activemap batch (or metadata write) at a time.
     persist: Semaphore,
+    /// One device flush at a time ([`LocalDisk::flush`]).
+    flush_lock: Semaphore,
+    flushes_begun: Cell<u64>,
+    flushes_done: Cell<u64>,
     metaflush: bool,
     locks: RangeLock,
     stats: Arc<ResourceStats>,
@@ -98,8 +102,8 @@ pub struct LocalDisk {
     held_bound: Cell<usize>,
 }
 
-fn io_err(e: glommio::GlommioError<()>) -> io::Error {
-    e.into()
+fn closing(_: crate::semaphore::Closed) -> io::Error {
+    io::Error::other("the provider is being closed")
 }
 
 impl LocalDisk {
@@ -187,6 +191,9 @@ impl LocalDisk {
             md: RefCell::new(md),
             map: RefCell::new(map),
             persist: Semaphore::new(1),
+            flush_lock: Semaphore::new(1),
+            flushes_begun: Cell::new(0),
+            flushes_done: Cell::new(0),
             metaflush,
             locks: RangeLock::new(),
             stats,
@@ -229,7 +236,7 @@ impl LocalDisk {
 
     /// Updates and durably writes the metadata block.
     pub async fn update_metadata(&self, f: impl FnOnce(&mut Metadata)) -> io::Result<()> {
-        let _p = self.persist.acquire_permit(1).await.map_err(io_err)?;
+        let _p = self.persist.acquire_permit(1).await.map_err(closing)?;
         let mut md = self.md.borrow().clone();
         f(&mut md);
         let block = md.encode();
@@ -237,7 +244,7 @@ impl LocalDisk {
         buf.as_bytes_mut().copy_from_slice(&block[..]);
         let n = self.store.write(0, buf).await?;
         check_len(n, METADATA_SIZE as u64)?;
-        self.store.flush().await?;
+        self.flush().await?;
         *self.md.borrow_mut() = md;
         Ok(())
     }
@@ -339,7 +346,7 @@ impl LocalDisk {
     }
 
     async fn persist_until(&self, seq: u64) -> io::Result<()> {
-        let _p = self.persist.acquire_permit(1).await.map_err(io_err)?;
+        let _p = self.persist.acquire_permit(1).await.map_err(closing)?;
         while !self.map.borrow().is_durable(seq) {
             let batch = self
                 .map
@@ -354,7 +361,7 @@ impl LocalDisk {
     /// Writes every pending activemap change, lazy clears included (clean
     /// shutdown, role change).
     pub async fn persist_all(&self) -> io::Result<()> {
-        let _p = self.persist.acquire_permit(1).await.map_err(io_err)?;
+        let _p = self.persist.acquire_permit(1).await.map_err(closing)?;
         loop {
             let batch = self.map.borrow_mut().take_persist();
             match batch {
@@ -412,7 +419,7 @@ impl LocalDisk {
             i = j;
         }
         if self.metaflush {
-            self.store.flush().await?;
+            self.flush().await?;
         }
         Ok(())
     }
@@ -551,9 +558,33 @@ impl LocalDisk {
         self.write(offset, b).await
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable. Flushes run one at a time;
+    /// a caller that finds one in progress waits for it and then for one
+    /// begun after its call, which may have been started by another
+    /// waiter (concurrent callers share a flush). The activemap learns
+    /// which data became durable, so the marks vouching for it may be
+    /// cleared on disk only afterwards.
     pub async fn flush(&self) -> io::Result<()> {
-        self.store.flush().await
+        // The first flush to begin after this call.
+        let need = self.flushes_begun.get() + 1;
+        let _one = self.flush_lock.acquire_permit(1).await.map_err(closing)?;
+        if self.flushes_done.get() >= need {
+            return Ok(());
+        }
+        let n = self.flushes_begun.get() + 1;
+        self.flushes_begun.set(n);
+        self.map.borrow_mut().local_flush_begin();
+        match self.store.flush().await {
+            Ok(()) => {
+                self.map.borrow_mut().local_flush_done();
+                self.flushes_done.set(n);
+                Ok(())
+            }
+            Err(e) => {
+                self.map.borrow_mut().local_flush_failed();
+                Err(e)
+            }
+        }
     }
 
     /// Bytes needing synchronisation.
@@ -609,17 +640,19 @@ impl LocalDisk {
         u64::from(self.md.borrow().extentsize)
     }
 
-    /// Stores the activemap (lazy clears included) and the metadata with
-    /// `role` as prevrole, then closes the provider.
+    /// Makes the data durable, stores the activemap (lazy clears
+    /// included) and the metadata with `role` as prevrole, then closes the
+    /// provider.
     pub async fn close(self: Rc<Self>, role: Role) -> io::Result<()> {
         // Clean stop: nothing in flight, so keepdirty marks are not needed
         // (they would read back as "needs sync" at the next open).
         if self.map.borrow().inflight_extents() == 0 {
             self.map.borrow_mut().clear_keepdirty();
         }
+        // Data durable first: only then may the clears be written.
+        self.flush().await?;
         self.persist_all().await?;
         self.update_metadata(|md| md.prevrole = role).await?;
-        self.flush().await?;
         match Rc::try_unwrap(self) {
             Ok(disk) => disk.store.close().await,
             // Someone still holds a reference (a request being torn down):

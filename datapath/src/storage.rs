@@ -150,6 +150,11 @@ pub struct MemDisk {
     unflushed: std::collections::BTreeMap<usize, Vec<Vec<u8>>>,
     /// Completed writes sit in a volatile cache until a flush.
     volatile: bool,
+    /// Powered off: every operation fails (see [`MemDisk::power_cut`]).
+    dead: bool,
+    /// Power cycles so far: storage opened before the last cut stays dead
+    /// (the processes of a crashed host do not come back).
+    epoch: u64,
     /// Faults to inject.
     pub faults: MemFaults,
     /// Operations seen.
@@ -189,6 +194,8 @@ impl MemDisk {
             durable: vec![0; size],
             unflushed: Default::default(),
             volatile,
+            dead: false,
+            epoch: 0,
             faults: MemFaults::default(),
             counts: MemCounts::default(),
         }))
@@ -232,6 +239,17 @@ impl MemDisk {
         self.unflushed.len()
     }
 
+    /// Is the disk powered off?
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Powers the disk on again after a [`MemDisk::power_cut`] (a
+    /// restart of its host).
+    pub fn power_on(&mut self) {
+        self.dead = false;
+    }
+
     fn store(&mut self, pos: usize, data: &[u8]) {
         self.current[pos..pos + data.len()].copy_from_slice(data);
         if !self.volatile {
@@ -253,8 +271,12 @@ impl MemDisk {
     /// durable contents or any one of the versions written since (a
     /// volatile cache may have written back any of them, in any order; a
     /// torn write is this, sector by sector). Reads then see what
-    /// survived. Returns how many sectors lost their newest version.
+    /// survived. The disk is off until [`MemDisk::power_on`]: every
+    /// operation fails meanwhile. Returns how many sectors lost their
+    /// newest version.
     pub fn power_cut(&mut self, rng: &mut impl Rng) -> usize {
+        self.dead = true;
+        self.epoch += 1;
         let mut lost = 0;
         let unflushed = std::mem::take(&mut self.unflushed);
         for (s, versions) in unflushed {
@@ -272,17 +294,111 @@ impl MemDisk {
     }
 }
 
+/// Fires an action at the n-th storage operation of the disks that share
+/// it (a simulated crash at a chosen point: the action runs before that
+/// operation takes effect).
+#[derive(Default)]
+pub struct Tripwire {
+    remaining: std::cell::Cell<Option<u64>>,
+    /// Count only flushes (the moments a volatile cache is written back).
+    flushes_only: std::cell::Cell<bool>,
+    action: RefCell<Option<Box<dyn FnOnce()>>>,
+    seen: std::cell::Cell<u64>,
+}
+
+impl Tripwire {
+    /// Not armed.
+    pub fn new() -> Rc<Tripwire> {
+        Rc::new(Tripwire::default())
+    }
+
+    /// Runs `action` just before the `n`-th operation from now (0: the
+    /// next one).
+    pub fn arm(&self, n: u64, action: impl FnOnce() + 'static) {
+        self.flushes_only.set(false);
+        self.remaining.set(Some(n));
+        *self.action.borrow_mut() = Some(Box::new(action));
+    }
+
+    /// Like [`Tripwire::arm`], counting only flushes: the action runs
+    /// just before the `n`-th flush from now.
+    pub fn arm_at_flush(&self, n: u64, action: impl FnOnce() + 'static) {
+        self.arm(n, action);
+        self.flushes_only.set(true);
+    }
+
+    /// Disarms it; returns whether it had fired.
+    pub fn disarm(&self) -> bool {
+        self.remaining.set(None);
+        self.action.borrow_mut().take().is_none()
+    }
+
+    /// Operations counted so far.
+    pub fn seen(&self) -> u64 {
+        self.seen.get()
+    }
+
+    fn step(&self, flush: bool) {
+        self.seen.set(self.seen.get() + 1);
+        if self.flushes_only.get() && !flush {
+            return;
+        }
+        match self.remaining.get() {
+            Some(0) => {
+                self.remaining.set(None);
+                let action = self.action.borrow_mut().take();
+                if let Some(f) = action {
+                    f();
+                }
+            }
+            Some(n) => self.remaining.set(Some(n - 1)),
+            None => {}
+        }
+    }
+}
+
 /// In-memory storage over a shared [`MemDisk`].
-pub struct MemStorage(Rc<RefCell<MemDisk>>);
+pub struct MemStorage {
+    disk: Rc<RefCell<MemDisk>>,
+    wire: Option<Rc<Tripwire>>,
+    /// The disk's power epoch when this storage was opened.
+    epoch: u64,
+}
 
 impl MemStorage {
     /// Storage over `disk`.
     pub fn new(disk: Rc<RefCell<MemDisk>>) -> MemStorage {
-        MemStorage(disk)
+        let epoch = disk.borrow().epoch;
+        MemStorage {
+            disk,
+            wire: None,
+            epoch,
+        }
+    }
+
+    /// Storage over `disk` whose operations step `wire`.
+    pub fn with_tripwire(disk: Rc<RefCell<MemDisk>>, wire: Rc<Tripwire>) -> MemStorage {
+        let mut s = MemStorage::new(disk);
+        s.wire = Some(wire);
+        s
+    }
+
+    /// Counts an operation (which may fire the tripwire, and cut the
+    /// power), then fails if the disk is off or was power-cycled since
+    /// this storage was opened.
+    fn begin(&self, flush: bool) -> io::Result<()> {
+        if let Some(w) = &self.wire {
+            w.step(flush);
+        }
+        let d = self.disk.borrow();
+        if d.dead || d.epoch != self.epoch {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
     }
 
     fn check(&self, pos: u64, len: usize) -> io::Result<usize> {
-        let d = self.0.borrow();
+        let d = self.disk.borrow();
         let s = d.sector as u64;
         if !pos.is_multiple_of(s) || !(len as u64).is_multiple_of(s) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -297,8 +413,9 @@ impl MemStorage {
     }
 
     fn write_bytes(&self, pos: u64, data: &[u8]) -> io::Result<usize> {
+        self.begin(false)?;
         let at = self.check(pos, data.len())?;
-        let mut d = self.0.borrow_mut();
+        let mut d = self.disk.borrow_mut();
         if d.faults.write_error {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -322,7 +439,8 @@ impl Storage for MemStorage {
 
     fn read(&self, pos: u64, len: usize) -> IoFuture<'_, ReadData> {
         Box::pin(later(move || {
-            let d = self.0.borrow();
+            self.begin(false)?;
+            let d = self.disk.borrow();
             if d.faults.read_error {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
@@ -330,7 +448,7 @@ impl Storage for MemStorage {
             let end = start.saturating_add(len).min(d.size());
             let data = d.current[start..end].to_vec();
             drop(d);
-            self.0.borrow_mut().counts.reads += 1;
+            self.disk.borrow_mut().counts.reads += 1;
             let len = data.len();
             Ok(ReadData::Mem {
                 buf: Rc::new(data),
@@ -350,7 +468,8 @@ impl Storage for MemStorage {
 
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(later(move || {
-            let mut d = self.0.borrow_mut();
+            self.begin(true)?;
+            let mut d = self.disk.borrow_mut();
             if d.faults.flush_error {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
@@ -396,6 +515,8 @@ mod tests {
                 durable: d.durable.clone(),
                 unflushed: d.unflushed.clone(),
                 volatile: true,
+                dead: false,
+                epoch: 0,
                 faults: d.faults,
                 counts: d.counts,
             };

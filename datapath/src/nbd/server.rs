@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use futures_lite::future;
 use glommio::net::{UnixListener, UnixStream};
-use glommio::sync::{Gate, Semaphore};
+use glommio::sync::Gate;
+
+use crate::semaphore::Semaphore;
 use glommio::Task;
 use tracing::Instrument;
 

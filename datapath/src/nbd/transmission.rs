@@ -46,7 +46,9 @@ use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::io::DmaBuffer;
 use glommio::net::UnixStream;
-use glommio::sync::{Gate, Semaphore, StaticPermit};
+use glommio::sync::Gate;
+
+use crate::semaphore::{Semaphore, StaticPermit};
 use tracing::Instrument;
 
 use super::proto::{self, Errno, ExportLimits, Op, Request, RequestError, SimpleReplyHeader};

@@ -34,11 +34,11 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::io::DmaBuffer;
-use glommio::sync::{Semaphore, StaticPermit};
 
 use super::frame::{self, LinkError};
 use super::proto::{Header, Kind};
 use crate::batch::{self, SendEnd};
+use crate::semaphore::{Semaphore, StaticPermit};
 use crate::signal::{Notify, Signal};
 use crate::storage::ReadData;
 

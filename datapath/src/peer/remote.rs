@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
-use glommio::sync::Semaphore;
 use glommio::Task;
 
 use super::frame::{self, LinkError};
@@ -29,6 +28,7 @@ use super::proto::{Header, HelloReply, Kind, Refusal};
 use crate::events::{EventSink, PeerEventKind};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;
+use crate::semaphore::Semaphore;
 use crate::signal::Signal;
 use crate::stats::ResourceStats;
 

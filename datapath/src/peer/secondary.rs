@@ -33,7 +33,7 @@ use futures_lite::io::BufReader;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpStream;
-use glommio::sync::{Gate, Semaphore, StaticPermit};
+use glommio::sync::Gate;
 use glommio::Task;
 
 use super::frame::{self, LinkError};
@@ -43,6 +43,7 @@ use crate::batch::{self, SendEnd};
 use crate::events::{EventSink, PeerEventKind};
 use crate::local::{LocalDisk, Settled};
 use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
+use crate::semaphore::{Semaphore, StaticPermit};
 use crate::signal::Signal;
 use crate::stats::ResourceStats;
 use crate::storage::ReadData;

@@ -19,7 +19,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use glommio::sync::{Gate, Semaphore};
+use glommio::sync::Gate;
+
+use crate::semaphore::Semaphore;
 
 use super::frame::{self, LinkError};
 use super::link::{Payload, PeerLink};
