@@ -272,8 +272,11 @@ mod tests {
             // A small request does not overtake the queued big one.
             assert!(sem.try_acquire_permit(1).is_none());
             drop(a);
-            assert!(poll_once(&mut big).await.is_some());
+            let got = poll_once(&mut big).await;
+            assert!(matches!(got, Some(Ok(_))));
             assert_eq!(sem.available(), 0);
+            drop(got);
+            assert_eq!(sem.available(), 3);
         });
     }
 
