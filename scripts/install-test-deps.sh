@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the external tools the test suite drives: qemu-io/qemu-img
-# (qemu-utils), nbdcopy/nbdinfo/nbdfuse (libnbd-bin), fio, nbdkit, zfs-fuse
+# (qemu-utils), nbdcopy/nbdinfo/nbdfuse (libnbd-bin), libnbd's Python
+# binding (python3-libnbd), fio, nbdkit, zfs-fuse
 # (the failover tests), and the FUSE/loop/network tools later tests use.
 # Idempotent; needs root (apt).
 set -euo pipefail
@@ -11,6 +12,8 @@ command -v nbdcopy  >/dev/null || need+=(libnbd-bin)
 command -v nbdfuse  >/dev/null || need+=(libnbd-bin)
 command -v fio      >/dev/null || need+=(fio)
 command -v nbdkit   >/dev/null || need+=(nbdkit)
+# libnbd's Python binding (and nbdsh): FAST_ZERO, CACHE, DF, block status.
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v losetup  >/dev/null || need+=(mount)
 command -v nft      >/dev/null || need+=(nftables)

@@ -11,6 +11,8 @@ use std::ops::Deref;
 
 use glommio::io::DmaBuffer;
 
+pub use crate::provider::{Allocation, Segment};
+
 /// Error of a backend operation, reported to the client as an errno-like
 /// code (the NBD server maps it onto the NBD error values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -98,4 +100,44 @@ pub trait BlockBackend: 'static {
         len: u64,
         flags: WriteFlags,
     ) -> Result<(), BackendError>;
+
+    /// Whether [`BlockBackend::write_zeroes`] of this range would be fast:
+    /// clearly quicker than writing the same range of zeros with
+    /// [`BlockBackend::write`] (e.g. a hole punch rather than zeros
+    /// written). Answered at once, without I/O, before the zeroing is
+    /// started (NBD's `FAST_ZERO` fails the request when this is false);
+    /// when in doubt, false. The default: false.
+    fn zeroes_are_fast(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
+    /// Where the data of `[offset, offset + len)` is: a map of data and
+    /// holes (reading as zeros), contiguous from `offset`, at most
+    /// `max_segments` segments (at least 1), each within the range. It may
+    /// stop short of `offset + len` (the client asks again from there);
+    /// empty only for an empty range. Reporting data where there is a hole
+    /// is always correct, the reverse never. The default: all data.
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_segments: usize,
+    ) -> Result<Vec<Segment>, BackendError> {
+        let _ = max_segments;
+        Ok(vec![Segment {
+            offset,
+            len,
+            allocation: Allocation::Data,
+        }])
+    }
+
+    /// A hint that `[offset, offset + len)` will be accessed soon. It
+    /// changes nothing a later request sees; a backend may prefetch. The
+    /// default does nothing: a provider opened with `O_DIRECT` has no cache
+    /// to fill.
+    async fn cache(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }

@@ -17,7 +17,7 @@ use glommio::io::DmaBuffer;
 
 use crate::activemap::{ActiveMap, PersistBatch};
 use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METADATA_SIZE};
-use crate::provider::{self, ProviderError, ProviderInfo};
+use crate::provider::{self, Allocation, ProviderError, ProviderInfo, Segment};
 use crate::rangelock::{Acquire, RangeLock};
 use crate::signal::Notify;
 use crate::stats::ResourceStats;
@@ -100,6 +100,8 @@ pub struct LocalDisk {
     /// Notified when the held-only extents reach `held_bound`.
     held: Notify,
     held_bound: Cell<usize>,
+    /// Whether the last hole punch worked (None: none tried yet).
+    punch_works: Cell<Option<bool>>,
 }
 
 fn closing(_: crate::semaphore::Closed) -> io::Error {
@@ -201,6 +203,7 @@ impl LocalDisk {
             marked: Notify::new(),
             held: Notify::new(),
             held_bound: Cell::new(usize::MAX),
+            punch_works: Cell::new(None),
         }))
     }
 
@@ -529,7 +532,12 @@ impl LocalDisk {
             self.write_zero_bytes(a1, end - a1).await?;
         }
         let localoff = self.md.borrow().localoff;
-        if self.store.deallocate(localoff + a0, a1 - a0).await.is_ok() {
+        let punched = self.store.deallocate(localoff + a0, a1 - a0).await.is_ok();
+        if self.punch_works.replace(Some(punched)) != Some(punched) && !punched {
+            tracing::info!(path = %self.path.display(),
+                "the provider refuses to punch holes; zeroing writes zeros");
+        }
+        if punched {
             return Ok(());
         }
         let mut pos = a0;
@@ -550,6 +558,59 @@ impl LocalDisk {
             pos += n;
         }
         Ok(())
+    }
+
+    /// Whether [`LocalDisk::zero`] of this range punches a hole (fast, no
+    /// data written) rather than writing zeros: the range covers at least
+    /// one whole sector (partial sectors around it are a read-modify-write
+    /// each), and the provider punches holes: the last punch worked, or
+    /// none was tried yet and the provider is a regular file (Linux
+    /// filesystems punch holes; a block device does only with hardware
+    /// zeroing offload, which cannot be known before trying).
+    pub fn zero_punches(&self, offset: u64, len: u64) -> bool {
+        let ss = self.sectorsize();
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        if round_up(offset, ss) >= round_down(end, ss) {
+            return false;
+        }
+        self.punch_works.get().unwrap_or(!self.info.blockdev)
+    }
+
+    /// Where `[offset, offset + len)` of the data area (clipped to it) may
+    /// hold data, in data-area coordinates and whole sectors: the
+    /// provider's allocation from `SEEK_DATA`/`SEEK_HOLE` (see
+    /// [`provider::file_allocation`]). A hole reads as zeros, so it need
+    /// not be read or copied. A block device, or a filesystem that does not
+    /// report holes, is all data. At most `max_segments` segments (at least
+    /// 1), contiguous from `offset`; the map may stop short of the end of
+    /// the range, and callers go on from the end of its last segment. Two
+    /// `lseek`s per segment, no I/O on the data: cheap enough to call on
+    /// the executor, with a bounded `max_segments`.
+    ///
+    /// Used by the NBD block status (through
+    /// [`crate::primary::Primary::allocation`], which overrides it where
+    /// reads come from the peer) and meant for a full synchronisation that
+    /// skips what cannot hold data.
+    pub fn allocation(&self, offset: u64, len: u64, max_segments: usize) -> Vec<Segment> {
+        let (localoff, datasize) = {
+            let md = self.md.borrow();
+            (md.localoff, md.datasize)
+        };
+        let end = offset.saturating_add(len).min(datasize);
+        if offset >= end {
+            return Vec::new();
+        }
+        if self.info.blockdev {
+            return vec![Segment {
+                offset,
+                len: end - offset,
+                allocation: Allocation::Data,
+            }];
+        }
+        self.store
+            .allocation(localoff, offset, end, self.sectorsize(), max_segments)
     }
 
     async fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -20,10 +20,12 @@ use glommio::io::DmaBuffer;
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::{LocalDisk, Settled};
+use crate::metadata::round_down;
 use crate::peer::frame::LinkError;
 use crate::peer::link::{Payload, PeerLink, Pending};
 use crate::peer::proto::{flags, Kind};
 use crate::peer::remote::{Remote, ReplicationMode};
+use crate::provider::{push_segment, Allocation, Segment};
 use crate::stats::ResourceStats;
 use crate::storage::ReadData;
 
@@ -85,6 +87,60 @@ impl Primary {
     /// The remote leg.
     pub fn remote(&self) -> Option<&Rc<Remote>> {
         self.remote.as_ref()
+    }
+
+    /// Where the data of `[offset, offset + len)` is, as clients are told
+    /// (NBD block status): the local provider's allocation
+    /// ([`LocalDisk::allocation`]), except where reads are served by the
+    /// peer ([`Remote::reads_from_peer`]: this node is being synchronised
+    /// from the secondary and the extent is not copied yet), which is
+    /// data: the local holes there are not the truth. This is the one place
+    /// that rule lives. Same bounds as [`LocalDisk::allocation`].
+    pub fn allocation(&self, offset: u64, len: u64, max_segments: usize) -> Vec<Segment> {
+        let end = offset.saturating_add(len).min(self.disk.datasize());
+        let max_segments = max_segments.max(1);
+        let remote = self
+            .remote
+            .as_ref()
+            .filter(|r| r.reads_from_peer(offset, len));
+        let Some(remote) = remote else {
+            return self.disk.allocation(offset, len, max_segments);
+        };
+        let es = self.disk.extentsize();
+        let extent_end = |pos: u64| (round_down(pos, es) + es).min(end);
+        let mut map = Vec::new();
+        let mut pos = offset;
+        while pos < end && map.len() < max_segments {
+            let next = extent_end(pos);
+            if remote.reads_from_peer(pos, next - pos) {
+                push_segment(
+                    &mut map,
+                    Segment {
+                        offset: pos,
+                        len: next - pos,
+                        allocation: Allocation::Data,
+                    },
+                );
+                pos = next;
+                continue;
+            }
+            // The run of extents read locally, asked about at once.
+            let mut run_end = next;
+            while run_end < end && !remote.reads_from_peer(run_end, extent_end(run_end) - run_end) {
+                run_end = extent_end(run_end);
+            }
+            let room = max_segments - map.len();
+            for s in self.disk.allocation(pos, run_end - pos, room) {
+                push_segment(&mut map, s);
+            }
+            match map.last() {
+                Some(last) if last.end() == run_end => pos = run_end,
+                // The local map stopped short: so does this one.
+                _ => break,
+            }
+        }
+        map.truncate(max_segments);
+        map
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BackendError> {
@@ -424,5 +480,24 @@ impl BlockBackend for Primary {
             Change::Zero,
         )
         .await
+    }
+
+    /// Zeroing sends a Zero request to the peer (no data on the wire) and
+    /// punches a hole locally: fast when the local punch is
+    /// ([`LocalDisk::zero_punches`]). The peer zeroes the same way; even
+    /// if its provider writes zeros, nothing crosses the network, so it is
+    /// still quicker than the same write.
+    fn zeroes_are_fast(&self, offset: u64, len: u64) -> bool {
+        self.check(offset, len).is_ok() && self.disk.zero_punches(offset, len)
+    }
+
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_segments: usize,
+    ) -> Result<Vec<Segment>, BackendError> {
+        self.check(offset, len)?;
+        Ok(self.allocation(offset, len, max_segments))
     }
 }

@@ -200,6 +200,149 @@ pub fn data_at_zero(path: &Path) -> bool {
     off == 0
 }
 
+/// Whether a stretch of a provider can hold anything but zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Allocation {
+    /// Allocated, or not known to be a hole: may hold any bytes.
+    Data,
+    /// Not allocated: reads as zeros.
+    Hole,
+}
+
+/// The stretch `[offset, offset + len)` in one allocation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Start.
+    pub offset: u64,
+    /// Length (never 0 in a map).
+    pub len: u64,
+    /// What is there.
+    pub allocation: Allocation,
+}
+
+impl Segment {
+    /// First byte after the segment.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Appends `s` to a map, merging it into the last segment when it has the
+/// same state and starts where that one ends. Empty segments are dropped.
+pub fn push_segment(map: &mut Vec<Segment>, s: Segment) {
+    if s.len == 0 {
+        return;
+    }
+    match map.last_mut() {
+        Some(last) if last.allocation == s.allocation && last.end() == s.offset => {
+            last.len += s.len;
+        }
+        _ => map.push(s),
+    }
+}
+
+/// What the file holds at a position, and up to where (exclusive; it may
+/// lie beyond the range asked about).
+type Probe = (Allocation, u64);
+
+/// The allocation map of `[start, end)` in `align`-sized blocks (a power
+/// of two), from `probe`, which tells the state at an `align`-aligned
+/// position and where that state ends.
+///
+/// Holes are shrunk to whole blocks (a block that is partly a hole is
+/// data), then the map is clipped to `[start, end)`. At most
+/// `max_segments` segments (at least 1) and about as many probes: the map
+/// is contiguous from `start` but may stop short of `end`; callers go on
+/// from the end of its last segment. Empty only when `start >= end`. A
+/// probe error makes the rest of the range data.
+fn walk(
+    start: u64,
+    end: u64,
+    align: u64,
+    max_segments: usize,
+    mut probe: impl FnMut(u64) -> io::Result<Probe>,
+) -> Vec<Segment> {
+    debug_assert!(align.is_power_of_two());
+    let max_segments = max_segments.max(1);
+    let max_probes = 2 * max_segments + 8;
+    let mut map = Vec::new();
+    let mut cur = start & !(align - 1);
+    let mut probes = 0;
+    while cur < end && map.len() < max_segments && probes < max_probes {
+        probes += 1;
+        let (allocation, next) = match probe(cur) {
+            Ok((Allocation::Hole, hole_end)) if hole_end & !(align - 1) > cur => {
+                (Allocation::Hole, hole_end & !(align - 1))
+            }
+            // A hole smaller than a block at `cur`: that block is data.
+            Ok((_, run_end)) => (
+                Allocation::Data,
+                run_end.max(cur + 1).saturating_add(align - 1) & !(align - 1),
+            ),
+            Err(_) => (Allocation::Data, end),
+        };
+        let (from, to) = (cur.max(start), next.min(end));
+        push_segment(
+            &mut map,
+            Segment {
+                offset: from,
+                len: to - from,
+                allocation,
+            },
+        );
+        cur = next;
+    }
+    map
+}
+
+/// The allocation map of `[start, end)` of the data area of a regular
+/// file that begins at byte `base` of `file`, in data-area coordinates,
+/// from `SEEK_DATA`/`SEEK_HOLE`: see [`walk`] for the alignment (`align`,
+/// the sector size; `base` must be a multiple of it) and the bounds. A
+/// filesystem without hole support reports everything as data (the
+/// kernel's generic `SEEK_HOLE` answers "end of file"), and so does any
+/// `lseek` error other than "no data after this point". Cheap system calls
+/// that never touch the data; the file offset of `file` is moved, which
+/// positional I/O (all of glommio's) does not use.
+pub fn file_allocation(
+    file: &impl AsRawFd,
+    base: u64,
+    start: u64,
+    end: u64,
+    align: u64,
+    max_segments: usize,
+) -> Vec<Segment> {
+    let fd = file.as_raw_fd();
+    walk(start, end, align, max_segments, |pos| {
+        let abs = base
+            .checked_add(pos)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match seek(fd, abs, libc::SEEK_DATA) {
+            Ok(d) if d == abs => {
+                let hole = seek(fd, abs, libc::SEEK_HOLE)?;
+                Ok((Allocation::Data, hole.max(abs + 1) - base))
+            }
+            Ok(d) => Ok((Allocation::Hole, d - base)),
+            // No data from here to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((Allocation::Hole, u64::MAX)),
+            Err(e) => Err(e),
+        }
+    })
+}
+
+/// `lseek(fd, offset, whence)` for `SEEK_DATA` / `SEEK_HOLE`.
+fn seek(fd: i32, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a descriptor the caller keeps open for the call;
+    // no memory is passed.
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
 /// Opens `path` write-only through glommio once, so that its polled-I/O
 /// probe fails (EBADF) and caches "not pollable" for the device.
 pub async fn prime_iopoll_probe(path: &Path) -> Result<(), glommio::GlommioError<()>> {
@@ -288,5 +431,164 @@ mod sparse_tests {
         g.sync_all().unwrap();
         assert!(sparse_warning(&q, &g).is_none());
         assert!(allocated_fraction(&File::open(dir.path()).unwrap()).is_none());
+    }
+}
+
+#[cfg(test)]
+mod allocation_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A probe over a model: sorted, disjoint, non-adjacent data ranges.
+    fn model_probe(data: &[(u64, u64)]) -> impl FnMut(u64) -> io::Result<Probe> + '_ {
+        move |pos| {
+            for &(a, b) in data {
+                if pos < a {
+                    return Ok((Allocation::Hole, a));
+                }
+                if pos < b {
+                    return Ok((Allocation::Data, b));
+                }
+            }
+            Ok((Allocation::Hole, u64::MAX))
+        }
+    }
+
+    fn is_data(data: &[(u64, u64)], from: u64, to: u64) -> bool {
+        data.iter().any(|&(a, b)| a < to && from < b)
+    }
+
+    #[test]
+    fn walk_shrinks_holes_to_blocks_and_clips() {
+        // Data [1000, 1100) and [8192, 12288); blocks of 512.
+        let data = [(1000, 1100), (8192, 12288)];
+        let map = walk(0, 16384, 512, 100, model_probe(&data));
+        let seg = |offset, len, allocation| Segment {
+            offset,
+            len,
+            allocation,
+        };
+        assert_eq!(
+            map,
+            vec![
+                seg(0, 512, Allocation::Hole),
+                seg(512, 1024, Allocation::Data),
+                seg(1536, 8192 - 1536, Allocation::Hole),
+                seg(8192, 4096, Allocation::Data),
+                seg(12288, 4096, Allocation::Hole),
+            ]
+        );
+        // Unaligned ends are clipped, not rounded.
+        let map = walk(100, 1200, 512, 100, model_probe(&data));
+        assert_eq!(
+            map,
+            vec![
+                seg(100, 412, Allocation::Hole),
+                seg(512, 688, Allocation::Data)
+            ]
+        );
+        // Bounded: one segment, from the start.
+        let map = walk(0, 16384, 512, 1, model_probe(&data));
+        assert_eq!(map, vec![seg(0, 512, Allocation::Hole)]);
+        // Errors: the rest is data.
+        let map = walk(0, 4096, 512, 10, |_| Err(io::Error::other("x")));
+        assert_eq!(map, vec![seg(0, 4096, Allocation::Data)]);
+        assert!(walk(10, 10, 512, 10, model_probe(&data)).is_empty());
+    }
+
+    #[test]
+    fn file_allocation_follows_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse");
+        let f = File::create(&p).unwrap();
+        let base = 8192u64;
+        f.set_len(base + (4 << 20)).unwrap();
+        f.write_all_at(&[1u8; 4096], base + (1 << 20)).unwrap();
+        f.write_all_at(&[2u8; 8192], base + (3 << 20)).unwrap();
+        f.write_all_at(&[3u8; 4096], 0).unwrap(); // before the data area
+        f.sync_all().unwrap();
+        let map = file_allocation(&f, base, 0, 4 << 20, 512, 100);
+        let data: Vec<(u64, u64)> = map
+            .iter()
+            .filter(|s| s.allocation == Allocation::Data)
+            .map(|s| (s.offset, s.len))
+            .collect();
+        // Filesystems allocate at least what was written, in blocks.
+        assert_eq!(map.first().unwrap().offset, 0);
+        assert_eq!(map.last().unwrap().end(), 4 << 20);
+        if data == [(0, 4 << 20)] {
+            eprintln!("NOTICE: this filesystem does not report holes");
+            return;
+        }
+        assert_eq!(data.len(), 2, "{map:?}");
+        assert!(data[0].0 <= 1 << 20 && data[0].0 + data[0].1 >= (1 << 20) + 4096);
+        assert!(data[1].0 <= 3 << 20 && data[1].0 + data[1].1 >= (3 << 20) + 8192);
+        assert!(data[0].1 < 1 << 20 && data[1].1 < 1 << 20, "{map:?}");
+        // A sub-range starting inside a hole.
+        let map = file_allocation(&f, base, 100, 1 << 20, 512, 100);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map[0].allocation, Allocation::Hole);
+        assert_eq!((map[0].offset, map[0].end()), (100, data[0].0.min(1 << 20)));
+    }
+
+    fn ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
+        proptest::collection::vec((1u64..5000, 1u64..5000), 0..12).prop_map(|gaps| {
+            let mut pos = 0;
+            gaps.into_iter()
+                .map(|(gap, len)| {
+                    let a = pos + gap;
+                    pos = a + len;
+                    (a, pos)
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn walk_is_truthful_and_complete(
+            data in ranges(),
+            start in 0u64..20_000,
+            len in 1u64..40_000,
+            shift in 0u32..4,
+            max in 1usize..40,
+        ) {
+            let align = 512u64 << shift;
+            let end = start + len;
+            let map = walk(start, end, align, max, model_probe(&data));
+            prop_assert!(!map.is_empty() && map.len() <= max);
+            prop_assert_eq!(map[0].offset, start);
+            for w in map.windows(2) {
+                prop_assert_eq!(w[0].end(), w[1].offset);
+                prop_assert_ne!(w[0].allocation, w[1].allocation);
+            }
+            let covered = map.last().unwrap().end();
+            prop_assert!(covered <= end);
+            // Complete when the bound is not what stopped it (each model
+            // range costs at most two probes and two segments).
+            if max >= 2 * data.len() + 2 {
+                prop_assert_eq!(covered, end);
+            }
+            for s in &map {
+                prop_assert!(s.len > 0);
+                if s.allocation == Allocation::Hole {
+                    // Never a hole where there is data; whole blocks only
+                    // (except where clipped to the range).
+                    prop_assert!(!is_data(&data, s.offset, s.end()));
+                    prop_assert!(s.offset == start || s.offset % align == 0);
+                    prop_assert!(s.end() == end || s.end() % align == 0);
+                } else {
+                    // Data only in blocks that hold some.
+                    let mut b = s.offset & !(align - 1);
+                    while b < s.end() {
+                        let (lo, hi) = (b.max(start), (b + align).min(end));
+                        prop_assert!(is_data(&data, b, b + align),
+                            "block {}..{} reported data: {:?}", lo, hi, map);
+                        b += align;
+                    }
+                }
+            }
+        }
     }
 }

@@ -45,6 +45,29 @@ pub trait Storage {
     fn deallocate(&self, pos: u64, len: u64) -> IoFuture<'_, ()>;
     /// Closes the storage.
     fn close(self: Box<Self>) -> IoFuture<'static, ()>;
+
+    /// Where `[base + start, base + end)` may hold data, as segments of
+    /// `[start, end)` in whole `align` units, at most `max_segments` (see
+    /// [`crate::provider::file_allocation`]). The default: all data
+    /// (always correct).
+    fn allocation(
+        &self,
+        base: u64,
+        start: u64,
+        end: u64,
+        align: u64,
+        max_segments: usize,
+    ) -> Vec<crate::provider::Segment> {
+        let _ = (base, align, max_segments);
+        if start >= end {
+            return Vec::new();
+        }
+        vec![crate::provider::Segment {
+            offset: start,
+            len: end - start,
+            allocation: crate::provider::Allocation::Data,
+        }]
+    }
 }
 
 /// Bytes read from a [`Storage`].
@@ -133,6 +156,17 @@ impl Storage for DirectFile {
 
     fn close(self: Box<Self>) -> IoFuture<'static, ()> {
         Box::pin(async move { self.0.close().await.map_err(io_err) })
+    }
+
+    fn allocation(
+        &self,
+        base: u64,
+        start: u64,
+        end: u64,
+        align: u64,
+        max_segments: usize,
+    ) -> Vec<crate::provider::Segment> {
+        crate::provider::file_allocation(&self.0, base, start, end, align, max_segments)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The NBD server against real clients (qemu-io, nbdinfo, nbdcopy, fio) and
-//! a raw-socket client that checks the protocol corner cases byte by byte.
+//! a raw-socket client that checks the protocol corner cases byte by byte,
+//! with simple replies and with structured replies and `base:allocation`.
 //!
 //! Each test starts its own export of an in-memory backend on a glommio
 //! executor thread, on a unix socket in a temporary directory, and drives
@@ -19,9 +20,12 @@ use std::time::Duration;
 
 use glommio::io::DmaBuffer;
 use glommio::LocalExecutorBuilder;
-use hast_datapath::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
+use hast_datapath::export::{
+    Allocation, BackendError, BackendGeometry, BlockBackend, Segment, WriteFlags,
+};
 use hast_datapath::nbd::proto::{
-    self, Command as Cmd, InfoRequest, OptionReply, OptionRequest, Request, SimpleReply,
+    self, Command as Cmd, InfoRequest, MetaContextRequest, OptionReply, OptionRequest, Request,
+    SimpleReply, StructuredReply,
 };
 use hast_datapath::nbd::{NbdConfig, NbdExport, MAX_CONNECTIONS};
 
@@ -31,6 +35,9 @@ const MAX_PAYLOAD: u32 = 1 << 20;
 /// Requests touching [SLOW_START, SIZE) take SLOW_DELAY in the backend.
 const SLOW_START: u64 = SIZE - (4 << 20);
 const SLOW_DELAY: Duration = Duration::from_millis(300);
+/// Allocation granularity of the in-memory backend: an all-zero block is a
+/// hole; zeroing whole blocks is fast.
+const BLOCK: u64 = 4096;
 
 // ---------------------------------------------------------------------------
 // In-memory backend
@@ -45,6 +52,8 @@ struct Stats {
     flushes: AtomicU64,
     trims: AtomicU64,
     zeroes: AtomicU64,
+    caches: AtomicU64,
+    block_status: AtomicU64,
     /// Backend operations in progress.
     running: AtomicU64,
     /// Highest number of backend operations in progress at once.
@@ -169,6 +178,55 @@ impl BlockBackend for MemBackend {
         let range = self.range(offset, len)?;
         self.data.borrow_mut()[range].fill(0);
         self.stats.zeroes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Fast only for whole blocks of [`BLOCK`].
+    fn zeroes_are_fast(&self, offset: u64, len: u64) -> bool {
+        offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK)
+    }
+
+    /// Blocks of [`BLOCK`] bytes that are all zeros are holes.
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_segments: usize,
+    ) -> Result<Vec<Segment>, BackendError> {
+        self.range(offset, len)?;
+        self.stats.block_status.fetch_add(1, Ordering::SeqCst);
+        let data = self.data.borrow();
+        let mut map: Vec<Segment> = Vec::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let block = pos - pos % BLOCK;
+            let next = (block + BLOCK).min(end);
+            let hole = data[block as usize..(block + BLOCK) as usize]
+                .iter()
+                .all(|&b| b == 0);
+            let allocation = if hole {
+                Allocation::Hole
+            } else {
+                Allocation::Data
+            };
+            let full = map.len() == max_segments;
+            match map.last_mut() {
+                Some(last) if last.allocation == allocation => last.len += next - pos,
+                _ if full => break,
+                _ => map.push(Segment {
+                    offset: pos,
+                    len: next - pos,
+                    allocation,
+                }),
+            }
+            pos = next;
+        }
+        Ok(map)
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.range(offset, len)?;
+        self.stats.caches.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -542,6 +600,9 @@ fn nbdinfo_reports_export() {
         "\"can_multi_conn\":true",
         "\"can_trim\":true",
         "\"can_zero\":true",
+        "\"can_cache\":true",
+        "\"can_fast_zero\":true",
+        "\"can_df\":true",
     ] {
         assert!(
             compact.contains(want),
@@ -739,7 +800,115 @@ impl Raw {
         self.expect_reply(handle, 0);
         self.read_n(len as usize)
     }
+
+    /// Connect, negotiate structured replies and `base:allocation`, enter
+    /// transmission; returns the context id.
+    fn structured(sock: &Path) -> (Self, u32) {
+        let mut r = Self::negotiating(sock);
+        let ack = r.option(proto::OPT_STRUCTURED_REPLY, b"");
+        assert_eq!(ack, [(proto::REP_ACK, vec![])]);
+        let q = MetaContextRequest::encode(b"r0", &[b"base:allocation"]);
+        let set = r.option(proto::OPT_SET_META_CONTEXT, &q);
+        assert_eq!(set.len(), 2, "{set:?}");
+        assert_eq!(set[0].0, proto::REP_META_CONTEXT);
+        assert_eq!(&set[0].1[4..], b"base:allocation");
+        let id = u32::from_be_bytes(set[0].1[..4].try_into().expect("4 bytes"));
+        assert_eq!(set[1].0, proto::REP_ACK);
+        let go = r.option(proto::OPT_GO, &InfoRequest::encode(b"r0", &[]));
+        assert_eq!(go.last().map(|x| x.0), Some(proto::REP_ACK));
+        assert_eq!(
+            go[0].1,
+            proto::info_export_data(SIZE, proto::transmission_flags(false, true)),
+            "SEND_DF once structured replies are negotiated"
+        );
+        (r, id)
+    }
+
+    /// Read the next reply, simple or structured (with its payload; a
+    /// simple reply here never has data).
+    fn next_reply(&mut self) -> Reply {
+        let magic = self.read_n(4);
+        let magic_u32 = u32::from_be_bytes(magic[..].try_into().expect("4 bytes"));
+        if magic_u32 == proto::SIMPLE_REPLY_MAGIC {
+            let mut h = magic;
+            h.extend(self.read_n(proto::SIMPLE_REPLY_HEADER_LEN - 4));
+            return Reply::Simple(SimpleReply::parse(&h).expect("simple reply"));
+        }
+        let mut h = magic;
+        h.extend(self.read_n(proto::STRUCTURED_REPLY_HEADER_LEN - 4));
+        let chunk = StructuredReply::parse(&h).expect("structured reply magic");
+        let payload = self.read_n(chunk.length as usize);
+        Reply::Chunk(chunk, payload)
+    }
+
+    /// Expect a final chunk of `reply_type` for `handle`; its payload.
+    fn expect_chunk(&mut self, handle: u64, reply_type: u16) -> Vec<u8> {
+        match self.next_reply() {
+            Reply::Chunk(c, payload) => {
+                assert_eq!(
+                    (c.handle, c.reply_type, c.flags),
+                    (handle, reply_type, proto::REPLY_FLAG_DONE),
+                    "chunk {payload:?}"
+                );
+                payload
+            }
+            other => panic!("expected a chunk for {handle}, got {other:?}"),
+        }
+    }
+
+    /// Expect a final error chunk with `errno` for `handle`.
+    fn expect_error_chunk(&mut self, handle: u64, errno: u32) {
+        let p = self.expect_chunk(handle, proto::REPLY_TYPE_ERROR);
+        assert_eq!(u32::from_be_bytes(p[..4].try_into().expect("4")), errno);
+        let msg_len = u16::from_be_bytes([p[4], p[5]]) as usize;
+        assert_eq!(msg_len, p.len() - 6, "message fills the chunk");
+    }
+
+    /// Structured read: one final OFFSET_DATA chunk; returns the data.
+    fn read_chunk(&mut self, handle: u64, flags: u16, offset: u64, len: u32) -> Vec<u8> {
+        self.request(Cmd::Read, flags, handle, offset, len);
+        let p = self.expect_chunk(handle, proto::REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(u64::from_be_bytes(p[..8].try_into().expect("8")), offset);
+        assert_eq!(p.len(), 8 + len as usize);
+        p[8..].to_vec()
+    }
+
+    /// Block status: (context id, [(length, flags)]).
+    fn block_status(
+        &mut self,
+        handle: u64,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> (u32, Vec<(u32, u32)>) {
+        self.request(Cmd::BlockStatus, flags, handle, offset, len);
+        let p = self.expect_chunk(handle, proto::REPLY_TYPE_BLOCK_STATUS);
+        assert!(p.len() >= 12 && (p.len() - 4).is_multiple_of(8), "{p:?}");
+        let be = |b: &[u8]| u32::from_be_bytes(b.try_into().expect("4"));
+        let d = p[4..]
+            .chunks(8)
+            .map(|c| (be(&c[..4]), be(&c[4..])))
+            .collect();
+        (be(&p[..4]), d)
+    }
+
+    /// Expect a simple success reply for `handle`.
+    fn expect_simple_ok(&mut self, handle: u64) {
+        match self.next_reply() {
+            Reply::Simple(r) => assert_eq!((r.handle, r.error), (handle, 0)),
+            other => panic!("expected a simple reply for {handle}, got {other:?}"),
+        }
+    }
 }
+
+/// One reply on a structured connection.
+#[derive(Debug)]
+enum Reply {
+    Simple(SimpleReply),
+    Chunk(StructuredReply, Vec<u8>),
+}
+
+const HOLE_ZERO: u32 = proto::STATE_HOLE | proto::STATE_ZERO;
 
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -770,12 +939,18 @@ fn nbd_raw_options() {
     assert_eq!(r[0].0, proto::REP_SERVER);
     assert_eq!(r[0].1, proto::server_reply_data(b"r0"));
     assert_eq!(r[1].0, proto::REP_ACK);
-    // Unsupported and refused options.
-    assert_eq!(
-        c.option(proto::OPT_STRUCTURED_REPLY, b"")[0].0,
-        proto::REP_ERR_UNSUP
-    );
+    // Unsupported and refused options; metadata contexts need structured
+    // replies first.
     assert_eq!(c.option(42, b"abc")[0].0, proto::REP_ERR_UNSUP);
+    let q = MetaContextRequest::encode(b"r0", &[b"base:allocation"]);
+    assert_eq!(
+        c.option(proto::OPT_SET_META_CONTEXT, &q)[0].0,
+        proto::REP_ERR_INVALID
+    );
+    assert_eq!(
+        c.option(proto::OPT_LIST_META_CONTEXT, &q)[0].0,
+        proto::REP_ERR_INVALID
+    );
     assert_eq!(
         c.option(proto::OPT_STARTTLS, b"")[0].0,
         proto::REP_ERR_POLICY
@@ -800,7 +975,7 @@ fn nbd_raw_options() {
     );
     assert_eq!(
         r[0].1,
-        proto::info_export_data(SIZE, proto::transmission_flags(false))
+        proto::info_export_data(SIZE, proto::transmission_flags(false, false))
     );
     assert_eq!(r[1].1, proto::info_block_size_data(512, 4096, MAX_PAYLOAD));
     assert_eq!(r[2].1, proto::info_name_data(b"r0"));
@@ -863,7 +1038,7 @@ fn nbd_raw_options() {
     let reply = c.read_n(134);
     assert_eq!(
         reply,
-        proto::export_name_reply(SIZE, proto::transmission_flags(false), false)
+        proto::export_name_reply(SIZE, proto::transmission_flags(false, false), false)
     );
     c.write(9, 512, &[7u8; 512]);
     c.expect_reply(9, 0);
@@ -909,10 +1084,17 @@ fn nbd_raw_invalid_requests_keep_connection() {
     c.expect_reply(12, EINVAL);
     c.request(Cmd::Unknown(200), 0, 13, 0, 512);
     c.expect_reply(13, EINVAL);
+    // CACHE is validated and acknowledged; BLOCK_STATUS without a
+    // metadata context and FAST_ZERO where zeroing is not fast are refused
+    // (simple replies: nothing was negotiated).
     c.request(Cmd::Cache, 0, 14, 0, 512);
-    c.expect_reply(14, ENOTSUP);
+    c.expect_reply(14, 0);
+    c.request(Cmd::Cache, 0, 141, SIZE, 512);
+    c.expect_reply(141, EINVAL);
     c.request(Cmd::BlockStatus, 0, 15, 0, 512);
     c.expect_reply(15, EINVAL);
+    c.request(Cmd::WriteZeroes, proto::CMD_FLAG_FAST_ZERO, 151, 512, 512);
+    c.expect_reply(151, ENOTSUP);
     c.request(Cmd::Flush, 0, 16, 1, 0);
     c.expect_reply(16, EINVAL);
 
@@ -1024,7 +1206,7 @@ fn nbd_raw_read_only_export() {
     assert_eq!(r[0].0, proto::REP_INFO);
     assert_eq!(
         r[0].1,
-        proto::info_export_data(SIZE, proto::transmission_flags(true))
+        proto::info_export_data(SIZE, proto::transmission_flags(true, false))
     );
     c.write(1, 0, &[1; 512]);
     c.expect_reply(1, EPERM);
@@ -1144,4 +1326,221 @@ fn nbd_connection_limit() {
     }
     done.recv_timeout(Duration::from_secs(30))
         .expect("shutdown completes");
+}
+
+#[test]
+fn nbd_raw_structured_replies_and_block_status() {
+    let server = Server::start();
+    let (mut c, ctx) = Raw::structured(&server.sock);
+    // Writes still get simple replies.
+    c.write(1, 8192, &[0x61; 4096]);
+    c.expect_simple_ok(1);
+    c.write(2, 1 << 20, &[0x62; 3 * 4096]);
+    c.expect_simple_ok(2);
+    // Reads: one final OFFSET_DATA chunk, small and large, with DF too.
+    assert_eq!(c.read_chunk(3, 0, 8192, 512), vec![0x61; 512]);
+    let big = c.read_chunk(4, proto::CMD_FLAG_DF, (1 << 20) - 4096, 5 * 4096);
+    assert!(big[..4096].iter().all(|&b| b == 0));
+    assert!(big[4096..4 * 4096].iter().all(|&b| b == 0x62));
+    assert!(big[4 * 4096..].iter().all(|&b| b == 0));
+    // A bad read gets an error chunk, never a simple reply.
+    c.request(Cmd::Read, 0, 5, SIZE - 512, 1024);
+    c.expect_error_chunk(5, EINVAL);
+    c.request(Cmd::Read, proto::CMD_FLAG_REQ_ONE, 6, 0, 512);
+    c.expect_error_chunk(6, EINVAL);
+
+    // Block status of the first 2 MiB: hole, data, hole, data, hole.
+    let (id, d) = c.block_status(7, 0, 0, 2 << 20);
+    assert_eq!(id, ctx);
+    assert_eq!(
+        d,
+        [
+            (8192, HOLE_ZERO),
+            (4096, 0),
+            ((1 << 20) - 12288, HOLE_ZERO),
+            (3 * 4096, 0),
+            ((1 << 20) - 3 * 4096, HOLE_ZERO),
+        ]
+    );
+    // REQ_ONE: exactly one descriptor, within the request.
+    assert_eq!(
+        c.block_status(8, proto::CMD_FLAG_REQ_ONE, 0, 2 << 20).1,
+        [(8192, HOLE_ZERO)]
+    );
+    assert_eq!(
+        c.block_status(9, proto::CMD_FLAG_REQ_ONE, 8192 + 100, 1000)
+            .1,
+        [(1000, 0)]
+    );
+    // Unaligned start inside a hole.
+    assert_eq!(
+        c.block_status(10, 0, 100, 9000).1,
+        [(8092, HOLE_ZERO), (908, 0)]
+    );
+    // Invalid block status requests: error chunks.
+    c.request(Cmd::BlockStatus, 0, 11, SIZE - 512, 1024);
+    c.expect_error_chunk(11, EINVAL);
+    c.request(Cmd::BlockStatus, proto::CMD_FLAG_DF, 12, 0, 512);
+    c.expect_error_chunk(12, EINVAL);
+
+    // FAST_ZERO: whole blocks are fast here, so they are zeroed; a partial
+    // block is refused at once with ENOTSUP and left untouched.
+    c.request(
+        Cmd::WriteZeroes,
+        proto::CMD_FLAG_FAST_ZERO,
+        13,
+        1 << 20,
+        4096,
+    );
+    c.expect_simple_ok(13);
+    c.request(
+        Cmd::WriteZeroes,
+        proto::CMD_FLAG_FAST_ZERO,
+        14,
+        (1 << 20) + 4096,
+        512,
+    );
+    c.expect_error_chunk(14, ENOTSUP);
+    let after = c.read_chunk(15, 0, 1 << 20, 3 * 4096);
+    assert!(after[..4096].iter().all(|&b| b == 0));
+    assert!(
+        after[4096..].iter().all(|&b| b == 0x62),
+        "ENOTSUP changed nothing"
+    );
+    assert_eq!(
+        c.block_status(16, 0, 1 << 20, 3 * 4096).1,
+        [(4096, HOLE_ZERO), (8192, 0)]
+    );
+    // Without FAST_ZERO the same partial block is zeroed.
+    c.request(
+        Cmd::WriteZeroes,
+        proto::CMD_FLAG_NO_HOLE,
+        17,
+        (1 << 20) + 4096,
+        512,
+    );
+    c.expect_simple_ok(17);
+    assert!(c
+        .read_chunk(18, 0, (1 << 20) + 4096, 512)
+        .iter()
+        .all(|&b| b == 0));
+
+    // CACHE: acknowledged, reaches the backend; out of range refused.
+    c.request(Cmd::Cache, 0, 19, 0, 1 << 20);
+    c.expect_simple_ok(19);
+    c.request(Cmd::Cache, 0, 20, SIZE, 1);
+    c.expect_error_chunk(20, EINVAL);
+    assert_eq!(Stats::get(&server.stats.caches), 1);
+
+    // Pipelined: a slow read and block status requests interleave; every
+    // reply is complete and matched by its handle.
+    c.write(21, SLOW_START, &[0x63; 8192]);
+    c.expect_simple_ok(21);
+    c.request(Cmd::Read, 0, 100, SLOW_START, 8192);
+    for h in 101..105 {
+        c.request(Cmd::BlockStatus, 0, h, 0, 16384);
+    }
+    c.request(Cmd::Flush, 0, 105, 0, 0);
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        match c.next_reply() {
+            Reply::Chunk(ch, p) if ch.handle == 100 => {
+                assert_eq!(ch.reply_type, proto::REPLY_TYPE_OFFSET_DATA);
+                assert!(p[8..].iter().all(|&b| b == 0x63));
+                seen.push(100);
+            }
+            Reply::Chunk(ch, p) => {
+                assert_eq!(ch.reply_type, proto::REPLY_TYPE_BLOCK_STATUS);
+                assert_eq!(p.len(), 4 + 3 * 8);
+                seen.push(ch.handle);
+            }
+            Reply::Simple(r) => {
+                assert_eq!((r.handle, r.error), (105, 0));
+                seen.push(105);
+            }
+        }
+    }
+    assert_eq!(seen.last(), Some(&100), "the slow read came last: {seen:?}");
+    seen.sort_unstable();
+    assert_eq!(seen, [100, 101, 102, 103, 104, 105]);
+    server.shutdown();
+}
+
+#[test]
+fn nbd_raw_block_status_is_bounded() {
+    let server = Server::start();
+    // Alternate data and holes over 16 MiB: 4096 extents of 4 KiB.
+    let (mut c, _) = Raw::structured(&server.sock);
+    for i in 0..2048u64 {
+        c.write(i, i * 2 * BLOCK, &[1; BLOCK as usize]);
+        c.expect_simple_ok(i);
+    }
+    let (_, d) = c.block_status(5000, 0, 0, 16 << 20);
+    assert_eq!(d.len(), proto::MAX_STATUS_DESCRIPTORS);
+    assert!(d.iter().all(|&(len, _)| len == BLOCK as u32));
+    // The client goes on from where the reply stopped.
+    let done: u64 = d.iter().map(|&(len, _)| u64::from(len)).sum();
+    let (_, d2) = c.block_status(5001, 0, done, (16 << 20) - done as u32);
+    assert_eq!(d2.len(), proto::MAX_STATUS_DESCRIPTORS);
+    assert_eq!(d2[0], (BLOCK as u32, 0));
+    server.shutdown();
+}
+
+#[test]
+fn nbd_raw_meta_context_negotiation() {
+    let server = Server::start();
+    let mut c = Raw::negotiating(&server.sock);
+    assert_eq!(
+        c.option(proto::OPT_STRUCTURED_REPLY, b"x")[0].0,
+        proto::REP_ERR_INVALID,
+        "structured reply option carries no data"
+    );
+    assert_eq!(
+        c.option(proto::OPT_STRUCTURED_REPLY, b""),
+        [(proto::REP_ACK, vec![])]
+    );
+    // Listing: everything, the base: wildcard; unknown namespaces ignored.
+    let list = |c: &mut Raw, queries: &[&[u8]]| {
+        c.option(
+            proto::OPT_LIST_META_CONTEXT,
+            &MetaContextRequest::encode(b"", queries),
+        )
+    };
+    let ctx0 = (
+        proto::REP_META_CONTEXT,
+        proto::meta_context_data(0, proto::BASE_ALLOCATION),
+    );
+    let ack = (proto::REP_ACK, vec![]);
+    assert_eq!(list(&mut c, &[]), [ctx0.clone(), ack.clone()]);
+    assert_eq!(list(&mut c, &[b"base:"]), [ctx0.clone(), ack.clone()]);
+    assert_eq!(
+        list(&mut c, &[b"qemu:dirty-bitmap:a"]),
+        [(proto::REP_ACK, vec![])]
+    );
+    assert_eq!(list(&mut c, &[b"nocolon"])[0].0, proto::REP_ERR_INVALID);
+    // Unknown export.
+    let q = MetaContextRequest::encode(b"nope", &[b"base:allocation"]);
+    assert_eq!(
+        c.option(proto::OPT_SET_META_CONTEXT, &q)[0].0,
+        proto::REP_ERR_UNKNOWN
+    );
+    // Selecting base:allocation, then a failing selection: the failure
+    // replaces it, so BLOCK_STATUS is refused in transmission.
+    let q = MetaContextRequest::encode(b"r0", &[b"base:allocation"]);
+    assert_eq!(c.option(proto::OPT_SET_META_CONTEXT, &q).len(), 2);
+    let bad = MetaContextRequest::encode(b"r0", &[b"base:allocation"]);
+    assert_eq!(
+        c.option(proto::OPT_SET_META_CONTEXT, &bad[..bad.len() - 1])[0].0,
+        proto::REP_ERR_INVALID
+    );
+    // "base:" selects nothing when setting.
+    let q = MetaContextRequest::encode(b"r0", &[b"base:"]);
+    assert_eq!(c.option(proto::OPT_SET_META_CONTEXT, &q), [ack]);
+    let go = c.option(proto::OPT_GO, &InfoRequest::encode(b"", &[]));
+    assert_eq!(go.last().map(|x| x.0), Some(proto::REP_ACK));
+    c.request(Cmd::BlockStatus, 0, 1, 0, 512);
+    c.expect_error_chunk(1, EINVAL);
+    // Structured reads work without a context.
+    assert_eq!(c.read_chunk(2, 0, 0, 512), vec![0; 512]);
+    server.shutdown();
 }

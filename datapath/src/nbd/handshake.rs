@@ -5,14 +5,18 @@
 //! `NBD_OPT_EXPORT_NAME`), aborts, or breaks a rule. Every read is bounded:
 //! option data above [`proto::MAX_OPTION_LEN`] is refused before it is read,
 //! and a session may send at most [`MAX_OPTIONS`] options.
+//!
+//! What the client negotiates on the way (structured replies, the
+//! `base:allocation` metadata context) is returned with the way it entered
+//! transmission, as a [`Negotiated`].
 
 use std::io;
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::proto::{
-    self, ClientFlags, ClientOption, InfoRequest, InvalidOption, OptionHeaderError, OptionRequest,
-    UnknownClientFlags,
+    self, ClientFlags, ClientOption, InfoRequest, InvalidOption, MetaContextRequest, Negotiated,
+    OptionHeaderError, OptionRequest, UnknownClientFlags,
 };
 
 /// Options accepted in one negotiation before the server gives up on the
@@ -26,8 +30,8 @@ pub(crate) struct ExportInfo<'a> {
     pub name: &'a str,
     /// Size in bytes.
     pub size: u64,
-    /// Transmission flags.
-    pub transmission_flags: u16,
+    /// Read-only export.
+    pub read_only: bool,
     /// Minimum block size.
     pub min_block: u32,
     /// Preferred block size.
@@ -40,6 +44,11 @@ impl ExportInfo<'_> {
     /// Whether a client asking for `name` gets this export.
     fn matches(&self, name: &[u8]) -> bool {
         name.is_empty() || name == self.name.as_bytes()
+    }
+
+    /// Transmission flags for a client that negotiated `negotiated`.
+    fn flags(&self, negotiated: &Negotiated) -> u16 {
+        proto::transmission_flags(self.read_only, negotiated.structured_replies)
     }
 }
 
@@ -119,7 +128,7 @@ enum Next {
 pub(crate) async fn negotiate<S>(
     io: &mut S,
     export: &ExportInfo<'_>,
-) -> Result<Entered, HandshakeEnd>
+) -> Result<(Entered, Negotiated), HandshakeEnd>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -127,6 +136,7 @@ where
     let mut flags = [0u8; 4];
     io.read_exact(&mut flags).await?;
     let client = proto::parse_client_flags(flags)?;
+    let mut session = Negotiated::default();
     for _ in 0..MAX_OPTIONS {
         let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
         io.read_exact(&mut hdr).await?;
@@ -148,9 +158,9 @@ where
         // Bounded by MAX_OPTION_LEN (checked above).
         let mut data = vec![0u8; opt.length as usize];
         io.read_exact(&mut data).await?;
-        match handle_option(io, client, opt.option, &data, export).await? {
+        match handle_option(io, client, &mut session, opt.option, &data, export).await? {
             Next::Continue => {}
-            Next::Transmission(how) => return Ok(how),
+            Next::Transmission(how) => return Ok((how, session)),
         }
     }
     Err(HandshakeEnd::TooManyOptions)
@@ -160,6 +170,7 @@ where
 async fn handle_option<S>(
     io: &mut S,
     client: ClientFlags,
+    session: &mut Negotiated,
     option: u32,
     data: &[u8],
     export: &ExportInfo<'_>,
@@ -167,6 +178,10 @@ async fn handle_option<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    if option == proto::OPT_SET_META_CONTEXT {
+        // Replaces the selection, even when it fails.
+        session.base_allocation = None;
+    }
     let parsed = match ClientOption::parse(option, data) {
         Ok(parsed) => parsed,
         Err(InvalidOption(_)) if option == proto::OPT_EXPORT_NAME => {
@@ -184,7 +199,7 @@ where
         return Err(HandshakeEnd::NotFixedNewstyle(option));
     }
     match parsed {
-        ClientOption::ExportName(name) => export_name(io, client, name, export).await,
+        ClientOption::ExportName(name) => export_name(io, client, session, name, export).await,
         ClientOption::Abort => {
             // The client may already be gone; the spec tells it to cope
             // with either outcome, so a failed ACK is not an error.
@@ -206,9 +221,20 @@ where
             send(io, &proto::option_reply(option, proto::REP_ERR_POLICY, msg)).await?;
             Ok(Next::Continue)
         }
-        ClientOption::Info(req) => info(io, option, &req, export, None).await,
-        ClientOption::Go(req) => info(io, option, &req, export, Some(Entered::Go)).await,
-        ClientOption::StructuredReply | ClientOption::Unsupported(_) => {
+        ClientOption::Info(req) => info(io, option, session, &req, export, None).await,
+        ClientOption::Go(req) => info(io, option, session, &req, export, Some(Entered::Go)).await,
+        ClientOption::StructuredReply => {
+            session.structured_replies = true;
+            send(io, &proto::option_reply(option, proto::REP_ACK, &[])).await?;
+            Ok(Next::Continue)
+        }
+        ClientOption::ListMetaContext(req) => {
+            meta_context(io, option, session, &req, export, true).await
+        }
+        ClientOption::SetMetaContext(req) => {
+            meta_context(io, option, session, &req, export, false).await
+        }
+        ClientOption::Unsupported(_) => {
             let msg = b"option not supported by this server";
             send(io, &proto::option_reply(option, proto::REP_ERR_UNSUP, msg)).await?;
             Ok(Next::Continue)
@@ -220,6 +246,7 @@ where
 async fn export_name<S>(
     io: &mut S,
     client: ClientFlags,
+    session: &Negotiated,
     name: &[u8],
     export: &ExportInfo<'_>,
 ) -> Result<Next, HandshakeEnd>
@@ -229,7 +256,7 @@ where
     if !export.matches(name) {
         return Err(HandshakeEnd::UnknownExport(lossy(name)));
     }
-    let reply = proto::export_name_reply(export.size, export.transmission_flags, client.no_zeroes);
+    let reply = proto::export_name_reply(export.size, export.flags(session), client.no_zeroes);
     send(io, &reply).await?;
     Ok(Next::Transmission(Entered::ExportName))
 }
@@ -239,6 +266,7 @@ where
 async fn info<S>(
     io: &mut S,
     option: u32,
+    session: &Negotiated,
     req: &InfoRequest<'_>,
     export: &ExportInfo<'_>,
     enter: Option<Entered>,
@@ -256,7 +284,7 @@ where
         .await?;
         return Ok(Next::Continue);
     }
-    send(io, &info_replies(option, req, export)).await?;
+    send(io, &info_replies(option, session, req, export)).await?;
     Ok(match enter {
         Some(how) => Next::Transmission(how),
         None => Next::Continue,
@@ -265,11 +293,16 @@ where
 
 /// The `NBD_REP_INFO` replies and the final ACK, in one buffer: export
 /// information and block sizes always, the name when asked for.
-fn info_replies(option: u32, req: &InfoRequest<'_>, export: &ExportInfo<'_>) -> Vec<u8> {
+fn info_replies(
+    option: u32,
+    session: &Negotiated,
+    req: &InfoRequest<'_>,
+    export: &ExportInfo<'_>,
+) -> Vec<u8> {
     let mut out = proto::option_reply(
         option,
         proto::REP_INFO,
-        &proto::info_export_data(export.size, export.transmission_flags),
+        &proto::info_export_data(export.size, export.flags(session)),
     );
     out.extend_from_slice(&proto::option_reply(
         option,
@@ -285,6 +318,59 @@ fn info_replies(option: u32, req: &InfoRequest<'_>, export: &ExportInfo<'_>) -> 
     }
     out.extend_from_slice(&proto::option_reply(option, proto::REP_ACK, &[]));
     out
+}
+
+/// `NBD_OPT_LIST_META_CONTEXT` (`listing`) or `NBD_OPT_SET_META_CONTEXT`:
+/// `base:allocation` (id 0 when listing) if the queries select it, then
+/// ACK. Both need structured replies first (`ERR_INVALID` otherwise) and
+/// our export (`ERR_UNKNOWN`). Selecting records the context in `session`
+/// (the caller already cleared it).
+async fn meta_context<S>(
+    io: &mut S,
+    option: u32,
+    session: &mut Negotiated,
+    req: &MetaContextRequest<'_>,
+    export: &ExportInfo<'_>,
+    listing: bool,
+) -> Result<Next, HandshakeEnd>
+where
+    S: AsyncWrite + Unpin,
+{
+    let refuse = |reply_type, msg: &str| proto::option_reply(option, reply_type, msg.as_bytes());
+    let reply = if !session.structured_replies {
+        refuse(
+            proto::REP_ERR_INVALID,
+            "negotiate NBD_OPT_STRUCTURED_REPLY first",
+        )
+    } else if !export.matches(req.name) {
+        let msg = format!("unknown export; this server exports {:?}", export.name);
+        refuse(proto::REP_ERR_UNKNOWN, &msg)
+    } else {
+        match req.selects_base_allocation(listing) {
+            Err(InvalidOption(msg)) => refuse(proto::REP_ERR_INVALID, msg),
+            Ok(selected) => {
+                let mut out = Vec::new();
+                if selected {
+                    let id = if listing {
+                        0
+                    } else {
+                        session.base_allocation = Some(proto::BASE_ALLOCATION_ID);
+                        proto::BASE_ALLOCATION_ID
+                    };
+                    out = proto::option_reply(
+                        option,
+                        proto::REP_META_CONTEXT,
+                        &proto::meta_context_data(id, proto::BASE_ALLOCATION),
+                    );
+                }
+                out.extend_from_slice(&proto::option_reply(option, proto::REP_ACK, &[]));
+                out
+            }
+        }
+    };
+    tracing::debug!(option, listing, selected = ?session.base_allocation, "metadata context");
+    send(io, &reply).await?;
+    Ok(Next::Continue)
 }
 
 async fn send<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> io::Result<()> {

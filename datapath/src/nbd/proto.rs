@@ -11,14 +11,15 @@
 //! their sizes are checked at compile time.
 //!
 //! Reference: the NBD protocol specification (`doc/proto.md` of
-//! NetworkBlockDevice/nbd), fixed newstyle negotiation, simple replies only.
+//! NetworkBlockDevice/nbd): fixed newstyle negotiation, simple and
+//! structured replies, the `base:allocation` metadata context.
 
 use std::fmt;
 
 use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::export::{BackendError, BackendGeometry, WriteFlags};
+use crate::export::{Allocation, BackendError, BackendGeometry, Segment, WriteFlags};
 
 // ---------------------------------------------------------------------------
 // Magics
@@ -35,6 +36,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // ---------------------------------------------------------------------------
 // Handshake flags
@@ -74,6 +77,10 @@ pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 /// Option: use structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// Option: list metadata contexts.
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Option: select metadata contexts for `NBD_CMD_BLOCK_STATUS`.
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply: option accepted / end of a list.
 pub const REP_ACK: u32 = 1;
@@ -81,6 +88,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// Option reply: one piece of export information (`NBD_OPT_INFO`/`GO`).
 pub const REP_INFO: u32 = 3;
+/// Option reply: one metadata context (`NBD_OPT_LIST/SET_META_CONTEXT`).
+pub const REP_META_CONTEXT: u32 = 4;
 
 const REP_FLAG_ERROR: u32 = 1 << 31;
 /// Option reply error: unknown option.
@@ -169,6 +178,38 @@ pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // ---------------------------------------------------------------------------
+// Structured replies, metadata contexts
+// ---------------------------------------------------------------------------
+
+/// Structured reply flag: the last chunk of the reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Chunk type: nothing (only as the final chunk).
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Chunk type: read data at an offset.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Chunk type: a read range that reads as zeros.
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Chunk type: block status descriptors of one metadata context.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Chunk type: an error (bit 15 marks error chunks).
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Chunk type: an error at an offset.
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+/// The one metadata context this server offers.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Its id once selected (`NBD_OPT_SET_META_CONTEXT`); any value works,
+/// clients treat it as opaque. `NBD_OPT_LIST_META_CONTEXT` replies carry 0.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` flag: not allocated.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` flag: reads as zeros.
+pub const STATE_ZERO: u32 = 1 << 1;
+/// Most descriptors in one block status reply (the spec asks for at most
+/// 2^20; this keeps a reply at 8 KiB and its `lseek`s few).
+pub const MAX_STATUS_DESCRIPTORS: usize = 1024;
+
+// ---------------------------------------------------------------------------
 // Limits
 // ---------------------------------------------------------------------------
 
@@ -222,6 +263,20 @@ impl Errno {
     /// Wire value.
     pub const fn code(self) -> u32 {
         self as u32
+    }
+
+    /// A short description for humans (error chunks carry it).
+    pub fn message(self) -> &'static str {
+        match self {
+            Errno::Perm => "operation not permitted (read-only export)",
+            Errno::Io => "input/output error",
+            Errno::NoMem => "cannot allocate memory",
+            Errno::Inval => "invalid argument",
+            Errno::NoSpc => "no space left on device (beyond the end of the export)",
+            Errno::Overflow => "request too large",
+            Errno::NotSup => "operation not supported",
+            Errno::Shutdown => "server is shutting down",
+        }
     }
 
     /// The error with this wire value, if it is a defined one.
@@ -331,6 +386,23 @@ pub struct SimpleReplyHeader {
     pub handle: U64,
 }
 
+/// Structured reply chunk header (20 bytes); `length` bytes of payload
+/// follow.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct StructuredReplyHeader {
+    /// [`STRUCTURED_REPLY_MAGIC`].
+    pub magic: U32,
+    /// Reply flags (`REPLY_FLAG_*`).
+    pub flags: U16,
+    /// Chunk type (`REPLY_TYPE_*`).
+    pub reply_type: U16,
+    /// Handle of the request.
+    pub handle: U64,
+    /// Length of the payload.
+    pub length: U32,
+}
+
 /// Size of [`Greeting`] on the wire.
 pub const GREETING_LEN: usize = 18;
 /// Size of [`OptionHeader`] on the wire.
@@ -341,12 +413,18 @@ pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 pub const REQUEST_HEADER_LEN: usize = 28;
 /// Size of [`SimpleReplyHeader`] on the wire.
 pub const SIMPLE_REPLY_HEADER_LEN: usize = 16;
+/// Size of [`StructuredReplyHeader`] on the wire.
+pub const STRUCTURED_REPLY_HEADER_LEN: usize = 20;
+/// Size of the header of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk: chunk
+/// header and offset; the data follows.
+pub const OFFSET_DATA_HEADER_LEN: usize = STRUCTURED_REPLY_HEADER_LEN + 8;
 
 const _: () = assert!(size_of::<Greeting>() == GREETING_LEN);
 const _: () = assert!(size_of::<OptionHeader>() == OPTION_HEADER_LEN);
 const _: () = assert!(size_of::<OptionReplyHeader>() == OPTION_REPLY_HEADER_LEN);
 const _: () = assert!(size_of::<RequestHeader>() == REQUEST_HEADER_LEN);
 const _: () = assert!(size_of::<SimpleReplyHeader>() == SIMPLE_REPLY_HEADER_LEN);
+const _: () = assert!(size_of::<StructuredReplyHeader>() == STRUCTURED_REPLY_HEADER_LEN);
 
 // ---------------------------------------------------------------------------
 // Handshake
@@ -508,6 +586,92 @@ impl<'a> InfoRequest<'a> {
     }
 }
 
+/// An `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaContextRequest<'a> {
+    /// Export name (empty: the default export).
+    pub name: &'a [u8],
+    /// Number of queries.
+    count: u32,
+    /// The queries, each a u32 length and that many bytes (checked).
+    queries: &'a [u8],
+}
+
+impl<'a> MetaContextRequest<'a> {
+    /// Parse the option data: u32 name length, name, u32 query count, then
+    /// each query as a u32 length and a string. Lengths must match the data
+    /// exactly; names and queries are at most [`MAX_STRING_LEN`] bytes.
+    pub fn parse(data: &'a [u8]) -> Result<Self, InvalidOption> {
+        let (name, rest) = split_string(data).ok_or(InvalidOption("bad export name"))?;
+        let (count, queries) = split_u32(rest).ok_or(InvalidOption("truncated query count"))?;
+        let mut left = queries;
+        for _ in 0..count {
+            let (_, tail) = split_string(left).ok_or(InvalidOption("bad query"))?;
+            left = tail;
+        }
+        if !left.is_empty() {
+            return Err(InvalidOption("query count does not match option length"));
+        }
+        Ok(Self {
+            name,
+            count,
+            queries,
+        })
+    }
+
+    /// The queries, in order.
+    pub fn queries(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let mut left = self.queries;
+        (0..self.count).map_while(move |_| {
+            let (q, tail) = split_string(left)?;
+            left = tail;
+            Some(q)
+        })
+    }
+
+    /// Whether the queries select `base:allocation`. Listing: no query,
+    /// `base:` or `base:allocation`; selecting: `base:allocation` only.
+    /// Queries of other namespaces, and other leaf names in `base:`, are
+    /// ignored (as the spec requires); a query without a namespace is
+    /// invalid.
+    pub fn selects_base_allocation(&self, listing: bool) -> Result<bool, InvalidOption> {
+        if listing && self.count == 0 {
+            return Ok(true);
+        }
+        let mut selected = false;
+        for q in self.queries() {
+            if !q.contains(&b':') {
+                return Err(InvalidOption(
+                    "a query must start with a namespace and a colon",
+                ));
+            }
+            selected |= q == BASE_ALLOCATION.as_bytes() || (listing && q == b"base:");
+        }
+        Ok(selected)
+    }
+
+    /// Encode option data (tests and clients).
+    pub fn encode(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&len_u32(name.len()).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&len_u32(queries.len()).to_be_bytes());
+        for q in queries {
+            out.extend_from_slice(&len_u32(q.len()).to_be_bytes());
+            out.extend_from_slice(q);
+        }
+        out
+    }
+}
+
+/// `NBD_REP_META_CONTEXT` data: context id, then its name.
+pub fn meta_context_data(id: u32, name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + name.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
 /// A parsed client option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientOption<'a> {
@@ -525,6 +689,10 @@ pub enum ClientOption<'a> {
     Go(InfoRequest<'a>),
     /// `NBD_OPT_STRUCTURED_REPLY`.
     StructuredReply,
+    /// `NBD_OPT_LIST_META_CONTEXT`.
+    ListMetaContext(MetaContextRequest<'a>),
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    SetMetaContext(MetaContextRequest<'a>),
     /// Any other option (answered with `NBD_REP_ERR_UNSUP`).
     Unsupported(u32),
 }
@@ -546,7 +714,10 @@ impl<'a> ClientOption<'a> {
             OPT_STARTTLS => Err(InvalidOption("NBD_OPT_STARTTLS carries no data")),
             OPT_INFO => InfoRequest::parse(data).map(Self::Info),
             OPT_GO => InfoRequest::parse(data).map(Self::Go),
-            OPT_STRUCTURED_REPLY => Ok(Self::StructuredReply),
+            OPT_STRUCTURED_REPLY if data.is_empty() => Ok(Self::StructuredReply),
+            OPT_STRUCTURED_REPLY => Err(InvalidOption("NBD_OPT_STRUCTURED_REPLY carries no data")),
+            OPT_LIST_META_CONTEXT => MetaContextRequest::parse(data).map(Self::ListMetaContext),
+            OPT_SET_META_CONTEXT => MetaContextRequest::parse(data).map(Self::SetMetaContext),
             other => Ok(Self::Unsupported(other)),
         }
     }
@@ -635,18 +806,35 @@ pub fn export_name_reply(size: u64, transmission_flags: u16, no_zeroes: bool) ->
     out
 }
 
-/// Transmission flags advertised for an export.
-pub fn transmission_flags(read_only: bool) -> u16 {
+/// Transmission flags advertised for an export. `SEND_DF` only once
+/// structured replies are negotiated (the spec forbids it before).
+pub fn transmission_flags(read_only: bool, structured_replies: bool) -> u16 {
     let mut flags = FLAG_HAS_FLAGS
         | FLAG_SEND_FLUSH
         | FLAG_SEND_FUA
         | FLAG_SEND_TRIM
         | FLAG_SEND_WRITE_ZEROES
+        | FLAG_SEND_FAST_ZERO
+        | FLAG_SEND_CACHE
         | FLAG_CAN_MULTI_CONN;
     if read_only {
         flags |= FLAG_READ_ONLY;
     }
+    if structured_replies {
+        flags |= FLAG_SEND_DF;
+    }
     flags
+}
+
+/// What a connection negotiated before transmission.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: reads get structured
+    /// replies, errors error chunks.
+    pub structured_replies: bool,
+    /// The id of `base:allocation` if the last `NBD_OPT_SET_META_CONTEXT`
+    /// selected it: `NBD_CMD_BLOCK_STATUS` is allowed.
+    pub base_allocation: Option<u32>,
 }
 
 /// Geometry that cannot be advertised as NBD block size constraints.
@@ -739,10 +927,13 @@ impl Command {
     }
 
     /// Command flags valid for this command given what the server
-    /// advertises (FUA is valid everywhere once negotiated).
-    fn allowed_flags(self) -> u16 {
+    /// advertises (FUA is valid everywhere once negotiated; DF only with
+    /// structured replies).
+    fn allowed_flags(self, negotiated: &Negotiated) -> u16 {
         match self {
-            Self::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            Self::Read if negotiated.structured_replies => CMD_FLAG_FUA | CMD_FLAG_DF,
+            Self::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            Self::BlockStatus => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
             _ => CMD_FLAG_FUA,
         }
     }
@@ -877,71 +1068,120 @@ pub enum Op {
         len: u32,
         /// FUA.
         flags: WriteFlags,
+        /// `FAST_ZERO`: fail with `ENOTSUP` unless zeroing is fast.
+        fast: bool,
+    },
+    /// Cache (prefetch hint).
+    Cache {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u32,
+    },
+    /// Block status of `base:allocation`.
+    BlockStatus {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u32,
+        /// `REQ_ONE`: a single descriptor.
+        req_one: bool,
     },
     /// Disconnect: finish in-flight requests and close (no reply).
     Disconnect,
 }
 
-/// Decide whether `req` may be executed, and if not which error to reply.
+/// [`validate_negotiated`] for a connection that negotiated nothing
+/// (simple replies, no metadata context).
+pub fn validate(req: &Request, limits: &ExportLimits) -> Result<Op, Errno> {
+    validate_negotiated(req, limits, &Negotiated::default())
+}
+
+/// Decide whether `req` may be executed on a connection that negotiated
+/// `negotiated`, and if not which error to reply.
 ///
 /// The rules, in order:
 /// - `DISC` is always accepted (it has no reply).
-/// - unknown commands, and `BLOCK_STATUS` (no metadata context can be
-///   negotiated without structured replies): `EINVAL`;
-/// - `CACHE` (not advertised): `ENOTSUP`;
-/// - a flag not valid for the command (anything but FUA, plus NO_HOLE on
-///   WRITE_ZEROES): `EINVAL`;
+/// - unknown commands, and `BLOCK_STATUS` without a selected metadata
+///   context: `EINVAL`;
+/// - a flag not valid for the command (FUA is valid everywhere; NO_HOLE
+///   and FAST_ZERO on WRITE_ZEROES; REQ_ONE on BLOCK_STATUS; DF on READ
+///   once structured replies are negotiated; nothing else): `EINVAL`;
 /// - WRITE, TRIM, WRITE_ZEROES on a read-only export: `EPERM`;
 /// - FLUSH with a non-zero offset or length: `EINVAL`;
 /// - zero length: `EINVAL`;
 /// - READ or WRITE longer than the maximum payload: `EOVERFLOW`;
 /// - a range that overflows or ends beyond the export: `ENOSPC` for WRITE
-///   and WRITE_ZEROES, `EINVAL` for READ and TRIM (as the spec recommends).
-pub fn validate(req: &Request, limits: &ExportLimits) -> Result<Op, Errno> {
+///   and WRITE_ZEROES, `EINVAL` for READ, TRIM, CACHE and BLOCK_STATUS (as
+///   the spec recommends).
+pub fn validate_negotiated(
+    req: &Request,
+    limits: &ExportLimits,
+    negotiated: &Negotiated,
+) -> Result<Op, Errno> {
     let (offset, len) = (req.offset, req.length);
     let flags = WriteFlags {
         fua: req.flags & CMD_FLAG_FUA != 0,
     };
     match req.command {
         Command::Disc => Ok(Op::Disconnect),
-        Command::Unknown(_) | Command::BlockStatus => Err(Errno::Inval),
-        Command::Cache => Err(Errno::NotSup),
+        Command::Unknown(_) => Err(Errno::Inval),
+        Command::BlockStatus if negotiated.base_allocation.is_none() => Err(Errno::Inval),
+        Command::BlockStatus => {
+            check_flags(req, negotiated)?;
+            check_range(req, limits)?;
+            Ok(Op::BlockStatus {
+                offset,
+                len,
+                req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+            })
+        }
+        Command::Cache => {
+            check_flags(req, negotiated)?;
+            check_range(req, limits)?;
+            Ok(Op::Cache { offset, len })
+        }
         Command::Flush => {
-            check_flags(req)?;
+            check_flags(req, negotiated)?;
             if offset != 0 || len != 0 {
                 return Err(Errno::Inval);
             }
             Ok(Op::Flush)
         }
         Command::Read => {
-            check_flags(req)?;
+            check_flags(req, negotiated)?;
             check_range(req, limits)?;
             Ok(Op::Read { offset, len })
         }
         Command::Write => {
-            check_flags(req)?;
+            check_flags(req, negotiated)?;
             check_writable(limits)?;
             check_range(req, limits)?;
             Ok(Op::Write { offset, len, flags })
         }
         Command::Trim => {
-            check_flags(req)?;
+            check_flags(req, negotiated)?;
             check_writable(limits)?;
             check_range(req, limits)?;
             Ok(Op::Trim { offset, len, flags })
         }
         Command::WriteZeroes => {
-            check_flags(req)?;
+            check_flags(req, negotiated)?;
             check_writable(limits)?;
             check_range(req, limits)?;
-            Ok(Op::WriteZeroes { offset, len, flags })
+            Ok(Op::WriteZeroes {
+                offset,
+                len,
+                flags,
+                fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+            })
         }
     }
 }
 
 /// Only the flags documented for the command may be set.
-fn check_flags(req: &Request) -> Result<(), Errno> {
-    if req.flags & !req.command.allowed_flags() != 0 {
+fn check_flags(req: &Request, negotiated: &Negotiated) -> Result<(), Errno> {
+    if req.flags & !req.command.allowed_flags(negotiated) != 0 {
         return Err(Errno::Inval);
     }
     Ok(())
@@ -1015,6 +1255,159 @@ impl SimpleReply {
     }
 }
 
+impl StructuredReplyHeader {
+    /// A chunk header for `handle`.
+    pub fn new(handle: u64, flags: u16, reply_type: u16, length: u32) -> Self {
+        Self {
+            magic: U32::new(STRUCTURED_REPLY_MAGIC),
+            flags: U16::new(flags),
+            reply_type: U16::new(reply_type),
+            handle: U64::new(handle),
+            length: U32::new(length),
+        }
+    }
+
+    /// Encode.
+    pub fn to_bytes(&self) -> [u8; STRUCTURED_REPLY_HEADER_LEN] {
+        let mut out = [0u8; STRUCTURED_REPLY_HEADER_LEN];
+        out.copy_from_slice(self.as_bytes());
+        out
+    }
+}
+
+/// The header of the single, final `NBD_REPLY_TYPE_OFFSET_DATA` chunk of
+/// a read of `len` bytes at `offset` (`len` at most `u32::MAX - 8`, which
+/// the maximum payload guarantees); the data follows it on the wire.
+pub fn offset_data_header(handle: u64, offset: u64, len: usize) -> [u8; OFFSET_DATA_HEADER_LEN] {
+    let length = u32::try_from(len + 8).unwrap_or(u32::MAX);
+    let hdr = StructuredReplyHeader::new(handle, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, length);
+    let mut out = [0u8; OFFSET_DATA_HEADER_LEN];
+    out[..STRUCTURED_REPLY_HEADER_LEN].copy_from_slice(hdr.as_bytes());
+    out[STRUCTURED_REPLY_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+    out
+}
+
+/// Appends the single, final `NBD_REPLY_TYPE_ERROR` chunk of a failed
+/// request: the error and a short message for humans.
+pub fn encode_error_chunk(out: &mut Vec<u8>, handle: u64, error: Errno) {
+    let msg = error.message().as_bytes();
+    let length = len_u32(6 + msg.len());
+    out.extend_from_slice(
+        StructuredReplyHeader::new(handle, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, length).as_bytes(),
+    );
+    out.extend_from_slice(&error.code().to_be_bytes());
+    out.extend_from_slice(&u16::try_from(msg.len()).unwrap_or(0).to_be_bytes());
+    out.extend_from_slice(msg);
+}
+
+/// One `NBD_REPLY_TYPE_BLOCK_STATUS` descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusDescriptor {
+    /// Length of the extent (never 0).
+    pub length: u32,
+    /// `base:allocation` flags (`STATE_*`).
+    pub flags: u32,
+}
+
+/// `base:allocation` flags of a segment: a hole is `HOLE | ZERO`, data 0.
+pub fn allocation_flags(a: Allocation) -> u32 {
+    match a {
+        Allocation::Hole => STATE_HOLE | STATE_ZERO,
+        Allocation::Data => 0,
+    }
+}
+
+/// The descriptors answering a block status request for
+/// `[offset, offset + len)` from the backend's `segments`: consecutive from `offset`, each
+/// non-empty and within the request (so their sum never exceeds `len`),
+/// neighbours with the same flags merged, at most `max` (1 for
+/// `REQ_ONE`). Segments that do not continue the map contiguously end it
+/// (the client asks again from there); if nothing usable is left, one
+/// data descriptor covers the request (data is always a correct answer).
+pub fn status_descriptors(
+    offset: u64,
+    len: u32,
+    segments: &[Segment],
+    max: usize,
+) -> Vec<StatusDescriptor> {
+    let max = max.max(1);
+    let end = offset + u64::from(len);
+    let mut out: Vec<StatusDescriptor> = Vec::new();
+    let mut pos = offset;
+    for seg in segments {
+        if pos >= end || seg.offset > pos {
+            break;
+        }
+        let seg_end = seg.offset.saturating_add(seg.len).min(end);
+        if seg_end <= pos {
+            continue;
+        }
+        // Within the request, so below 2^32.
+        let length = (seg_end - pos) as u32;
+        let flags = allocation_flags(seg.allocation);
+        let full = out.len() == max;
+        match out.last_mut() {
+            Some(last) if last.flags == flags => last.length += length,
+            _ if full => break,
+            _ => out.push(StatusDescriptor { length, flags }),
+        }
+        pos = seg_end;
+    }
+    if out.is_empty() {
+        out.push(StatusDescriptor {
+            length: len,
+            flags: 0,
+        });
+    }
+    out
+}
+
+/// Appends the single, final `NBD_REPLY_TYPE_BLOCK_STATUS` chunk of
+/// metadata context `context` with `descriptors`.
+pub fn encode_block_status_chunk(
+    out: &mut Vec<u8>,
+    handle: u64,
+    context: u32,
+    descriptors: &[StatusDescriptor],
+) {
+    let length = len_u32(4 + 8 * descriptors.len());
+    out.extend_from_slice(
+        StructuredReplyHeader::new(handle, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, length)
+            .as_bytes(),
+    );
+    out.extend_from_slice(&context.to_be_bytes());
+    for d in descriptors {
+        out.extend_from_slice(&d.length.to_be_bytes());
+        out.extend_from_slice(&d.flags.to_be_bytes());
+    }
+}
+
+/// A decoded structured reply chunk header (tests and clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StructuredReply {
+    /// Reply flags.
+    pub flags: u16,
+    /// Chunk type.
+    pub reply_type: u16,
+    /// Handle of the request.
+    pub handle: u64,
+    /// Payload length.
+    pub length: u32,
+}
+
+impl StructuredReply {
+    /// Parse a 20-byte chunk header; `None` if short or bad magic.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let (hdr, _) = StructuredReplyHeader::read_from_prefix(bytes).ok()?;
+        (hdr.magic.get() == STRUCTURED_REPLY_MAGIC).then(|| Self {
+            flags: hdr.flags.get(),
+            reply_type: hdr.reply_type.get(),
+            handle: hdr.handle.get(),
+            length: hdr.length.get(),
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
@@ -1022,6 +1415,13 @@ impl SimpleReply {
 fn split_u32(data: &[u8]) -> Option<(u32, &[u8])> {
     let (head, rest) = data.split_first_chunk::<4>()?;
     Some((u32::from_be_bytes(*head), rest))
+}
+
+/// A u32 length and that many bytes (at most [`MAX_STRING_LEN`]).
+fn split_string(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = split_u32(data)?;
+    let len = usize::try_from(len).ok().filter(|&l| l <= MAX_STRING_LEN)?;
+    (len <= rest.len()).then(|| rest.split_at(len))
 }
 
 fn split_u16(data: &[u8]) -> Option<(u16, &[u8])> {
@@ -1106,16 +1506,30 @@ mod tests {
         assert_eq!(REP_ERR_UNSUP, 0x8000_0001);
         assert_eq!(REP_ERR_TOO_BIG, 0x8000_0009);
         assert_eq!(FLAG_SEND_FAST_ZERO, 0x800);
+        assert_eq!(STRUCTURED_REPLY_MAGIC, 0x668e_33ef);
+        assert_eq!((OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT), (9, 10));
+        assert_eq!(REP_META_CONTEXT, 4);
+        assert_eq!((REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_OFFSET), (32769, 32770));
+        assert_eq!((REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_BLOCK_STATUS), (1, 5));
+        assert_eq!((FLAG_SEND_CACHE, FLAG_SEND_DF), (0x400, 0x80));
         assert_eq!(
-            transmission_flags(false),
+            transmission_flags(false, false),
             FLAG_HAS_FLAGS
                 | FLAG_SEND_FLUSH
                 | FLAG_SEND_FUA
                 | FLAG_SEND_TRIM
                 | FLAG_SEND_WRITE_ZEROES
+                | FLAG_SEND_FAST_ZERO
+                | FLAG_SEND_CACHE
                 | FLAG_CAN_MULTI_CONN
         );
-        assert_ne!(transmission_flags(true) & FLAG_READ_ONLY, 0);
+        assert_ne!(transmission_flags(true, false) & FLAG_READ_ONLY, 0);
+        // DF only once structured replies are negotiated.
+        assert_eq!(transmission_flags(false, false) & FLAG_SEND_DF, 0);
+        assert_eq!(
+            transmission_flags(false, true),
+            transmission_flags(false, false) | FLAG_SEND_DF
+        );
         for e in Errno::ALL {
             assert_eq!(Errno::from_code(e.code()), Some(e));
         }
@@ -1189,6 +1603,17 @@ mod tests {
             ClientOption::parse(OPT_STRUCTURED_REPLY, b""),
             Ok(ClientOption::StructuredReply)
         );
+        assert!(ClientOption::parse(OPT_STRUCTURED_REPLY, b"x").is_err());
+        let data = MetaContextRequest::encode(b"r0", &[b"base:allocation"]);
+        assert!(matches!(
+            ClientOption::parse(OPT_SET_META_CONTEXT, &data),
+            Ok(ClientOption::SetMetaContext(r)) if r.name == b"r0"
+        ));
+        assert!(matches!(
+            ClientOption::parse(OPT_LIST_META_CONTEXT, &data),
+            Ok(ClientOption::ListMetaContext(_))
+        ));
+        assert!(ClientOption::parse(OPT_LIST_META_CONTEXT, &data[..data.len() - 1]).is_err());
         assert_eq!(
             ClientOption::parse(42, b"zz"),
             Ok(ClientOption::Unsupported(42))
@@ -1256,10 +1681,23 @@ mod tests {
             validate(&req(Command::Unknown(99), 0, 0, 1), &l),
             Err(Errno::Inval)
         );
+        // CACHE: any length within the export, FUA only.
         assert_eq!(
-            validate(&req(Command::Cache, 0, 0, 1), &l),
-            Err(Errno::NotSup)
+            validate(&req(Command::Cache, 0, 0, 1 << 20), &l),
+            Ok(Op::Cache {
+                offset: 0,
+                len: 1 << 20
+            })
         );
+        assert_eq!(
+            validate(&req(Command::Cache, 0, 1 << 20, 1), &l),
+            Err(Errno::Inval)
+        );
+        assert_eq!(
+            validate(&req(Command::Cache, CMD_FLAG_DF, 0, 1), &l),
+            Err(Errno::Inval)
+        );
+        // BLOCK_STATUS needs a selected context.
         assert_eq!(
             validate(&req(Command::BlockStatus, 0, 0, 1), &l),
             Err(Errno::Inval)
@@ -1276,6 +1714,19 @@ mod tests {
         assert!(validate(&req(Command::WriteZeroes, CMD_FLAG_NO_HOLE, 0, 1), &l).is_ok());
         assert_eq!(
             validate(&req(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 0, 1), &l),
+            Ok(Op::WriteZeroes {
+                offset: 0,
+                len: 1,
+                flags: WriteFlags::default(),
+                fast: true
+            })
+        );
+        assert_eq!(
+            validate(&req(Command::Trim, CMD_FLAG_FAST_ZERO, 0, 1), &l),
+            Err(Errno::Inval)
+        );
+        assert_eq!(
+            validate(&req(Command::BlockStatus, CMD_FLAG_REQ_ONE, 0, 1), &l),
             Err(Errno::Inval)
         );
         // FUA accepted on reads and flushes (the spec says it must be).
@@ -1363,6 +1814,228 @@ mod tests {
         assert_eq!(Errno::from(BackendError::NotSupported), Errno::NotSup);
     }
 
+    const STRUCTURED: Negotiated = Negotiated {
+        structured_replies: true,
+        base_allocation: None,
+    };
+    const WITH_CONTEXT: Negotiated = Negotiated {
+        structured_replies: true,
+        base_allocation: Some(BASE_ALLOCATION_ID),
+    };
+
+    #[test]
+    fn validate_negotiated_rules() {
+        let l = limits();
+        // DF: only with structured replies.
+        let df = req(Command::Read, CMD_FLAG_DF, 0, 512);
+        assert_eq!(validate(&df, &l), Err(Errno::Inval));
+        assert_eq!(
+            validate_negotiated(&df, &l, &STRUCTURED),
+            Ok(Op::Read {
+                offset: 0,
+                len: 512
+            })
+        );
+        // BLOCK_STATUS: only with a context; any length within the export.
+        let bs = req(Command::BlockStatus, CMD_FLAG_REQ_ONE, 4096, 1 << 20);
+        assert_eq!(validate_negotiated(&bs, &l, &STRUCTURED), Err(Errno::Inval));
+        assert_eq!(
+            validate_negotiated(&bs, &l, &WITH_CONTEXT),
+            Err(Errno::Inval),
+            "ends beyond the export"
+        );
+        let bs = req(Command::BlockStatus, CMD_FLAG_REQ_ONE, 0, 1 << 20);
+        assert_eq!(
+            validate_negotiated(&bs, &l, &WITH_CONTEXT),
+            Ok(Op::BlockStatus {
+                offset: 0,
+                len: 1 << 20,
+                req_one: true
+            })
+        );
+        let bs = req(Command::BlockStatus, CMD_FLAG_DF, 0, 512);
+        assert_eq!(
+            validate_negotiated(&bs, &l, &WITH_CONTEXT),
+            Err(Errno::Inval)
+        );
+        let bs = req(Command::BlockStatus, 0, 0, 0);
+        assert_eq!(
+            validate_negotiated(&bs, &l, &WITH_CONTEXT),
+            Err(Errno::Inval)
+        );
+        // Block status is allowed on a read-only export.
+        let ro = ExportLimits::new(&GEO, true);
+        let bs = req(Command::BlockStatus, 0, 0, 512);
+        assert!(validate_negotiated(&bs, &ro, &WITH_CONTEXT).is_ok());
+        assert!(validate_negotiated(&req(Command::Cache, 0, 0, 512), &ro, &WITH_CONTEXT).is_ok());
+        assert_eq!(
+            validate_negotiated(
+                &req(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 0, 512),
+                &ro,
+                &WITH_CONTEXT
+            ),
+            Err(Errno::Perm)
+        );
+    }
+
+    #[test]
+    fn meta_context_requests() {
+        let q = |queries: &[&[u8]]| MetaContextRequest::encode(b"r0", queries);
+        let sel = |data: &[u8], listing| {
+            MetaContextRequest::parse(data)
+                .expect("valid")
+                .selects_base_allocation(listing)
+        };
+        // Listing: everything with no query, the base: wildcard, the name.
+        assert_eq!(sel(&q(&[]), true), Ok(true));
+        assert_eq!(sel(&q(&[b"base:"]), true), Ok(true));
+        assert_eq!(sel(&q(&[b"base:allocation"]), true), Ok(true));
+        // Selecting: nothing with no query; base: is ignored.
+        assert_eq!(sel(&q(&[]), false), Ok(false));
+        assert_eq!(sel(&q(&[b"base:"]), false), Ok(false));
+        assert_eq!(sel(&q(&[b"base:allocation"]), false), Ok(true));
+        // Unknown namespaces and leaf names are ignored, not errors.
+        let mixed = q(&[b"qemu:dirty-bitmap:x", b"base:other", b"base:allocation"]);
+        assert_eq!(sel(&mixed, false), Ok(true));
+        assert_eq!(sel(&q(&[b"qemu:allocation-depth"]), false), Ok(false));
+        assert_eq!(sel(&q(&[b"x-foo:bar"]), true), Ok(false));
+        // A query without a namespace is invalid.
+        assert!(sel(&q(&[b"allocation"]), false).is_err());
+        let r = MetaContextRequest::parse(&mixed).expect("valid");
+        assert_eq!(r.name, b"r0");
+        assert_eq!(r.queries().count(), 3);
+        // Malformed: counts and lengths must add up exactly.
+        let good = q(&[b"base:allocation"]);
+        assert!(MetaContextRequest::parse(&good[..good.len() - 1]).is_err());
+        let mut extra = good.clone();
+        extra.push(0);
+        assert!(MetaContextRequest::parse(&extra).is_err());
+        let mut count = good.clone();
+        count[9] = 2; // query count 2, one present
+        assert!(MetaContextRequest::parse(&count).is_err());
+        assert!(MetaContextRequest::parse(&[0, 0, 0]).is_err());
+        assert!(MetaContextRequest::parse(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]).is_err());
+        let long = vec![b'a'; MAX_STRING_LEN + 1];
+        assert!(MetaContextRequest::parse(&MetaContextRequest::encode(b"", &[&long])).is_err());
+        let data = meta_context_data(7, BASE_ALLOCATION);
+        assert_eq!(&data[..4], &7u32.to_be_bytes());
+        assert_eq!(&data[4..], b"base:allocation");
+    }
+
+    #[test]
+    fn structured_chunk_layouts() {
+        let h = offset_data_header(0x1122, 0x3344, 4096);
+        let r = StructuredReply::parse(&h).expect("magic");
+        assert_eq!(&h[0..4], &[0x66, 0x8e, 0x33, 0xef]);
+        assert_eq!(
+            r,
+            StructuredReply {
+                flags: REPLY_FLAG_DONE,
+                reply_type: REPLY_TYPE_OFFSET_DATA,
+                handle: 0x1122,
+                length: 4096 + 8
+            }
+        );
+        assert_eq!(&h[20..28], &0x3344u64.to_be_bytes());
+
+        let mut out = Vec::new();
+        encode_error_chunk(&mut out, 9, Errno::NotSup);
+        let r = StructuredReply::parse(&out).expect("magic");
+        assert_eq!(
+            (r.flags, r.reply_type, r.handle),
+            (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 9)
+        );
+        assert_eq!(r.length as usize, out.len() - STRUCTURED_REPLY_HEADER_LEN);
+        assert_eq!(&out[20..24], &95u32.to_be_bytes());
+        let msg_len = u16::from_be_bytes([out[24], out[25]]) as usize;
+        assert_eq!(msg_len, out.len() - 26);
+        assert_eq!(&out[26..], Errno::NotSup.message().as_bytes());
+
+        let mut out = Vec::new();
+        let d = [
+            StatusDescriptor {
+                length: 4096,
+                flags: 0,
+            },
+            StatusDescriptor {
+                length: 512,
+                flags: STATE_HOLE | STATE_ZERO,
+            },
+        ];
+        encode_block_status_chunk(&mut out, 5, BASE_ALLOCATION_ID, &d);
+        let r = StructuredReply::parse(&out).expect("magic");
+        assert_eq!((r.reply_type, r.length), (REPLY_TYPE_BLOCK_STATUS, 4 + 16));
+        assert_eq!(out.len(), 20 + 4 + 16);
+        assert_eq!(&out[20..24], &BASE_ALLOCATION_ID.to_be_bytes());
+        assert_eq!(&out[24..32], &[0, 0, 0x10, 0, 0, 0, 0, 0]);
+        assert_eq!(&out[32..40], &[0, 0, 2, 0, 0, 0, 0, 3]);
+        assert!(StructuredReply::parse(&out[..19]).is_none());
+        assert!(StructuredReply::parse(&SimpleReplyHeader::new(1, None).to_bytes()).is_none());
+    }
+
+    fn seg(offset: u64, len: u64, hole: bool) -> Segment {
+        let allocation = if hole {
+            Allocation::Hole
+        } else {
+            Allocation::Data
+        };
+        Segment {
+            offset,
+            len,
+            allocation,
+        }
+    }
+
+    fn desc(length: u32, hole: bool) -> StatusDescriptor {
+        StatusDescriptor {
+            length,
+            flags: if hole { STATE_HOLE | STATE_ZERO } else { 0 },
+        }
+    }
+
+    #[test]
+    fn descriptors_from_segments() {
+        let segs = [
+            seg(0, 4096, false),
+            seg(4096, 8192, true),
+            seg(12288, 4096, false),
+        ];
+        assert_eq!(
+            status_descriptors(0, 16384, &segs, 100),
+            vec![desc(4096, false), desc(8192, true), desc(4096, false)]
+        );
+        // Clipped to the request, REQ_ONE.
+        assert_eq!(
+            status_descriptors(1000, 5000, &segs, 100),
+            vec![desc(3096, false), desc(1904, true)]
+        );
+        assert_eq!(
+            status_descriptors(5000, 100_000, &segs, 1),
+            vec![desc(7288, true)]
+        );
+        // Same state merged; bounded.
+        let same = [
+            seg(0, 512, true),
+            seg(512, 512, true),
+            seg(1024, 512, false),
+        ];
+        assert_eq!(
+            status_descriptors(0, 1536, &same, 1),
+            vec![desc(1024, true)]
+        );
+        // A gap ends the map; nothing usable: one data descriptor.
+        let gap = [seg(0, 512, true), seg(1024, 512, true)];
+        assert_eq!(status_descriptors(0, 4096, &gap, 10), vec![desc(512, true)]);
+        assert_eq!(
+            status_descriptors(0, 4096, &[], 10),
+            vec![desc(4096, false)]
+        );
+        assert_eq!(
+            status_descriptors(8192, 4096, &[seg(9000, 10, true)], 10),
+            vec![desc(4096, false)]
+        );
+    }
+
     fn any_command() -> impl Strategy<Value = Command> {
         any::<u16>().prop_map(|v| Command::from_wire(v % 12))
     }
@@ -1383,6 +2056,67 @@ mod tests {
             let _ = InfoRequest::parse(&bytes);
             let _ = OptionReply::parse(&bytes);
             let _ = SimpleReply::parse(&bytes);
+        }
+
+        #[test]
+        fn meta_context_request_roundtrip(
+            name in proptest::collection::vec(any::<u8>(), 0..64),
+            queries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..8),
+        ) {
+            let refs: Vec<&[u8]> = queries.iter().map(Vec::as_slice).collect();
+            let data = MetaContextRequest::encode(&name, &refs);
+            let r = MetaContextRequest::parse(&data).expect("encoded request parses");
+            prop_assert_eq!(r.name, &name[..]);
+            prop_assert_eq!(r.queries().collect::<Vec<_>>(), refs.clone());
+            let _ = r.selects_base_allocation(true);
+            let _ = r.selects_base_allocation(false);
+            // Any truncation is refused, never a panic.
+            for cut in 0..data.len() {
+                prop_assert!(MetaContextRequest::parse(&data[..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn descriptors_follow_the_rules(
+            raw in proptest::collection::vec((1u64..10_000, any::<bool>()), 0..20),
+            start in 0u64..5000,
+            len in 1u32..100_000,
+            max in 1usize..10,
+        ) {
+            let mut segs = Vec::new();
+            let mut pos = 0;
+            for (l, hole) in raw {
+                segs.push(seg(pos, l, hole));
+                pos += l;
+            }
+            let d = status_descriptors(start, len, &segs, max);
+            prop_assert!(!d.is_empty() && d.len() <= max);
+            let sum: u64 = d.iter().map(|x| u64::from(x.length)).sum();
+            prop_assert!(sum <= u64::from(len));
+            prop_assert!(d.iter().all(|x| x.length > 0));
+            // Every hole reported is a hole in the backend's map.
+            let mut at = start;
+            for x in &d {
+                if x.flags != 0 {
+                    let end = at + u64::from(x.length);
+                    let inside = end <= pos && segs.iter()
+                        .filter(|s| s.offset < end && at < s.end())
+                        .all(|s| s.allocation == Allocation::Hole);
+                    prop_assert!(inside, "hole at {} not in {:?}", at, segs);
+                }
+                at += u64::from(x.length);
+            }
+            // Complete when the map covers the request and the bound allows.
+            let covered = pos >= start + u64::from(len);
+            if covered && max >= segs.len() {
+                prop_assert_eq!(sum, u64::from(len));
+            }
+        }
+
+        #[test]
+        fn structured_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = StructuredReply::parse(&bytes);
+            let _ = MetaContextRequest::parse(&bytes);
         }
 
         #[test]
@@ -1450,6 +2184,11 @@ mod tests {
                     prop_assert!(len > 0);
                     prop_assert!(o.checked_add(u64::from(len)).is_some_and(|e| e <= size));
                 }
+                Ok(Op::Cache { offset: o, len }) => {
+                    prop_assert!(len > 0);
+                    prop_assert!(o.checked_add(u64::from(len)).is_some_and(|e| e <= size));
+                }
+                Ok(Op::BlockStatus { .. }) => prop_assert!(false, "no context negotiated"),
                 Ok(Op::Flush) => prop_assert!(offset == 0 && length == 0),
                 Ok(Op::Disconnect) => prop_assert_eq!(command, Command::Disc),
                 Err(_) => {}
@@ -1457,7 +2196,7 @@ mod tests {
             if let Ok(op) = validate(&r, &l) {
                 // Only documented flags pass.
                 if op != Op::Disconnect {
-                    prop_assert_eq!(flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE), 0);
+                    prop_assert_eq!(flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO), 0);
                 }
             }
         }

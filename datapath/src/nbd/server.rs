@@ -33,7 +33,7 @@ use glommio::Task;
 use tracing::Instrument;
 
 use super::handshake::{self, ExportInfo};
-use super::proto::{self, ExportLimits};
+use super::proto::{self, ExportLimits, Negotiated};
 use super::transmission::{self, ConnParams};
 use crate::export::{BackendGeometry, BlockBackend};
 use crate::signal::Signal;
@@ -298,15 +298,16 @@ async fn run_connection<B: BlockBackend>(
     let info = ExportInfo {
         name: &exporter.cfg.export_name,
         size: geometry.size,
-        transmission_flags: proto::transmission_flags(exporter.cfg.read_only),
+        read_only: exporter.cfg.read_only,
         min_block: geometry.min_block,
         preferred_block: geometry.preferred_block,
         max_payload: limits.max_payload,
     };
-    if !negotiate(&exporter, &mut stream, &info).await {
+    let Some(negotiated) = negotiate(&exporter, &mut stream, &info).await else {
         return;
-    }
+    };
     let params = ConnParams {
+        negotiated,
         backend: exporter.backend.clone(),
         limits,
         max_inflight: exporter.cfg.max_inflight,
@@ -322,12 +323,12 @@ async fn run_connection<B: BlockBackend>(
 }
 
 /// Run the handshake, bounded by [`HANDSHAKE_TIMEOUT`] and the stop signal.
-/// Whether the client entered transmission.
+/// What the client negotiated if it entered transmission.
 async fn negotiate<B: BlockBackend>(
     exporter: &Exporter<B>,
     stream: &mut UnixStream,
     info: &ExportInfo<'_>,
-) -> bool {
+) -> Option<Negotiated> {
     let outcome = future::or(
         async { Some(handshake::negotiate(stream, info).await) },
         async {
@@ -341,25 +342,25 @@ async fn negotiate<B: BlockBackend>(
     )
     .await;
     match outcome {
-        Some(Ok(how)) => {
-            tracing::debug!(?how, "negotiation done");
-            true
+        Some(Ok((how, negotiated))) => {
+            tracing::debug!(?how, ?negotiated, "negotiation done");
+            Some(negotiated)
         }
         Some(Err(end)) if end.is_ordinary() => {
             tracing::debug!(reason = %end, "connection closed during negotiation");
-            false
+            None
         }
         Some(Err(end)) => {
             tracing::warn!(reason = %end, "negotiation failed");
-            false
+            None
         }
         None if exporter.stop.is_fired() => {
             tracing::info!("export stopping; negotiation abandoned");
-            false
+            None
         }
         None => {
             tracing::warn!("negotiation timed out after {HANDSHAKE_TIMEOUT:?}");
-            false
+            None
         }
     }
 }

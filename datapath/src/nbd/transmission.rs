@@ -11,6 +11,14 @@
 //! - the **writer** task is the only one that writes to the socket: it takes
 //!   replies from a bounded channel and sends header (+ read data).
 //!
+//! Replies: without structured replies, every reply is a simple reply (a
+//! read's data follows its header). With them, a read's data goes in one
+//! final `OFFSET_DATA` chunk, a block status in one final `BLOCK_STATUS`
+//! chunk, an error in one final `ERROR` chunk; other successful requests
+//! still get a simple reply (the spec allows it for replies without
+//! payload). Either way read data is written straight from the backend's
+//! buffer when it is large, and small replies are batched.
+//!
 //! glommio streams cannot be split, so the stream is split with
 //! [`futures_lite::io::split`]: both halves share the stream behind a mutex
 //! that is only held inside a single `poll_read`/`poll_write` call (never
@@ -28,6 +36,9 @@
 //! - payload bytes: the export-wide budget semaphore; a read or write takes
 //!   `len` units before its buffer exists and gives them back when the reply
 //!   has been written;
+//! - block status: at most [`proto::MAX_STATUS_DESCRIPTORS`] descriptors
+//!   (8 bytes each) per reply, so at most `max_inflight` such small replies
+//!   per connection;
 //! - a rejected write's payload is discarded in chunks of at most
 //!   [`DISCARD_CHUNK`] bytes.
 //!
@@ -51,7 +62,10 @@ use glommio::sync::Gate;
 use crate::semaphore::{Semaphore, StaticPermit};
 use tracing::Instrument;
 
-use super::proto::{self, Errno, ExportLimits, Op, Request, RequestError, SimpleReplyHeader};
+use super::proto::{
+    self, Errno, ExportLimits, Negotiated, Op, Request, RequestError, SimpleReplyHeader,
+    StatusDescriptor,
+};
 use crate::export::{BlockBackend, WriteFlags};
 use crate::signal::Signal;
 
@@ -70,6 +84,8 @@ pub(crate) struct ConnParams<B: BlockBackend> {
     pub backend: Rc<B>,
     /// Size, payload limit, read-only.
     pub limits: ExportLimits,
+    /// What the client negotiated.
+    pub negotiated: Negotiated,
     /// In-flight requests on this connection.
     pub max_inflight: usize,
     /// Export-wide payload byte budget.
@@ -117,8 +133,23 @@ struct Permits {
 /// A reply waiting for the writer.
 struct Reply<R> {
     handle: u64,
-    result: Result<Option<R>, Errno>,
+    body: Body<R>,
     _permits: Permits,
+}
+
+/// What a reply carries.
+enum Body<R> {
+    /// Success, no payload.
+    Done,
+    /// A read's data, read at `offset`.
+    Data { offset: u64, data: R },
+    /// Block status of the metadata context `context`.
+    Status {
+        context: u32,
+        descriptors: Vec<StatusDescriptor>,
+    },
+    /// Failure.
+    Error(Errno),
 }
 
 /// Work for the backend.
@@ -142,6 +173,17 @@ enum Job {
         offset: u64,
         len: u32,
         flags: WriteFlags,
+        fast: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+        context: u32,
     },
 }
 
@@ -194,8 +236,9 @@ where
     let mut reader = futures_lite::io::BufReader::with_capacity(RECV_BUFFER, reader);
     let (tx, rx) = local_channel::new_bounded(params.max_inflight);
     let abort = Signal::new();
+    let structured = params.negotiated.structured_replies;
     let writer_task = glommio::spawn_local(
-        write_replies(writer, rx, abort.clone()).instrument(tracing::Span::current()),
+        write_replies(writer, rx, structured, abort.clone()).instrument(tracing::Span::current()),
     );
     let mut conn = Conn {
         inflight: Rc::new(Semaphore::new(params.max_inflight as u64)),
@@ -283,7 +326,7 @@ where
                     tracing::warn!(?req, error = %errno, "rejected request");
                     let reply = Reply {
                         handle: req.handle,
-                        result: Err(errno),
+                        body: Body::Error(errno),
                         _permits: permits,
                     };
                     // Never waits: the channel has room for every permit.
@@ -310,21 +353,49 @@ where
             return Err(ConnEnd::ClientClosed);
         }
         let req = Request::parse(&hdr).map_err(ConnEnd::Framing)?;
-        let op = match proto::validate(&req, &self.params.limits) {
-            Ok(op) => op,
-            Err(errno) => {
-                discard(reader, req.payload_len())
-                    .await
-                    .map_err(ConnEnd::Io)?;
-                return Ok(Incoming::reject(req, errno, inflight));
-            }
-        };
+        let op =
+            match proto::validate_negotiated(&req, &self.params.limits, &self.params.negotiated) {
+                Ok(op) => op,
+                Err(errno) => {
+                    discard(reader, req.payload_len())
+                        .await
+                        .map_err(ConnEnd::Io)?;
+                    return Ok(Incoming::reject(req, errno, inflight));
+                }
+            };
         let (job, budget) = match op {
             Op::Disconnect => return Ok(Incoming::Disconnect),
             Op::Flush => (Job::Flush, None),
             Op::Trim { offset, len, flags } => (Job::Trim { offset, len, flags }, None),
-            Op::WriteZeroes { offset, len, flags } => {
-                (Job::WriteZeroes { offset, len, flags }, None)
+            Op::WriteZeroes {
+                offset,
+                len,
+                flags,
+                fast,
+            } => (
+                Job::WriteZeroes {
+                    offset,
+                    len,
+                    flags,
+                    fast,
+                },
+                None,
+            ),
+            Op::Cache { offset, len } => (Job::Cache { offset, len }, None),
+            Op::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => {
+                // Validation allows BLOCK_STATUS only with a context.
+                let context = self.params.negotiated.base_allocation.unwrap_or_default();
+                let job = Job::BlockStatus {
+                    offset,
+                    len,
+                    req_one,
+                    context,
+                };
+                (job, None)
             }
             Op::Read { offset, len } => (Job::Read { offset, len }, Some(self.budget(len).await?)),
             Op::Write { offset, len, flags } => {
@@ -386,13 +457,16 @@ where
         let backend = self.params.backend.clone();
         let tx = self.tx.clone();
         let task = async move {
-            let result = run_job(&*backend, job).await;
-            if let Err(errno) = result {
-                tracing::warn!(?req, error = %errno, "request failed");
-            }
+            let body = match run_job(&*backend, job).await {
+                Ok(body) => body,
+                Err(errno) => {
+                    tracing::warn!(?req, error = %errno, "request failed");
+                    Body::Error(errno)
+                }
+            };
             let reply = Reply {
                 handle: req.handle,
-                result,
+                body,
                 _permits: permits,
             };
             // Fails only if the writer is gone; the connection is ending.
@@ -415,7 +489,7 @@ where
 }
 
 /// Run one job on the backend.
-async fn run_job<B: BlockBackend>(backend: &B, job: Job) -> Result<Option<B::ReadBuf>, Errno> {
+async fn run_job<B: BlockBackend>(backend: &B, job: Job) -> Result<Body<B::ReadBuf>, Errno> {
     match job {
         Job::Read { offset, len } => {
             let data = backend.read(offset, len).await?;
@@ -428,23 +502,55 @@ async fn run_job<B: BlockBackend>(backend: &B, job: Job) -> Result<Option<B::Rea
                 );
                 return Err(Errno::Io);
             }
-            Ok(Some(data))
+            Ok(Body::Data { offset, data })
         }
         Job::Write { offset, buf, flags } => {
             backend.write(offset, buf, flags).await?;
-            Ok(None)
+            Ok(Body::Done)
         }
         Job::Flush => {
             backend.flush().await?;
-            Ok(None)
+            Ok(Body::Done)
         }
         Job::Trim { offset, len, flags } => {
             backend.trim(offset, u64::from(len), flags).await?;
-            Ok(None)
+            Ok(Body::Done)
         }
-        Job::WriteZeroes { offset, len, flags } => {
+        Job::WriteZeroes {
+            offset,
+            len,
+            flags,
+            fast,
+        } => {
+            // FAST_ZERO: fail at once, before touching anything, unless
+            // the backend says zeroing this range is fast.
+            if fast && !backend.zeroes_are_fast(offset, u64::from(len)) {
+                return Err(Errno::NotSup);
+            }
             backend.write_zeroes(offset, u64::from(len), flags).await?;
-            Ok(None)
+            Ok(Body::Done)
+        }
+        Job::Cache { offset, len } => {
+            backend.cache(offset, u64::from(len)).await?;
+            Ok(Body::Done)
+        }
+        Job::BlockStatus {
+            offset,
+            len,
+            req_one,
+            context,
+        } => {
+            let max = if req_one {
+                1
+            } else {
+                proto::MAX_STATUS_DESCRIPTORS
+            };
+            let segments = backend.block_status(offset, u64::from(len), max).await?;
+            let descriptors = proto::status_descriptors(offset, len, &segments, max);
+            Ok(Body::Status {
+                context,
+                descriptors,
+            })
         }
     }
 }
@@ -457,23 +563,24 @@ const REPLY_BATCH: usize = 256 * 1024;
 
 /// The writer task: send queued replies until every sender is gone, then
 /// shut the socket down for writing. Replies that are queued together
-/// (header-only replies and small reads) leave in one write; large read
-/// data is written straight from its buffer. On a write error, fire
-/// `abort` so the reader stops, and drop the queue (which releases its
-/// permits).
-async fn write_replies<W, D>(mut w: W, rx: LocalReceiver<Reply<D>>, abort: Signal)
+/// (header-only replies, block status, errors and small reads) leave in
+/// one write; large read data is written straight from its buffer. Reads
+/// and errors are structured when `structured` replies were negotiated. On
+/// a write error, fire `abort` so the reader stops, and drop the queue
+/// (which releases its permits).
+async fn write_replies<W, D>(mut w: W, rx: LocalReceiver<Reply<D>>, structured: bool, abort: Signal)
 where
     W: AsyncWrite + Unpin,
     D: std::ops::Deref<Target = [u8]>,
 {
-    let mut staging = Vec::with_capacity(proto::SIMPLE_REPLY_HEADER_LEN + SMALL_REPLY);
+    let mut staging = Vec::with_capacity(proto::OFFSET_DATA_HEADER_LEN + SMALL_REPLY);
     // Replies whose bytes are staged; their permits go when they are sent.
     let mut held: Vec<Reply<D>> = Vec::new();
     let mut closed = false;
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next.take() {
-            if let Err(e) = stage_reply(&mut w, reply, &mut staging, &mut held).await {
+            if let Err(e) = stage_reply(&mut w, reply, structured, &mut staging, &mut held).await {
                 tracing::info!(error = %e, "cannot send reply; closing connection");
                 abort.fire();
                 return;
@@ -507,11 +614,13 @@ where
     let _ = w.close().await;
 }
 
-/// Stages one simple reply (header, then the data of a successful read),
-/// or writes it at once when its data is large (after what is staged).
+/// Stages one reply, or writes it at once when it carries large read data
+/// (after what is staged, then its header, then the data from its
+/// buffer).
 async fn stage_reply<W, D>(
     w: &mut W,
     reply: Reply<D>,
+    structured: bool,
     staging: &mut Vec<u8>,
     held: &mut Vec<Reply<D>>,
 ) -> io::Result<()>
@@ -519,31 +628,44 @@ where
     W: AsyncWrite + Unpin,
     D: std::ops::Deref<Target = [u8]>,
 {
-    let (error, data) = match &reply.result {
-        Ok(data) => (None, data.as_deref()),
-        Err(errno) => (Some(*errno), None),
-    };
-    let hdr = SimpleReplyHeader::new(reply.handle, error).to_bytes();
-    match data {
-        Some(data) if data.len() > SMALL_REPLY => {
-            if !staging.is_empty() {
-                w.write_all(staging).await?;
-                staging.clear();
-                held.clear();
+    let handle = reply.handle;
+    match &reply.body {
+        Body::Data { offset, data } => {
+            let simple;
+            let chunk;
+            let hdr: &[u8] = if structured {
+                chunk = proto::offset_data_header(handle, *offset, data.len());
+                &chunk
+            } else {
+                simple = SimpleReplyHeader::new(handle, None).to_bytes();
+                &simple
+            };
+            if data.len() > SMALL_REPLY {
+                if !staging.is_empty() {
+                    w.write_all(staging).await?;
+                    staging.clear();
+                    held.clear();
+                }
+                w.write_all(hdr).await?;
+                w.write_all(data).await?;
+                return Ok(());
             }
-            w.write_all(&hdr).await?;
-            w.write_all(data).await?;
-        }
-        Some(data) => {
-            staging.extend_from_slice(&hdr);
+            staging.extend_from_slice(hdr);
             staging.extend_from_slice(data);
-            held.push(reply);
         }
-        None => {
-            staging.extend_from_slice(&hdr);
-            held.push(reply);
+        Body::Done => {
+            staging.extend_from_slice(&SimpleReplyHeader::new(handle, None).to_bytes());
         }
+        Body::Error(errno) if structured => proto::encode_error_chunk(staging, handle, *errno),
+        Body::Error(errno) => {
+            staging.extend_from_slice(&SimpleReplyHeader::new(handle, Some(*errno)).to_bytes());
+        }
+        Body::Status {
+            context,
+            descriptors,
+        } => proto::encode_block_status_chunk(staging, handle, *context, descriptors),
     }
+    held.push(reply);
     Ok(())
 }
 
