@@ -9,7 +9,9 @@
 
 pub mod fio;
 pub mod machine;
+pub mod memory;
 pub mod procmon;
 pub mod report;
 pub mod suite;
+pub mod syscalls;
 pub mod util;
