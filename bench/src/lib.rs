@@ -7,6 +7,7 @@
 //!   vs hastd in one run, full synchronisation, two resources), built from
 //!   the modules below; see docs/benchmarks.md.
 
+pub mod charts;
 pub mod fio;
 pub mod machine;
 pub mod memory;
