@@ -134,11 +134,12 @@ pub struct SyncSeries {
     pub app_idle_iops: Option<f64>,
 }
 
-/// Sync rates over one-second steps, the application's IOPS as logged.
+/// Sync rates over half-second steps (fio's IOPS log interval), the
+/// application's IOPS as logged.
 pub fn sync_series(t: &SyncTimeline, app_idle_iops: Option<f64>) -> SyncSeries {
     SyncSeries {
-        loaded: rates(&t.loaded, 1.0),
-        alone: rates(&t.alone, 1.0),
+        loaded: rates(&t.loaded, 0.5),
+        alone: rates(&t.alone, 0.5),
         app_iops: t.app_iops.clone(),
         app_idle_iops,
     }
@@ -401,7 +402,7 @@ pub fn render_sync(s: &SyncSeries, title: &str) -> Res<String> {
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(err)?;
-        let (c0, c1, c2) = (colour(0), colour(1), colour(2));
+        let (c0, c1) = (colour(0), colour(1));
         chart
             .draw_series(LineSeries::new(
                 s.loaded.iter().copied(),
@@ -411,13 +412,17 @@ pub fn render_sync(s: &SyncSeries, title: &str) -> Res<String> {
             .label("sync with the application load (MB/s)")
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], c0.stroke_width(2)));
         chart
-            .draw_series(LineSeries::new(
+            .draw_series(DashedLineSeries::new(
                 s.alone.iter().copied(),
-                c0.mix(0.35).stroke_width(1),
+                6,
+                4,
+                c0.mix(0.6).stroke_width(2),
             ))
             .map_err(err)?
             .label("sync alone (MB/s)")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], c0.mix(0.35)));
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 14, y)], c0.mix(0.6).stroke_width(2))
+            });
         chart
             .draw_secondary_series(LineSeries::new(
                 s.app_iops.iter().copied(),
@@ -428,10 +433,17 @@ pub fn render_sync(s: &SyncSeries, title: &str) -> Res<String> {
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], c1.stroke_width(2)));
         if let Some(i) = s.app_idle_iops {
             chart
-                .draw_secondary_series(LineSeries::new([(0.0, i), (t_end, i)], c2.stroke_width(1)))
+                .draw_secondary_series(DashedLineSeries::new(
+                    [(0.0, i), (t_end, i)],
+                    6,
+                    4,
+                    c1.mix(0.6).stroke_width(2),
+                ))
                 .map_err(err)?
                 .label("application IOPS with no sync (right)")
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], c2));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 14, y)], c1.mix(0.6).stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
