@@ -16,6 +16,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::coord::{CoordTranslate, Shift};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -195,6 +196,34 @@ fn err<E: std::fmt::Debug>(e: E) -> String {
     format!("chart: {e:?}")
 }
 
+/// An SVG of `size` pixels on a white background, drawn by `draw`.
+fn svg_chart(size: (u32, u32), draw: impl FnOnce(&SvgArea) -> Res<()>) -> Res<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        draw(&root)?;
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
+type SvgArea<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// The legend of a chart's labelled series, at `pos`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> Res<()> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 /// Grouped bars of `data` as SVG, with a reference line at `reference`.
 pub fn render_bars(
     data: &Bars,
@@ -202,10 +231,7 @@ pub fn render_bars(
     y_desc: &str,
     reference: Option<(f64, &str)>,
 ) -> Res<String> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (960, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+    svg_chart((960, 480), |root| {
         let top = data
             .series
             .iter()
@@ -214,7 +240,7 @@ pub fn render_bars(
             .chain(reference.map(|r| r.0))
             .fold(0.0f64, f64::max);
         let n = data.groups.len();
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
@@ -267,27 +293,15 @@ pub fn render_bars(
                 .label(name)
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    Ok(svg)
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
+    })
 }
 
 /// p50 and p99 bars per system, one panel per workload, logarithmic.
 pub fn render_latency(panels: &[LatencyPanel]) -> Res<String> {
-    let mut svg = String::new();
     let cols = 2;
     let rows = panels.len().div_ceil(cols).max(1);
-    {
-        let root =
-            SVGBackend::with_string(&mut svg, (1000, 40 + 300 * rows as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+    svg_chart((1000, 40 + 300 * rows as u32), |root| {
         let root = root
             .titled(
                 "Completion latency, p50 and p99 (µs, logarithmic)",
@@ -341,46 +355,22 @@ pub fn render_latency(panels: &[LatencyPanel]) -> Res<String> {
                 }
             }
             if std::ptr::eq(p, &panels[0]) {
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperLeft)
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(err)?;
+                legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
             }
         }
-        root.present().map_err(err)?;
-    }
-    Ok(svg)
+        Ok(())
+    })
 }
 
 /// Sync MB/s (left axis) and application IOPS (right axis) over time.
 pub fn render_sync(s: &SyncSeries, title: &str) -> Res<String> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (960, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let t_end = s
-            .loaded
-            .iter()
-            .chain(&s.alone)
-            .chain(&s.app_iops)
-            .map(|p| p.0)
-            .fold(1.0f64, f64::max);
-        let mb_top = s
-            .loaded
-            .iter()
-            .chain(&s.alone)
-            .map(|p| p.1)
-            .fold(1.0f64, f64::max);
-        let iops_top = s
-            .app_iops
-            .iter()
-            .map(|p| p.1)
-            .chain(s.app_idle_iops)
-            .fold(1.0f64, f64::max);
-        let mut chart = ChartBuilder::on(&root)
+    svg_chart((960, 480), |root| {
+        let max = |v: &mut dyn Iterator<Item = f64>| v.fold(1.0f64, f64::max);
+        let sync = || s.loaded.iter().chain(&s.alone);
+        let t_end = max(&mut sync().chain(&s.app_iops).map(|p| p.0));
+        let mb_top = max(&mut sync().map(|p| p.1));
+        let iops_top = max(&mut s.app_iops.iter().map(|p| p.1).chain(s.app_idle_iops));
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
@@ -403,58 +393,56 @@ pub fn render_sync(s: &SyncSeries, title: &str) -> Res<String> {
             .draw()
             .map_err(err)?;
         let (c0, c1) = (colour(0), colour(1));
-        chart
-            .draw_series(LineSeries::new(
-                s.loaded.iter().copied(),
-                c0.stroke_width(2),
-            ))
-            .map_err(err)?
-            .label("sync with the application load (MB/s)")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], c0.stroke_width(2)));
-        chart
-            .draw_series(DashedLineSeries::new(
-                s.alone.iter().copied(),
-                6,
-                4,
-                c0.mix(0.6).stroke_width(2),
-            ))
-            .map_err(err)?
-            .label("sync alone (MB/s)")
-            .legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 14, y)], c0.mix(0.6).stroke_width(2))
-            });
-        chart
-            .draw_secondary_series(LineSeries::new(
-                s.app_iops.iter().copied(),
-                c1.stroke_width(2),
-            ))
-            .map_err(err)?
-            .label("application IOPS during the sync (right)")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], c1.stroke_width(2)));
-        if let Some(i) = s.app_idle_iops {
-            chart
-                .draw_secondary_series(DashedLineSeries::new(
-                    [(0.0, i), (t_end, i)],
-                    6,
-                    4,
-                    c1.mix(0.6).stroke_width(2),
-                ))
+        let idle: Vec<(f64, f64)> = s
+            .app_idle_iops
+            .map_or_else(Vec::new, |i| vec![(0.0, i), (t_end, i)]);
+        // (points, on the right axis, dashed, colour, label)
+        let lines = [
+            (
+                &s.loaded,
+                false,
+                false,
+                c0,
+                "sync with the application load (MB/s)",
+            ),
+            (&s.alone, false, true, c0, "sync alone (MB/s)"),
+            (
+                &s.app_iops,
+                true,
+                false,
+                c1,
+                "application IOPS during the sync (right)",
+            ),
+            (
+                &idle,
+                true,
+                true,
+                c1,
+                "application IOPS with no sync (right)",
+            ),
+        ];
+        for (points, right, dashed, c, name) in lines {
+            if points.is_empty() {
+                continue;
+            }
+            let (style, gap) = if dashed {
+                (c.mix(0.6).stroke_width(2), 4)
+            } else {
+                (c.stroke_width(2), 0)
+            };
+            let line = DashedLineSeries::new(points.iter().copied(), 6, gap, style);
+            let drawn = if right {
+                chart.draw_secondary_series(line)
+            } else {
+                chart.draw_series(line)
+            };
+            drawn
                 .map_err(err)?
-                .label("application IOPS with no sync (right)")
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 14, y)], c1.mix(0.6).stroke_width(2))
-                });
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], style));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    Ok(svg)
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
+    })
 }
 
 /// Renders every chart the results have data for into `dir` (created),

@@ -301,21 +301,9 @@ fn in_sync(j: &serde_json::Value) -> bool {
     j["connected"] == true && j["dirty"].as_u64() == Some(0) && j["sync"].is_null()
 }
 
-/// Polls `hastctl list` every `every` until `pred`; returns when it first
-/// held. Panics after `limit`.
+/// Polls `hastctl list` every `every` until `pred`, showing every status
+/// to `seen` first; returns when `pred` first held. Panics after `limit`.
 fn wait_for(
-    node: &TestNode,
-    res: &str,
-    what: &str,
-    limit: Duration,
-    every: Duration,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> Instant {
-    wait_for_with(node, res, what, limit, every, pred, |_| {})
-}
-
-/// [`wait_for`], showing every status polled to `seen` first.
-fn wait_for_with(
     node: &TestNode,
     res: &str,
     what: &str,
@@ -578,6 +566,7 @@ fn run_modes(
                 Duration::from_secs(120),
                 Duration::from_millis(100),
                 in_sync,
+                |_| {},
             );
         }
         let procs = hastd_pids(c);
@@ -776,6 +765,7 @@ pub fn sync(cfg: &Config, res: &mut Results) {
             Duration::from_secs(30),
             every,
             |j| j["connected"] == true,
+            |_| {},
         )
     };
     let procs = hastd_pids(&c);
@@ -784,16 +774,20 @@ pub fn sync(cfg: &Config, res: &mut Results) {
     let asked = Instant::now();
     c.b.hastctl(&["role", "secondary", "big"]);
     let connected = wait_connected(&c);
+    // The end of a sync, tracing its progress from `t0`.
+    let wait_synced = |c: &Cluster, trace: &mut Vec<(f64, u64)>, t0: Instant| {
+        wait_for(
+            &c.a,
+            "big",
+            "the end of the sync",
+            limit,
+            every,
+            in_sync,
+            |j| trace_sync(trace, t0, j),
+        )
+    };
     let mut alone = Vec::new();
-    let done = wait_for_with(
-        &c.a,
-        "big",
-        "the end of the sync",
-        limit,
-        every,
-        in_sync,
-        |j| trace_sync(&mut alone, connected, j),
-    );
+    let done = wait_synced(&c, &mut alone, connected);
     let usage = mon.finish();
     let mut s = SyncResult {
         mode: mode.clone(),
@@ -862,15 +856,7 @@ pub fn sync(cfg: &Config, res: &mut Results) {
     let usage = mon.finish();
     let sync_end = match sync_end {
         Some(e) => e,
-        None => wait_for_with(
-            &c.a,
-            "big",
-            "the end of the sync",
-            limit,
-            every,
-            in_sync,
-            |j| trace_sync(&mut loaded, connected, j),
-        ),
+        None => wait_synced(&c, &mut loaded, connected),
     };
     // fio's log counts from the end of its ramp.
     let log_start = (fio_start + Duration::from_secs(cfg.ramp.into()))
