@@ -41,7 +41,7 @@ const USAGE: &str = "\
 usage: hast-bench COMMAND [OPTIONS]
 
 commands:
-  all          everything below in one run (about 9 minutes with the defaults)
+  all          everything below in one run (about 8 minutes with the defaults)
   raw          the raw disk: fio, io_uring, O_DIRECT on a file
   qemu-nbd     qemu-nbd serving a file on a unix socket, fio's nbd engine
   hastd        two hastd nodes, the primary's export, each mode of --modes
@@ -60,8 +60,8 @@ options:
   --sync-size SIZE    data area of the full-sync resource (4G)
   --sync-mode MODE    replication mode of the sync test (memsync)
   --sync-load-qd N    queue depth of the 4k randwrite load during the sync (32)
-  --big-size SIZE     working set of the big job (8G; each node's provider
-                      and the qemu-nbd file are that big, filled with data)
+  --big-size SIZE     working set of the big job (8G; both providers are that
+                      big, filled with data; qemu-nbd serves the primary's)
   --keepdirty N       hastctl create -k for the hastd providers (default 64,
                       the original's); e.g. the extent count of --size to
                       size the activemap hot set to the working set
