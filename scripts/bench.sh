@@ -3,17 +3,21 @@
 # hast-bench (bench/src/bin/hast-bench.rs) on this host.
 #
 #   scripts/bench.sh                  # everything: raw disk, qemu-nbd, hastd in
-#                                     # each mode, two resources, full sync;
-#                                     # prints the table and the targets, writes
-#                                     # $TARGET/hast-bench.json and the generated
-#                                     # section of docs/benchmarks.md
-#   scripts/bench.sh qemu-nbd         # one part: raw, qemu-nbd, hastd, two,
+#                                     # each mode, two resources, the 8 GiB
+#                                     # working set, full sync; prints the table
+#                                     # and the targets, writes
+#                                     # $TARGET/hast-bench.json, the charts in
+#                                     # docs/bench/ and the generated section of
+#                                     # docs/benchmarks.md
+#   scripts/bench.sh qemu-nbd         # one part: raw, qemu-nbd, hastd, two, big,
 #                                     # sync, replication (the old baseline)
 #   scripts/bench.sh hastd --modes memsync --workloads randwrite-4k-qd32
 #   scripts/bench.sh --help           # every option
 #
 # Needs fio, qemu-nbd and qemu-io (scripts/install-test-deps.sh installs
-# them). Respects CARGO_TARGET_DIR. Benchmark files go to HAST_TEST_DIR
+# them); counting system calls needs root (or CAP_PERFMON) and tracefs, not
+# the perf tool. About 20 GiB free under HAST_TEST_DIR (the 8 GiB job keeps
+# two 8 GiB providers). Respects CARGO_TARGET_DIR. Benchmark files go to HAST_TEST_DIR
 # (default /tmp; must support O_DIRECT, so not tmpfs). An interrupted run
 # stops every process it started (each step runs in its own process group).
 set -euo pipefail

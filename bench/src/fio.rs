@@ -201,12 +201,66 @@ pub struct Running {
 
 /// Starts a job.
 pub fn spawn(w: &Workload, target: &Target, t: &Timing, dir: &Path) -> Running {
+    spawn_command(command(w, target, t), w, t, dir)
+}
+
+/// Starts a job that also writes its IOPS every half second to
+/// `<prefix>_iops.1.log` (read it with [`read_iops_log`]).
+pub fn spawn_logged(
+    w: &Workload,
+    target: &Target,
+    t: &Timing,
+    dir: &Path,
+    prefix: &Path,
+) -> Running {
+    let mut c = command(w, target, t);
+    c.arg(format!("--write_iops_log={}", prefix.display()))
+        .arg(format!("--log_avg_msec={IOPS_LOG_MSEC}"));
+    spawn_command(c, w, t, dir)
+}
+
+/// Averaging interval of the IOPS log (ms).
+const IOPS_LOG_MSEC: u32 = 500;
+
+fn spawn_command(mut c: Command, w: &Workload, t: &Timing, dir: &Path) -> Running {
     let what = format!("fio {}", w.key);
     Running {
-        proc: spawn_captured(&mut command(w, target, t), &what, dir),
+        proc: spawn_captured(&mut c, &what, dir),
         limit: limit(t),
         what,
     }
+}
+
+/// The IOPS log written by a job of [`spawn_logged`], then removed:
+/// (seconds after the ramp, IOPS); empty if there is none.
+pub fn read_iops_log(prefix: &Path) -> Vec<(f64, f64)> {
+    let path = PathBuf::from(format!("{}_iops.1.log", prefix.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    parse_iops_log(&text)
+}
+
+/// Parses an fio IOPS log (`msec, iops, direction, bs, offset[, prio]` per
+/// line, times from the end of the ramp) into (seconds, IOPS), summing
+/// the directions of one instant.
+pub fn parse_iops_log(text: &str) -> Vec<(f64, f64)> {
+    let mut out: Vec<(u64, f64)> = Vec::new();
+    for line in text.lines() {
+        let mut f = line.split(',').map(str::trim);
+        let (Some(Ok(ms)), Some(Ok(v))) = (
+            f.next().map(str::parse::<u64>),
+            f.next().map(str::parse::<f64>),
+        ) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some((t, sum)) if *t == ms => *sum += v,
+            _ => out.push((ms, v)),
+        }
+    }
+    out.into_iter()
+        .map(|(ms, v)| (ms as f64 / 1000.0, v))
+        .collect()
 }
 
 impl Running {
@@ -298,6 +352,16 @@ mod tests {
         assert_eq!(r.io_bytes, 32768000);
         assert_eq!(r.runtime_s, 8.0);
         assert_eq!(r.client_cpu_pct, 15.5);
+    }
+
+    #[test]
+    fn iops_logs_parse() {
+        let log = "499, 28286, 1, 0, 0\n999, 29502, 1, 0, 0\n999, 10, 0, 0, 0\nbad line\n1500, 30166, 1, 0, 0, 0\n";
+        assert_eq!(
+            parse_iops_log(log),
+            vec![(0.499, 28286.0), (0.999, 29512.0), (1.5, 30166.0)]
+        );
+        assert!(parse_iops_log("").is_empty());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! memory (VmRSS, peak kept) and, once the fio ramp is over and again at
 //! the end, CPU time (utime + stime of /proc/PID/stat, all threads) and the
 //! CPU time of each thread (/proc/PID/task/TID/stat), so that the job's CPU
-//! covers the same window as fio's figures.
+//! covers the same window as fio's figures; over the same window it counts
+//! each process's system calls ([`crate::syscalls`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+
+use crate::syscalls::SyscallCounter;
 
 /// Clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`, 100 if
 /// that fails).
@@ -129,6 +132,16 @@ pub struct ProcUsage {
     pub hwm_kib: u64,
     /// CPU seconds per thread name in the window, largest first.
     pub threads: Vec<(String, f64)>,
+    /// System calls in the window (None: not countable here).
+    pub syscalls: Option<u64>,
+}
+
+impl ProcUsage {
+    /// The peak resident memory seen (KiB): the highest VmRSS sampled or,
+    /// if higher, VmHWM (which no sampling interval can miss).
+    pub fn peak_kib(&self) -> u64 {
+        self.rss_peak_kib.max(self.hwm_kib)
+    }
 }
 
 /// What the watched processes used during a job.
@@ -144,6 +157,11 @@ impl Usage {
     /// CPU seconds of all watched processes.
     pub fn cpu_s(&self) -> f64 {
         self.procs.iter().map(|p| p.cpu_s).sum()
+    }
+
+    /// System calls of all watched processes in the window.
+    pub fn syscalls(&self) -> Option<u64> {
+        self.procs.iter().map(|p| p.syscalls).sum()
     }
 
     /// Peak RSS per process in MiB, `A/B` style.
@@ -194,6 +212,7 @@ impl Usage {
                 "rss_peak_kib": p.rss_peak_kib,
                 "hwm_kib": p.hwm_kib,
                 "threads": p.threads.iter().map(|(n, s)| json!({"name": n, "cpu_s": s})).collect::<Vec<_>>(),
+                "syscalls": p.syscalls,
             })).collect::<Vec<_>>(),
         })
     }
@@ -258,10 +277,27 @@ impl Drop for Monitor {
     }
 }
 
+/// A system-call counter per process where counting works (see
+/// [`crate::syscalls::availability`]).
+fn start_counters(procs: &[Watched]) -> Vec<Option<SyscallCounter>> {
+    if crate::syscalls::availability().is_err() {
+        return Vec::new();
+    }
+    procs
+        .iter()
+        .map(|p| {
+            SyscallCounter::start(p.pid)
+                .map_err(|e| eprintln!("   warning: {} (pid {}): {e}", p.label, p.pid))
+                .ok()
+        })
+        .collect()
+}
+
 fn sample(procs: &[Watched], skip: Duration, stop: &AtomicBool) -> Usage {
     let start = Instant::now();
     let mut peak = vec![0u64; procs.len()];
     let mut first: Option<Snapshot> = None;
+    let mut counters: Vec<Option<SyscallCounter>> = Vec::new();
     let sample_mem = |peak: &mut Vec<u64>| {
         for (i, p) in procs.iter().enumerate() {
             if let Some((rss, _)) = mem_kib(p.pid) {
@@ -272,6 +308,7 @@ fn sample(procs: &[Watched], skip: Duration, stop: &AtomicBool) -> Usage {
     loop {
         sample_mem(&mut peak);
         if first.is_none() && start.elapsed() >= skip {
+            counters = start_counters(procs);
             first = Some(snapshot(procs));
         }
         if stop.load(Ordering::Relaxed) {
@@ -279,6 +316,10 @@ fn sample(procs: &[Watched], skip: Duration, stop: &AtomicBool) -> Usage {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let syscalls: Vec<Option<u64>> = counters
+        .iter()
+        .map(|c| c.as_ref().and_then(SyscallCounter::read))
+        .collect();
     let last = snapshot(procs);
     let first = first.unwrap_or_else(|| snapshot(procs));
     let tck = clk_tck();
@@ -309,6 +350,7 @@ fn sample(procs: &[Watched], skip: Duration, stop: &AtomicBool) -> Usage {
                 rss_peak_kib: peak[i],
                 hwm_kib: mem_kib(p.pid).map_or(0, |m| m.1),
                 threads,
+                syscalls: syscalls.get(i).copied().flatten(),
             }
         })
         .collect();

@@ -13,8 +13,8 @@ use hast_tests::{require_tool, ResourceDef, TestNode};
 use serde_json::json;
 
 use crate::fio::{self, Target, Timing, Workload};
-use crate::procmon::{Monitor, Watched};
-use crate::report::{self, Results, Row, SyncResult};
+use crate::procmon::{mem_kib, Monitor, Watched};
+use crate::report::{self, IdleRss, Results, Row, SyncResult};
 use crate::util::{provider_size, run_bounded, sparse_file, Guarded, WorkDir, MIB};
 
 /// Parameters of a run.
@@ -39,6 +39,9 @@ pub struct Config {
     pub sync_load_qd: u32,
     /// `hastctl create -k` for the hastd providers (None: the default, 64).
     pub keepdirty: Option<u64>,
+    /// Working set of the big job (4k randwrite QD32 on qemu-nbd and on
+    /// hastd memsync and fullsync).
+    pub big_size: u64,
 }
 
 impl Config {
@@ -63,6 +66,7 @@ impl Config {
             "sync_mode": self.sync_mode,
             "sync_load_qd": self.sync_load_qd,
             "keepdirty": self.keepdirty,
+            "big_size": self.big_size,
         })
     }
 }
@@ -111,7 +115,7 @@ pub fn bench_file(cfg: &Config) -> (WorkDir, PathBuf) {
 
 fn log_row(r: &Row) {
     eprintln!(
-        "   {} {}: {:.0} IOPS, {:.1} MB/s, p50 {:.0} µs, p99 {:.0} µs{}",
+        "   {} {}: {:.0} IOPS, {:.1} MB/s, p50 {:.0} µs, p99 {:.0} µs{}{}",
         r.system,
         r.label,
         r.fio.iops,
@@ -126,14 +130,53 @@ fn log_row(r: &Row) {
                 u.threads_summary(3),
                 u.rss_mib()
             ))
+            .unwrap_or_default(),
+        r.syscalls_summary()
+            .map(|s| format!(", {s}"))
             .unwrap_or_default()
     );
+}
+
+/// A fio workload and the names of its rows (a workload over another
+/// working set than `--size` gets its own key).
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// What fio runs.
+    pub w: Workload,
+    /// Workload key of the rows.
+    pub key: String,
+    /// Label of the rows.
+    pub label: String,
+}
+
+impl Job {
+    /// A workload under its own name.
+    pub fn plain(w: &Workload) -> Job {
+        Job {
+            w: *w,
+            key: w.key.into(),
+            label: w.label.into(),
+        }
+    }
+
+    /// 4k randwrite QD32 over the big working set of `size` bytes.
+    pub fn big(size: u64) -> Job {
+        Job {
+            w: fio::RANDWRITE_QD32,
+            key: report::BIG.into(),
+            label: format!(
+                "{}, {}",
+                fio::RANDWRITE_QD32.label,
+                crate::util::human_size(size)
+            ),
+        }
+    }
 }
 
 /// Runs one fio job while watching `procs`.
 fn measure(
     system: &str,
-    w: &Workload,
+    job: &Job,
     target: &Target,
     t: &Timing,
     procs: &[Watched],
@@ -141,16 +184,17 @@ fn measure(
 ) -> Row {
     let mon = (!procs.is_empty())
         .then(|| Monitor::start(procs.to_vec(), Duration::from_secs(t.ramp.into())));
-    let fio = fio::run(w, target, t, dir);
+    let fio = fio::run(&job.w, target, t, dir);
     let usage = mon.map(Monitor::finish);
     let row = Row {
         system: system.into(),
-        workload: w.key.into(),
-        label: w.label.into(),
+        workload: job.key.clone(),
+        label: job.label.clone(),
         fio,
         usage,
         compare: true,
         counters: None,
+        resources: 0,
     };
     log_row(&row);
     row
@@ -163,7 +207,7 @@ pub fn raw(cfg: &Config, res: &mut Results, file: &Path) {
     for w in &cfg.workloads {
         let row = measure(
             report::RAW,
-            w,
+            &Job::plain(w),
             &Target::File(file.to_owned()),
             &cfg.timing(),
             &[],
@@ -176,52 +220,69 @@ pub fn raw(cfg: &Config, res: &mut Results, file: &Path) {
 /// qemu-nbd serving `file` (`--cache=none --aio=io_uring -f raw`) on a
 /// unix socket, measured with fio's nbd engine.
 pub fn qemu_nbd(cfg: &Config, res: &mut Results, file: &Path) {
-    require_tool("fio");
-    require_tool("qemu-nbd");
-    let wd = WorkDir::new("hast-bench-qemu");
-    let sock = wd.join("qemu.sock");
-    let log = std::fs::File::create(wd.join("qemu-nbd.log")).expect("qemu-nbd log");
-    let mut q = Guarded::spawn(
-        Command::new("qemu-nbd")
-            .arg("--persistent")
-            .arg("--cache=none")
-            .arg("--aio=io_uring")
-            .args(["-f", "raw", "-k"])
-            .arg(&sock)
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(log),
-        "qemu-nbd",
-    );
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        if let Some(st) = q.try_wait() {
-            panic!(
-                "qemu-nbd exited ({st}): {}",
-                std::fs::read_to_string(wd.join("qemu-nbd.log")).unwrap_or_default()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "qemu-nbd did not open {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let procs = [Watched::new("qemu-nbd", q.pid())];
+    let q = QemuNbd::start(file, 0);
     for w in &cfg.workloads {
-        let row = measure(
-            report::QEMU,
-            w,
-            &Target::Nbd(uri.clone()),
-            &cfg.timing(),
-            &procs,
-            wd.path(),
-        );
-        res.rows.push(row);
+        res.rows.push(q.measure(&Job::plain(w), &cfg.timing()));
     }
-    q.stop();
+}
+
+/// A qemu-nbd process serving a file from `offset` on, stopped on drop.
+struct QemuNbd {
+    wd: WorkDir,
+    proc: Guarded,
+    uri: String,
+}
+
+impl QemuNbd {
+    fn start(file: &Path, offset: u64) -> QemuNbd {
+        require_tool("fio");
+        require_tool("qemu-nbd");
+        let wd = WorkDir::new("hast-bench-qemu");
+        let sock = wd.join("qemu.sock");
+        let log = std::fs::File::create(wd.join("qemu-nbd.log")).expect("qemu-nbd log");
+        let mut q = Guarded::spawn(
+            Command::new("qemu-nbd")
+                .arg("--persistent")
+                .arg("--cache=none")
+                .arg("--aio=io_uring")
+                .arg(format!("--offset={offset}"))
+                .args(["-f", "raw", "-k"])
+                .arg(&sock)
+                .arg(file)
+                .stdout(Stdio::null())
+                .stderr(log),
+            "qemu-nbd",
+        );
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Some(st) = q.try_wait() {
+                panic!(
+                    "qemu-nbd exited ({st}): {}",
+                    std::fs::read_to_string(wd.join("qemu-nbd.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "qemu-nbd did not open {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        QemuNbd { wd, proc: q, uri }
+    }
+
+    fn measure(&self, job: &Job, t: &Timing) -> Row {
+        let procs = [Watched::new("qemu-nbd", self.proc.pid())];
+        measure(
+            report::QEMU,
+            job,
+            &Target::Nbd(self.uri.clone()),
+            t,
+            &procs,
+            self.wd.path(),
+        )
+    }
 }
 
 /// The list entry of a resource, or None if hastctl fails.
@@ -240,8 +301,8 @@ fn in_sync(j: &serde_json::Value) -> bool {
     j["connected"] == true && j["dirty"].as_u64() == Some(0) && j["sync"].is_null()
 }
 
-/// Polls `hastctl list` every `every` until `pred`; returns when it first
-/// held. Panics after `limit`.
+/// Polls `hastctl list` every `every` until `pred`, showing every status
+/// to `seen` first; returns when `pred` first held. Panics after `limit`.
 fn wait_for(
     node: &TestNode,
     res: &str,
@@ -249,10 +310,14 @@ fn wait_for(
     limit: Duration,
     every: Duration,
     pred: impl Fn(&serde_json::Value) -> bool,
+    mut seen: impl FnMut(&serde_json::Value),
 ) -> Instant {
     let start = Instant::now();
     loop {
         let j = list(node, res);
+        if let Some(j) = &j {
+            seen(j);
+        }
         if j.as_ref().is_some_and(&pred) {
             return Instant::now();
         }
@@ -264,6 +329,13 @@ fn wait_for(
             node.log_tail(30)
         );
         std::thread::sleep(every);
+    }
+}
+
+/// Records (seconds since `t0`, `synced_bytes`) of a status in `trace`.
+fn trace_sync(trace: &mut Vec<(f64, u64)>, t0: Instant, j: &serde_json::Value) {
+    if let Some(b) = j["synced_bytes"].as_u64() {
+        trace.push((t0.elapsed().as_secs_f64(), b));
     }
 }
 
@@ -392,14 +464,15 @@ fn measure_hastd(
     c: &Cluster,
     names: &[&str],
     system: &str,
-    w: &Workload,
+    job: &Job,
     target: &Target,
     t: &Timing,
     procs: &[Watched],
 ) -> Row {
     let before = counters(c, names);
-    let mut row = measure(system, w, target, t, procs, &c.a.dir);
+    let mut row = measure(system, job, target, t, procs, &c.a.dir);
     row.counters = Some(counters_delta(&before, &counters(c, names)));
+    row.resources = c.a.resources.len() as u64;
     if let Some(a) = row.activemap_summary() {
         eprintln!("   {a}");
     }
@@ -413,22 +486,19 @@ fn hastd_pids(c: &Cluster) -> Vec<Watched> {
     ]
 }
 
-/// Two hastd nodes (127.0.0.1 primary, 127.0.0.2 secondary) with one
-/// resource of `cfg.size` (two with `two`), providers filled with data;
-/// in each mode of `modes` (both nodes restarted with the new mode), the
-/// workloads against the primary's export, then (first mode only, with
-/// `two`) 4k randwrite QD32 on one resource alone and on both at once.
-pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Workload], two: bool) {
-    require_tool("fio");
-    let names: Vec<&str> = if two { vec!["r1", "r2"] } else { vec!["r1"] };
+/// Two hastd nodes (127.0.0.1 primary, 127.0.0.2 secondary) with resources
+/// `names` whose data areas are `size` bytes, created (`hastctl create`,
+/// with `--keepdirty`), not started; the providers are sparse until
+/// [`fill_node`].
+fn new_pair(cfg: &Config, names: &[&str], size: u64, mode: &str) -> Cluster {
     let defs = names
         .iter()
-        .map(|n| ResourceDef::file(n, provider_size(cfg.size)))
+        .map(|n| ResourceDef::file(n, provider_size(size)))
         .collect();
-    let mut c = Cluster::new(
+    let c = Cluster::new(
         defs,
         ClusterOptions {
-            replication: modes.first().cloned().unwrap_or_else(|| "memsync".into()),
+            replication: mode.into(),
             timeout_secs: 10,
             ..Default::default()
         },
@@ -443,10 +513,38 @@ pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Wor
             node.hastctl(&args);
         }
     }
+    c
+}
+
+/// Two hastd nodes (127.0.0.1 primary, 127.0.0.2 secondary) with one
+/// resource of `cfg.size` (two with `two`), providers filled with data;
+/// in each mode of `modes` (both nodes restarted with the new mode), the
+/// workloads against the primary's export, then (first mode only, with
+/// `two`) 4k randwrite QD32 on one resource alone and on both at once.
+pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Workload], two: bool) {
+    require_tool("fio");
+    let names: Vec<&str> = if two { vec!["r1", "r2"] } else { vec!["r1"] };
+    let first = modes.first().map_or("memsync", String::as_str);
+    let mut c = new_pair(cfg, &names, cfg.size, first);
     eprintln!("== hastd: filling the providers");
     fill_node(&c.a, &names, cfg.size);
     fill_node(&c.b, &names, cfg.size);
-    let t = cfg.timing();
+    let jobs: Vec<Job> = workloads.iter().map(Job::plain).collect();
+    run_modes(&mut c, &names, modes, &jobs, &cfg.timing(), two, res);
+}
+
+/// In each mode, both nodes of `c` (re)started with it and the resources
+/// in sync, each job against the primary's export of `r1` (and, first
+/// mode only, with `two`, the two-resource test).
+fn run_modes(
+    c: &mut Cluster,
+    names: &[&str],
+    modes: &[String],
+    jobs: &[Job],
+    t: &Timing,
+    two: bool,
+    res: &mut Results,
+) {
     for (i, mode) in modes.iter().enumerate() {
         eprintln!("== hastd {mode}: starting two nodes");
         for n in [&mut c.a, &mut c.b] {
@@ -454,13 +552,13 @@ pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Wor
             n.write_conf();
         }
         c.start();
-        for n in &names {
+        for n in names {
             c.b.hastctl(&["role", "secondary", n]);
         }
-        for n in &names {
+        for n in names {
             c.a.role("primary", n);
         }
-        for n in &names {
+        for n in names {
             wait_for(
                 &c.a,
                 n,
@@ -468,26 +566,28 @@ pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Wor
                 Duration::from_secs(120),
                 Duration::from_millis(100),
                 in_sync,
+                |_| {},
             );
         }
-        let procs = hastd_pids(&c);
+        let procs = hastd_pids(c);
         let system = report::hastd(mode);
+        res.idle.push(idle_rss(&system, c, &procs));
         let uri = c.a.uri("r1");
-        for w in workloads {
-            settle(&c, &names[..1]);
+        for job in jobs {
+            settle(c, &names[..1]);
             let row = measure_hastd(
-                &c,
+                c,
                 &names[..1],
                 &system,
-                w,
+                job,
                 &Target::Nbd(uri.clone()),
-                &t,
+                t,
                 &procs,
             );
             res.rows.push(row);
         }
         if two && i == 0 {
-            two_resources(&c, &system, &t, &procs, res);
+            two_resources(c, &system, t, &procs, res);
         }
         let st = c.a.list("r1");
         if st["connected"] != true {
@@ -497,21 +597,45 @@ pub fn hastd(cfg: &Config, res: &mut Results, modes: &[String], workloads: &[Wor
     }
 }
 
+/// The nodes' resident memory now (idle, in sync).
+fn idle_rss(system: &str, c: &Cluster, procs: &[Watched]) -> IdleRss {
+    let i = IdleRss {
+        system: system.into(),
+        resources: c.a.resources.len() as u64,
+        procs: procs
+            .iter()
+            .map(|p| (p.label.clone(), mem_kib(p.pid).map_or(0, |m| m.0)))
+            .collect(),
+    };
+    eprintln!(
+        "   idle RSS: {}",
+        i.procs
+            .iter()
+            .map(|(l, k)| format!("{l} {:.1} MiB", *k as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    i
+}
+
 fn two_resources(c: &Cluster, system: &str, t: &Timing, procs: &[Watched], res: &mut Results) {
     let w = fio::RANDWRITE_QD32;
     settle(c, &["r1", "r2"]);
     eprintln!("== {system}: {} on r1 alone", w.label);
+    let one = Job {
+        key: report::ONE_RES.into(),
+        label: "4k randwrite QD32, 1 res".into(),
+        ..Job::plain(&w)
+    };
     let mut one = measure_hastd(
         c,
         &["r1"],
         system,
-        &w,
+        &one,
         &Target::Nbd(c.a.uri("r1")),
         t,
         procs,
     );
-    one.workload = report::ONE_RES.into();
-    one.label = "4k randwrite QD32, 1 res".into();
     one.compare = false;
     res.rows.push(one);
     settle(c, &["r1", "r2"]);
@@ -536,11 +660,53 @@ fn two_resources(c: &Cluster, system: &str, t: &Timing, procs: &[Watched], res: 
         usage: Some(usage),
         compare: false,
         counters: Some(counters_delta(&before, &counters(c, &["r1", "r2"]))),
+        resources: c.a.resources.len() as u64,
     };
     log_row(&row);
     res.rows.push(row);
 }
 
+/// 4k randwrite QD32 over a working set of `cfg.big_size` (bigger than
+/// any sensible activemap hot set), default configuration: qemu-nbd on
+/// the primary's provider file (from its data area on), then hastd in
+/// memsync and fullsync (those of `cfg.modes`). Each provider is filled
+/// just before it is first used; everything is deleted at the end.
+pub fn big(cfg: &Config, res: &mut Results) {
+    require_tool("fio");
+    require_tool("qemu-nbd");
+    let size = cfg.big_size;
+    let modes: Vec<String> = ["memsync", "fullsync"]
+        .into_iter()
+        .filter(|m| cfg.modes.iter().any(|x| x == m))
+        .map(String::from)
+        .collect();
+    let mut c = new_pair(
+        cfg,
+        &["r1"],
+        size,
+        modes.first().map_or("memsync", String::as_str),
+    );
+    let job = Job::big(size);
+    let t = Timing {
+        size,
+        ..cfg.timing()
+    };
+    eprintln!("== big: filling the primary's provider");
+    fill_node(&c.a, &["r1"], size);
+    let localoff = c.a.dump("r1")["localoff"].as_u64().expect("localoff");
+    {
+        eprintln!("== big: qemu-nbd on the primary's provider (its data area)");
+        let q = QemuNbd::start(&c.a.provider("r1"), localoff);
+        res.rows.push(q.measure(&job, &t));
+    }
+    if modes.is_empty() {
+        eprintln!("== big: neither memsync nor fullsync in --modes; no hastd jobs");
+        return;
+    }
+    eprintln!("== big: filling the secondary's provider");
+    fill_node(&c.b, &["r1"], size);
+    run_modes(&mut c, &["r1"], &modes, &[job], &t, false, res);
+}
 /// Full synchronisation of a `cfg.sync_size` resource to a new secondary:
 /// the primary's data area is filled locally, copied once with `dd`
 /// (O_DIRECT) for the local rate, then hastd synchronises it (timed from
@@ -557,15 +723,7 @@ pub fn sync(cfg: &Config, res: &mut Results) {
         "--sync-size must be a multiple of 4 MiB"
     );
     let mode = cfg.sync_mode.clone();
-    let mut c = Cluster::new(
-        vec![ResourceDef::file("big", provider_size(size))],
-        ClusterOptions {
-            replication: mode.clone(),
-            timeout_secs: 10,
-            ..Default::default()
-        },
-    );
-    c.create_all();
+    let mut c = new_pair(cfg, &["big"], size, &mode);
     let md = c.a.dump("big");
     let localoff = md["localoff"].as_u64().expect("localoff");
     assert_eq!(md["datasize"].as_u64(), Some(size), "data area size");
@@ -607,6 +765,7 @@ pub fn sync(cfg: &Config, res: &mut Results) {
             Duration::from_secs(30),
             every,
             |j| j["connected"] == true,
+            |_| {},
         )
     };
     let procs = hastd_pids(&c);
@@ -615,7 +774,20 @@ pub fn sync(cfg: &Config, res: &mut Results) {
     let asked = Instant::now();
     c.b.hastctl(&["role", "secondary", "big"]);
     let connected = wait_connected(&c);
-    let done = wait_for(&c.a, "big", "the end of the sync", limit, every, in_sync);
+    // The end of a sync, tracing its progress from `t0`.
+    let wait_synced = |c: &Cluster, trace: &mut Vec<(f64, u64)>, t0: Instant| {
+        wait_for(
+            &c.a,
+            "big",
+            "the end of the sync",
+            limit,
+            every,
+            in_sync,
+            |j| trace_sync(trace, t0, j),
+        )
+    };
+    let mut alone = Vec::new();
+    let done = wait_synced(&c, &mut alone, connected);
     let usage = mon.finish();
     let mut s = SyncResult {
         mode: mode.clone(),
@@ -628,6 +800,7 @@ pub fn sync(cfg: &Config, res: &mut Results) {
         load_qd: cfg.sync_load_qd,
         ..Default::default()
     };
+    s.timeline.alone = alone;
     eprintln!(
         "   {:.1} s, {:.0} MB/s (local copy {:.0} MB/s); {}",
         s.sync_s,
@@ -665,21 +838,35 @@ pub fn sync(cfg: &Config, res: &mut Results) {
     let before = counters(&c, &["big"]);
     let mon = Monitor::start(procs.clone(), Duration::from_secs(cfg.ramp.into()));
     let fio_start = Instant::now();
-    let mut run = fio::spawn(&w, &Target::Nbd(uri.clone()), &t, &c.a.dir);
+    let log = c.a.dir.join("app");
+    let mut run = fio::spawn_logged(&w, &Target::Nbd(uri.clone()), &t, &c.a.dir, &log);
     let mut sync_end = None;
+    let mut loaded = Vec::new();
     while !run.done() {
-        if sync_end.is_none() && list(&c.a, "big").is_some_and(|j| in_sync(&j)) {
-            sync_end = Some(Instant::now());
+        if let Some(j) = list(&c.a, "big") {
+            trace_sync(&mut loaded, connected, &j);
+            if sync_end.is_none() && in_sync(&j) {
+                sync_end = Some(Instant::now());
+            }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(every);
     }
     let fio_end = Instant::now();
     let busy = run.wait();
     let usage = mon.finish();
     let sync_end = match sync_end {
         Some(e) => e,
-        None => wait_for(&c.a, "big", "the end of the sync", limit, every, in_sync),
+        None => wait_synced(&c, &mut loaded, connected),
     };
+    // fio's log counts from the end of its ramp.
+    let log_start = (fio_start + Duration::from_secs(cfg.ramp.into()))
+        .saturating_duration_since(connected)
+        .as_secs_f64();
+    s.timeline.loaded = loaded;
+    s.timeline.app_iops = fio::read_iops_log(&log)
+        .into_iter()
+        .map(|(t, iops)| (t + log_start, iops))
+        .collect();
     let window_start = fio_start + Duration::from_secs(cfg.ramp.into());
     let window = fio_end
         .saturating_duration_since(window_start)
@@ -703,22 +890,26 @@ pub fn sync(cfg: &Config, res: &mut Results) {
         usage: Some(usage),
         compare: false,
         counters: Some(counters_delta(&before, &counters(&c, &["big"]))),
+        resources: 1,
     };
     log_row(&row);
     res.rows.push(row);
     eprintln!("== sync: the same load with no sync running");
     settle(&c, &["big"]);
+    let job = Job {
+        w,
+        key: report::SYNC_IDLE.into(),
+        label: label("no sync"),
+    };
     let mut idle = measure_hastd(
         &c,
         &["big"],
         &report::hastd(&mode),
-        &w,
+        &job,
         &Target::Nbd(uri),
         &t,
         &procs,
     );
-    idle.workload = report::SYNC_IDLE.into();
-    idle.label = label("no sync");
     idle.compare = false;
     res.rows.push(idle);
     res.sync = Some(s);

@@ -11,15 +11,19 @@
 //! 3. `hastd`: two hastd nodes (127.0.0.1 primary, 127.0.0.2 secondary),
 //!    fio's nbd engine against the primary's export, in each replication
 //!    mode; `two`: two resources at once vs one (4k randwrite QD32);
-//! 4. `sync`: a full synchronisation of `--sync-size` to a new secondary
+//! 4. `big`: 4k randwrite QD32 over `--big-size` (8 GiB) on qemu-nbd and
+//!    on hastd memsync and fullsync;
+//! 5. `sync`: a full synchronisation of `--sync-size` to a new secondary
 //!    vs a local `dd` copy, and application 4k random writes during a sync
 //!    vs with no sync.
 //!
 //! It prints one table (IOPS, MB/s, p50/p99, server CPU s/GiB from
-//! /proc/PID/stat of hastd or qemu-nbd, peak RSS, ratios against qemu-nbd
-//! and the raw disk) and the targets of the performance issue, and writes
-//! JSON (`--json FILE`) and a markdown section (`--docs FILE`, replaced on
-//! each run). Each part is also a subcommand; `replication` is the old
+//! /proc/PID/stat of hastd or qemu-nbd, server system calls per request,
+//! peak RSS, ratios against qemu-nbd and the raw disk) and the targets of
+//! the performance issue, and writes JSON (`--json FILE`), a markdown
+//! section (`--docs FILE`, replaced on each run) and SVG charts (`--charts
+//! DIR`, by default `bench/` next to the docs file) that the section
+//! embeds. Each part is also a subcommand; `replication` is the old
 //! baseline (4k QD1 and 1M QD8 on hastd). Build release first:
 //! `scripts/bench.sh` does both.
 
@@ -31,16 +35,18 @@ use hast_bench::machine::Machine;
 use hast_bench::report::{self, Results};
 use hast_bench::suite::{self, Config};
 use hast_bench::util::{command_line, parse_size, GIB};
+use hast_bench::{charts, syscalls};
 
 const USAGE: &str = "\
 usage: hast-bench COMMAND [OPTIONS]
 
 commands:
-  all          everything below in one run (about 10 minutes with the defaults)
+  all          everything below in one run (about 8 minutes with the defaults)
   raw          the raw disk: fio, io_uring, O_DIRECT on a file
   qemu-nbd     qemu-nbd serving a file on a unix socket, fio's nbd engine
   hastd        two hastd nodes, the primary's export, each mode of --modes
   two          two resources at once vs one (4k randwrite QD32, first mode)
+  big          4k randwrite QD32 over --big-size: qemu-nbd, hastd memsync and fullsync
   sync         full sync of --sync-size vs a local dd copy, app IOPS during sync
   replication  the old baseline: hastd, 4k randwrite QD1 and 1M write QD8
 
@@ -54,6 +60,8 @@ options:
   --sync-size SIZE    data area of the full-sync resource (4G)
   --sync-mode MODE    replication mode of the sync test (memsync)
   --sync-load-qd N    queue depth of the 4k randwrite load during the sync (32)
+  --big-size SIZE     working set of the big job (8G; both providers are that
+                      big, filled with data; qemu-nbd serves the primary's)
   --keepdirty N       hastctl create -k for the hastd providers (default 64,
                       the original's); e.g. the extent count of --size to
                       size the activemap hot set to the working set
@@ -61,7 +69,13 @@ options:
                       (default: $HAST_TEST_DIR or the system temp dir)
   --json FILE         write the results as JSON
   --docs FILE         replace (or append) the generated section of FILE,
-                      e.g. docs/benchmarks.md";
+                      e.g. docs/benchmarks.md
+  --charts DIR        write SVG charts to DIR (default with --docs: bench/
+                      next to FILE; the generated section embeds them)
+
+Server system calls are counted with a raw_syscalls:sys_enter perf counter
+per thread (needs root or CAP_PERFMON and tracefs); where that is not
+possible the harness says why and reports n/a.";
 
 fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
@@ -76,6 +90,7 @@ struct Cli {
     cfg: Config,
     json: Option<PathBuf>,
     docs: Option<PathBuf>,
+    charts: Option<PathBuf>,
 }
 
 fn parse_args(args: &[String]) -> Cli {
@@ -96,9 +111,10 @@ fn parse_args(args: &[String]) -> Cli {
         sync_mode: "memsync".into(),
         sync_load_qd: 32,
         keepdirty: None,
+        big_size: 8 * GIB,
     };
     let mut workloads_given = false;
-    let (mut json, mut docs) = (None, None);
+    let (mut json, mut docs, mut charts) = (None, None, None);
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
         let mut val = || {
@@ -143,17 +159,27 @@ fn parse_args(args: &[String]) -> Cli {
             }
             "--json" => json = Some(PathBuf::from(val())),
             "--docs" => docs = Some(PathBuf::from(val())),
+            "--charts" => charts = Some(PathBuf::from(val())),
+            "--big-size" => cfg.big_size = size(val()),
             _ => usage(&format!("unknown option {a}")),
         }
     }
     if cmd == "replication" && !workloads_given {
         cfg.workloads = vec![fio::RANDWRITE_QD1, fio::SEQWRITE_1M];
     }
+    let charts = charts.or_else(|| {
+        docs.as_ref().map(|d: &PathBuf| {
+            d.parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("bench")
+        })
+    });
     Cli {
         cmd,
         cfg,
         json,
         docs,
+        charts,
     }
 }
 
@@ -175,6 +201,10 @@ fn main() {
         ..Default::default()
     };
     eprintln!("hast-bench: {} in {}", res.machine.line(), root.display());
+    if let Err(why) = syscalls::availability() {
+        eprintln!("hast-bench: system calls cannot be counted (reported as n/a): {why}");
+        res.syscalls_unavailable = Some(why);
+    }
     let modes = cfg.modes.clone();
     let workloads: Vec<Workload> = cfg.workloads.clone();
     match cli.cmd.as_str() {
@@ -192,6 +222,7 @@ fn main() {
             suite::part("hastd", &mut res, |r| {
                 suite::hastd(cfg, r, &modes, &workloads, true)
             });
+            suite::part("big working set", &mut res, |r| suite::big(cfg, r));
             suite::part("full sync", &mut res, |r| suite::sync(cfg, r));
         }
         "raw" | "qemu-nbd" => suite::part(&cli.cmd.clone(), &mut res, |r| {
@@ -208,10 +239,24 @@ fn main() {
         "two" => suite::part("two resources", &mut res, |r| {
             suite::hastd(cfg, r, &modes[..1], &[], true)
         }),
+        "big" => suite::part("big working set", &mut res, |r| suite::big(cfg, r)),
         "sync" => suite::part("full sync", &mut res, |r| suite::sync(cfg, r)),
         other => usage(&format!("unknown command {other}")),
     }
     res.load.1 = report::loadavg();
+    if let Some(dir) = &cli.charts {
+        let docs_dir = cli.docs.as_ref().and_then(|d| d.parent());
+        match charts::write_all(&res, dir, docs_dir) {
+            Ok(c) => {
+                eprintln!("{} charts written to {}", c.len(), dir.display());
+                res.charts = c;
+            }
+            Err(e) => {
+                eprintln!("hast-bench: charts: {e}");
+                res.errors.push(format!("charts: {e}"));
+            }
+        }
+    }
     println!("{}", res.text());
     if let Some(p) = &cli.json {
         match std::fs::write(
