@@ -9,6 +9,7 @@ pub mod activemap;
 pub mod events;
 pub mod export;
 pub mod generation;
+pub mod inflight;
 pub mod local;
 pub mod metadata;
 pub mod nbd;

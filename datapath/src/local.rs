@@ -84,7 +84,7 @@ pub struct LocalDisk {
     map: RefCell<ActiveMap>,
     /// One activemap batch (or metadata write) at a time.
     persist: Semaphore,
-    metaflush: bool,
+    metaflush: std::cell::Cell<bool>,
     locks: RangeLock,
     stats: Arc<ResourceStats>,
     zeros: Rc<DmaBuffer>,
@@ -164,11 +164,22 @@ impl LocalDisk {
             md: RefCell::new(md),
             map: RefCell::new(map),
             persist: Semaphore::new(1),
-            metaflush,
+            metaflush: std::cell::Cell::new(metaflush),
             locks: RangeLock::new(),
             stats,
             zeros,
         }))
+    }
+
+    /// Changes `metaflush` (a configuration reload); applies from the
+    /// next activemap update.
+    pub fn set_metaflush(&self, on: bool) {
+        self.metaflush.set(on);
+    }
+
+    /// The resource's counters.
+    pub fn stats(&self) -> &Arc<ResourceStats> {
+        &self.stats
     }
 
     /// Provider path.
@@ -361,7 +372,7 @@ impl LocalDisk {
             }
             i = j;
         }
-        if self.metaflush {
+        if self.metaflush.get() {
             self.file.fdatasync().await.map_err(io_err)?;
         }
         Ok(())

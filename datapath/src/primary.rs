@@ -10,6 +10,7 @@
 //! its extents need synchronisation; the first such write of a
 //! disconnected epoch bumps the generation counter first.
 
+use std::cell::RefCell;
 use std::ops::Deref;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use glommio::io::{DmaBuffer, ReadResult};
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
+use crate::inflight::Inflight;
 use crate::local::{LocalDisk, Settled};
 use crate::peer::frame::LinkError;
 use crate::peer::link::{Payload, PeerLink, Pending};
@@ -32,7 +34,10 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub struct Primary {
     disk: Rc<LocalDisk>,
     stats: Arc<ResourceStats>,
-    remote: Option<Rc<Remote>>,
+    /// Replaceable (a reload changing `remote` or `source`).
+    remote: RefCell<Option<Rc<Remote>>>,
+    /// Writes acknowledged and still waiting for the secondary's Done.
+    remote_inflight: Rc<Inflight>,
 }
 
 /// Data returned by a read: from the local provider, or from the
@@ -85,9 +90,10 @@ impl Primary {
         remote: Option<Rc<Remote>>,
     ) -> Primary {
         Primary {
+            remote_inflight: Inflight::new(stats.clone()),
             disk,
             stats,
-            remote,
+            remote: RefCell::new(remote),
         }
     }
 
@@ -97,8 +103,20 @@ impl Primary {
     }
 
     /// The remote leg.
-    pub fn remote(&self) -> Option<&Rc<Remote>> {
-        self.remote.as_ref()
+    pub fn remote(&self) -> Option<Rc<Remote>> {
+        self.remote.borrow().clone()
+    }
+
+    /// Replaces the remote leg; returns the old one, for the caller to
+    /// stop. Writes after this go to the new leg.
+    pub fn set_remote(&self, remote: Option<Rc<Remote>>) -> Option<Rc<Remote>> {
+        self.remote.replace(remote)
+    }
+
+    /// Writes acknowledged and still waiting for the secondary's Done
+    /// (awaitable until none is left).
+    pub fn remote_inflight(&self) -> &Inflight {
+        &self.remote_inflight
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BackendError> {
@@ -110,6 +128,7 @@ impl Primary {
 
     fn mode(&self) -> ReplicationMode {
         self.remote
+            .borrow()
             .as_ref()
             .map(|r| r.mode())
             .unwrap_or(ReplicationMode::MemSync)
@@ -162,7 +181,7 @@ impl Primary {
         }
         let _q = Gauge::enter(&self.stats.local_queue);
         let range = self.disk.lock_range(offset, len).await;
-        let link = self.remote.as_ref().and_then(|r| r.link());
+        let link = self.remote().and_then(|r| r.link());
         if link.is_none() {
             // Writing without the peer: start a new generation first (once
             // per disconnected epoch), so a later reconnect can tell who
@@ -228,8 +247,7 @@ impl Primary {
             }
             drop(range);
             // The extent stays marked until the secondary is done.
-            let (disk, stats) = (self.disk.clone(), self.stats.clone());
-            self.stats.remote_inflight.fetch_add(1, Relaxed);
+            let (disk, inflight) = (self.disk.clone(), self.remote_inflight.enter());
             glommio::spawn_local(async move {
                 let remote_ok = match pending.done().await {
                     Ok(_) => true,
@@ -239,7 +257,7 @@ impl Primary {
                     }
                 };
                 settle(&disk, &link, offset, len, local_ok, remote_ok);
-                stats.remote_inflight.fetch_sub(1, Relaxed);
+                drop(inflight);
             })
             .detach();
         }
@@ -261,14 +279,15 @@ impl Primary {
     }
 
     async fn flush_inner(&self) -> Result<(), BackendError> {
-        let link = self.remote.as_ref().and_then(|r| r.link());
+        let remote_leg = self.remote();
+        let link = remote_leg.as_ref().and_then(|r| r.link());
         let remote = async {
             match &link {
                 Some(l) if self.mode() != ReplicationMode::Async => {
                     // Also releases the extents held for the secondary's
                     // flush. A failed flush there drops the link, so the
                     // reconnect resynchronises every extent still marked.
-                    if let Some(r) = &self.remote {
+                    if let Some(r) = &remote_leg {
                         let _ = r.peer_flush(l).await;
                     }
                 }
@@ -297,6 +316,9 @@ fn settle(
     local_ok: bool,
     remote_ok: bool,
 ) {
+    if !remote_ok {
+        disk.stats().remote_errors.fetch_add(1, Relaxed);
+    }
     let outcome = if local_ok && remote_ok && link.is_alive() {
         Settled::PeerUnflushed
     } else {
@@ -341,7 +363,7 @@ impl BlockBackend for Primary {
         self.check(offset, u64::from(len))?;
         let _q = Gauge::enter(&self.stats.local_queue);
         self.stats.reads.fetch_add(1, Relaxed);
-        if let Some(r) = &self.remote {
+        if let Some(r) = self.remote() {
             if r.reads_from_peer(offset, u64::from(len)) {
                 // Not synchronised yet: the secondary has the current data.
                 let Some(link) = r.link() else {
@@ -376,15 +398,18 @@ impl BlockBackend for Primary {
         flags: WriteFlags,
     ) -> Result<(), BackendError> {
         self.stats.writes.fetch_add(1, Relaxed);
-        let len = data.len() as u64;
-        self.modify(
-            offset,
-            len,
-            flags.fua,
-            &self.stats.write_errors,
-            Change::Write(Rc::new(data)),
-        )
-        .await
+        let (len, started) = (data.len() as u64, std::time::Instant::now());
+        let r = self
+            .modify(
+                offset,
+                len,
+                flags.fua,
+                &self.stats.write_errors,
+                Change::Write(Rc::new(data)),
+            )
+            .await;
+        self.stats.write_latency.observe(started.elapsed());
+        r
     }
 
     async fn flush(&self) -> Result<(), BackendError> {

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::*;
 use super::resolve::MAX_RESOURCE_NAME;
+use super::*;
 
 /// A resource that every test node ("a" or "b") can resolve.
 const MIN: &str =
@@ -816,7 +816,10 @@ fn error_of(text: &str) -> String {
 fn local_must_be_an_absolute_path() {
     let msg = error_of("resource r {\n on a { local disk.img remote none } }");
     assert!(msg.starts_with("hast.conf:2:15:"), "{msg}");
-    assert!(msg.contains("absolute path") && msg.contains("disk.img"), "{msg}");
+    assert!(
+        msg.contains("absolute path") && msg.contains("disk.img"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -826,7 +829,11 @@ fn overlong_resource_names_are_rejected_where_written() {
         "resource {name} {{ on a {{ local /tmp/a remote none }} }}"
     ));
     assert!(msg.starts_with("hast.conf:1:10:"), "{}", &msg[..200]);
-    assert!(msg.contains("1048576 bytes long; at most 127"), "{}", &msg[..200]);
+    assert!(
+        msg.contains("1048576 bytes long; at most 127"),
+        "{}",
+        &msg[..200]
+    );
     assert!(msg.len() < 300, "the message does not repeat the name");
     // 127 is fine (with a short device name: the export socket's path
     // must fit too).
@@ -866,15 +873,29 @@ fn metrics_listen_is_off_by_default_and_takes_an_address() {
     let base = "resource r { on a { local /tmp/a remote none } }";
     assert_eq!(parse(base).metrics, None);
     let c = parse(&format!("metrics listen tcp://127.0.0.1\n{base}"));
-    assert_eq!(c.metrics.map(|a| a.to_string()).as_deref(), Some("tcp://127.0.0.1:9942"));
+    assert_eq!(
+        c.metrics.map(|a| a.to_string()).as_deref(),
+        Some("tcp://127.0.0.1:9942")
+    );
     let c = parse(&format!(
         "metrics listen 127.0.0.1:9000\non a {{ metrics listen 127.0.0.2:9001 }}\n{base}"
     ));
-    assert_eq!(c.metrics.map(|a| a.to_string()).as_deref(), Some("tcp4://127.0.0.2:9001"));
+    assert_eq!(
+        c.metrics.map(|a| a.to_string()).as_deref(),
+        Some("tcp4://127.0.0.2:9001")
+    );
     let c = parse(&format!("metrics none\n{base}"));
     assert_eq!(c.metrics, None);
     let msg = error_of(&format!("metrics 127.0.0.1\n{base}"));
-    assert!(msg.starts_with("hast.conf:1:9:") && msg.contains("'listen <address>'"), "{msg}");
-    let msg = error_of(&format!("resource q {{ metrics none on a {{ local /q remote none }} }}\n{base}"));
-    assert!(msg.contains("'metrics' is not allowed in a resource block"), "{msg}");
+    assert!(
+        msg.starts_with("hast.conf:1:9:") && msg.contains("'listen <address>'"),
+        "{msg}"
+    );
+    let msg = error_of(&format!(
+        "resource q {{ metrics none on a {{ local /q remote none }} }}\n{base}"
+    ));
+    assert!(
+        msg.contains("'metrics' is not allowed in a resource block"),
+        "{msg}"
+    );
 }

@@ -18,12 +18,14 @@
 //!   durable: the caller keeps the extent marked until a later
 //!   [`PeerLink::flush`] has completed (see `Remote::peer_flush`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -34,7 +36,8 @@ use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 
 use super::frame::{self, LinkError};
-use super::proto::{Header, Kind};
+use super::proto::{Header, Kind, HEADER_LEN};
+use crate::stats::ResourceStats;
 
 /// Payload of an outgoing request.
 pub enum Payload {
@@ -183,7 +186,10 @@ struct Inner {
     last_tx: Cell<Instant>,
     fd: RawFd,
     alloc: Box<dyn Fn(usize) -> DmaBuffer>,
-    limits: LinkLimits,
+    /// Timeouts change with a reload.
+    limits: Cell<LinkLimits>,
+    /// Where the bytes sent and received are counted.
+    counters: OnceCell<Arc<ResourceStats>>,
 }
 
 /// An established connection to the secondary. Cheap to clone.
@@ -216,7 +222,8 @@ impl PeerLink {
             last_tx: Cell::new(Instant::now()),
             fd,
             alloc: Box::new(alloc),
-            limits,
+            limits: Cell::new(limits),
+            counters: OnceCell::new(),
         });
         let (reader, writer) = futures_lite::io::split(stream);
         let link = PeerLink { inner };
@@ -242,6 +249,27 @@ impl PeerLink {
         }
     }
 
+    /// Counts the bytes of every frame sent and received in `stats`
+    /// (`net_sent_bytes`, `net_received_bytes`); the first call wins.
+    pub fn count_into(&self, stats: Arc<ResourceStats>) {
+        let _ = self.inner.counters.set(stats);
+    }
+
+    /// Changes the keepalive interval and the silence after which the peer
+    /// is declared dead, for this open connection.
+    pub fn set_timeouts(&self, keepalive: Duration, timeout: Duration) {
+        let mut l = self.inner.limits.get();
+        (l.keepalive, l.timeout) = (keepalive, timeout);
+        self.inner.limits.set(l);
+    }
+
+    fn count(&self, sent: usize, received: usize) {
+        if let Some(c) = self.inner.counters.get() {
+            c.net_sent_bytes.fetch_add(sent as u64, Relaxed);
+            c.net_received_bytes.fetch_add(received as u64, Relaxed);
+        }
+    }
+
     /// Is the connection still up?
     pub fn is_alive(&self) -> bool {
         !self.inner.dead.get()
@@ -260,7 +288,7 @@ impl PeerLink {
     /// Would a request with `payload` bytes wait for room in the window
     /// now?
     pub fn window_full(&self, payload: usize) -> bool {
-        let n = (payload as u64).min(self.inner.limits.max_bytes as u64);
+        let n = (payload as u64).min(self.inner.limits.get().max_bytes as u64);
         self.inner.window.available() == 0 || (n > 0 && self.inner.bytes.available() < n)
     }
 
@@ -281,7 +309,7 @@ impl PeerLink {
         let permit = take(&self.inner.window, 1).await?;
         let n = payload.bytes().len() as u64;
         let bytes = if n > 0 {
-            let n = n.min(self.inner.limits.max_bytes as u64);
+            let n = n.min(self.inner.limits.get().max_bytes as u64);
             Some(take(&self.inner.bytes, n).await?)
         } else {
             None
@@ -406,10 +434,12 @@ async fn writer_task(
     while let Some(Some(first)) = rx.recv().await {
         let mut next = Some(first);
         let mut stop = false;
+        let mut bytes = 0;
         while let Some(o) = next.take() {
             if !link.is_alive() {
                 return;
             }
+            bytes += HEADER_LEN + o.payload.len();
             if batch.push(&o.header, o.payload.bytes()) {
                 held.push(o);
             } else {
@@ -440,6 +470,7 @@ async fn writer_task(
             return;
         }
         held.clear();
+        link.count(bytes, 0);
         link.inner.last_tx.set(Instant::now());
         if stop {
             break;
@@ -455,6 +486,7 @@ async fn reader_task(link: PeerLink, r: ReadHalf<TcpStream>) {
             Err(e) => break e,
         };
         link.inner.last_rx.set(Instant::now());
+        link.count(0, HEADER_LEN + hdr.payload_len as usize);
         let slot = match hdr.kind {
             Kind::KeepaliveReply => continue,
             Kind::Received => {
@@ -497,12 +529,12 @@ async fn reader_task(link: PeerLink, r: ReadHalf<TcpStream>) {
 }
 
 async fn keepalive_task(link: PeerLink) {
-    let limits = link.inner.limits;
-    let tick = limits
-        .keepalive
-        .min(limits.timeout / 2)
-        .max(Duration::from_millis(100));
     while link.is_alive() {
+        let limits = link.inner.limits.get();
+        let tick = limits
+            .keepalive
+            .min(limits.timeout / 2)
+            .max(Duration::from_millis(100));
         glommio::timer::sleep(tick).await;
         if !link.is_alive() {
             break;

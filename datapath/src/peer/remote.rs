@@ -111,6 +111,9 @@ pub struct Remote {
     /// known).
     first: Rc<Semaphore>,
     first_done: Cell<bool>,
+    /// `cfg.mode` and `cfg.timeout`, changeable while running (reload).
+    mode: Cell<ReplicationMode>,
+    timeout: Cell<Duration>,
 }
 
 fn now_ms() -> u64 {
@@ -130,6 +133,8 @@ impl Remote {
     ) -> Rc<Remote> {
         stats.connected.store(false, Relaxed);
         let r = Rc::new(Remote {
+            mode: Cell::new(cfg.mode),
+            timeout: Cell::new(cfg.timeout),
             cfg,
             disk,
             flush_lock: Rc::new(Semaphore::new(1)),
@@ -181,7 +186,21 @@ impl Remote {
 
     /// Replication mode.
     pub fn mode(&self) -> ReplicationMode {
-        self.cfg.mode
+        self.mode.get()
+    }
+
+    /// Changes the replication mode; applies from the next write.
+    pub fn set_mode(&self, mode: ReplicationMode) {
+        self.mode.set(mode);
+    }
+
+    /// Changes the peer timeout: of the open connection at once, of the
+    /// next connection attempts and handshakes.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout.set(timeout);
+        if let Some(l) = self.link.borrow().as_ref() {
+            l.set_timeouts(timeout / 3, timeout);
+        }
     }
 
     /// The live link, if connected.
@@ -273,11 +292,11 @@ impl Remote {
                 // they are released as in sync rather than marked for
                 // synchronisation by the disconnect.
                 let start = Instant::now();
-                while l.is_alive() && l.inflight() > 0 && start.elapsed() < self.cfg.timeout {
+                while l.is_alive() && l.inflight() > 0 && start.elapsed() < self.timeout.get() {
                     glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
                 glommio::timer::sleep(Duration::from_millis(1)).await;
-                let _ = frame::with_timeout(self.cfg.timeout, self.peer_flush(&l)).await;
+                let _ = frame::with_timeout(self.timeout.get(), self.peer_flush(&l)).await;
                 let _ = l.request(Kind::Bye, 0, 0, 0, Payload::None).await;
                 // Give the writer a moment to send it.
                 glommio::timer::sleep(Duration::from_millis(20)).await;
@@ -353,8 +372,8 @@ impl Remote {
             fd,
             LinkLimits {
                 max_inflight: self.cfg.max_inflight,
-                keepalive: self.cfg.timeout / 3,
-                timeout: self.cfg.timeout,
+                keepalive: self.timeout.get() / 3,
+                timeout: self.timeout.get(),
                 max_bytes: self.cfg.max_bytes,
             },
             {
@@ -362,6 +381,7 @@ impl Remote {
                 move |n| disk.alloc(n)
             },
         );
+        link.count_into(self.stats.clone());
         // The secondary's dirty extents need synchronisation too.
         let prep = async {
             self.disk.merge_peer_map(&reply.bitmap).await?;
@@ -439,7 +459,8 @@ impl Remote {
     }
 
     async fn connect(&self) -> Result<(TcpStream, RawFd), LinkError> {
-        let (addrs, source, timeout) = (self.cfg.remote.clone(), self.cfg.source, self.cfg.timeout);
+        let (addrs, source, timeout) =
+            (self.cfg.remote.clone(), self.cfg.source, self.timeout.get());
         let (tx, rx) = flume::bounded(1);
         // Blocking connect on a helper thread: the executor keeps serving.
         std::thread::Builder::new()
@@ -490,7 +511,7 @@ impl Remote {
         };
         let body = hello.encode();
         let hdr = Header::request(Kind::Hello, 0, 0, 0, 0).with_payload(&body);
-        let t = self.cfg.timeout;
+        let t = self.timeout.get();
         frame::with_timeout(t, frame::write_frame(stream, &hdr, &body)).await?;
         let rh = frame::with_timeout(t, frame::read_header(stream)).await?;
         if rh.kind != Kind::HelloReply {

@@ -28,8 +28,8 @@ use glommio::Task;
 
 use super::frame::{self, LinkError};
 use super::proto::{
-    flags, negotiate, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, PROTO_VERSION,
-    PROTO_VERSION_MIN,
+    flags, negotiate, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, HEADER_LEN,
+    PROTO_VERSION, PROTO_VERSION_MIN,
 };
 use crate::events::{EventSink, PeerEventKind};
 use crate::generation::{decide, resolve_split_brain, Decision, Gen};
@@ -367,7 +367,7 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
     let (r, w) = futures_lite::io::split(stream);
     let mut r = futures_lite::io::BufReader::with_capacity(frame::RECV_BUFFER, r);
     let (tx, rx) = local_channel::new_bounded::<Reply>(MAX_INFLIGHT + 16);
-    let writer = glommio::spawn_local(reply_writer(w, rx, fd));
+    let writer = glommio::spawn_local(reply_writer(w, rx, fd, ctx.stats.clone()));
     let window = Rc::new(Semaphore::new(MAX_INFLIGHT as u64));
     let barrier = Rc::new(Barrier::default());
     let tx = Rc::new(tx);
@@ -378,6 +378,8 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
             Err(LinkError::Closed) => break Err(LinkError::Closed),
             Err(e) => break Err(e),
         };
+        let frame_len = HEADER_LEN as u64 + u64::from(hdr.payload_len);
+        ctx.stats.net_received_bytes.fetch_add(frame_len, Relaxed);
         match handle(ctx, &mut r, &hdr, &window, &barrier, &tx, &tasks).await {
             Ok(true) => {}
             Ok(false) => break Ok(()),
@@ -398,7 +400,12 @@ async fn serve(ctx: &SecondaryCtx, stream: TcpStream, fd: RawFd) -> Result<(), L
     result
 }
 
-async fn reply_writer(mut w: WriteHalf<TcpStream>, rx: LocalReceiver<Reply>, fd: RawFd) {
+async fn reply_writer(
+    mut w: WriteHalf<TcpStream>,
+    rx: LocalReceiver<Reply>,
+    fd: RawFd,
+    stats: Arc<ResourceStats>,
+) {
     let mut batch = frame::Batch::default();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -408,6 +415,8 @@ async fn reply_writer(mut w: WriteHalf<TcpStream>, rx: LocalReceiver<Reply>, fd:
                 ReplyPayload::None => &[],
                 ReplyPayload::Read(r) => r,
             };
+            let frame_len = HEADER_LEN + payload.len();
+            stats.net_sent_bytes.fetch_add(frame_len as u64, Relaxed);
             if !batch.push(&rep.header, payload) {
                 let r = match batch.flush(&mut w).await {
                     Ok(()) => frame::write_frame(&mut w, &rep.header, payload).await,
