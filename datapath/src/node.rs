@@ -908,10 +908,12 @@ impl Res {
         if change.peer {
             tracing::info!(resource = %self.spec.name,
                 "peer address changed; reconnecting to the secondary");
-            let new = self.start_remote(primary.disk());
-            if let Some(old) = primary.set_remote(new) {
+            // The old connection goes first (the secondary takes one
+            // primary at a time); writes meanwhile are local and marked.
+            if let Some(old) = primary.set_remote(None) {
                 old.stop().await;
             }
+            primary.set_remote(self.start_remote(primary.disk()));
         } else if let Some(r) = primary.remote() {
             r.set_mode(self.spec.mode);
             r.set_timeout(self.spec.timeout);

@@ -163,6 +163,10 @@ fn load(cli: &Cli) -> Config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hastctl: {e}");
+            if matches!(cli.command, Command::Reload { .. }) {
+                // hastd would refuse the same file: not worth asking.
+                eprintln!("hastctl: reload not sent; nothing changed (hastd keeps its configuration)");
+            }
             exit(ex::CONFIG);
         }
     }

@@ -281,9 +281,15 @@ impl Parser<'_> {
             }
             _ => {
                 let Some(key) = Key::from_word(word) else {
+                    let hint = match word {
+                        "extentsize" | "keepdirty" => {
+                            " (it is set in the metadata by 'hastctl create -e/-k', not in hast.conf)"
+                        }
+                        _ => "",
+                    };
                     return Err(Diag::new(
                         pos,
-                        format!("unknown statement '{word}' in {}", level.describe()),
+                        format!("unknown statement '{word}' in {}{hint}", level.describe()),
                     ));
                 };
                 let (levels, hint) = key.placement();
