@@ -15,6 +15,9 @@ const REDRAW_HZ: u8 = 10;
 pub struct Progress {
     multi: MultiProgress,
     bars: Vec<(String, ProgressBar)>,
+    /// While the amount to copy is not known yet: no percentage.
+    waiting: ProgressStyle,
+    copying: ProgressStyle,
 }
 
 /// What one resource shows.
@@ -39,23 +42,36 @@ impl Progress {
         };
         let multi = MultiProgress::with_draw_target(target);
         let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
-        let style = ProgressStyle::with_template(&format!(
-            "{{prefix:>{width}}} {verb} [{{bar:30}}] {{percent:>3}}% \
-             {{binary_bytes}}/{{binary_total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}} {{msg}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+        let style = |rest: &str| {
+            ProgressStyle::with_template(&format!("{{prefix:>{width}}} {verb} [{{bar:30}}] {rest}"))
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ")
+        };
+        let copying = style(
+            "{percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        );
+        let waiting = style("  -% {msg}");
         let bars = names
             .iter()
             .map(|n| {
-                let b = multi.add(ProgressBar::new(0));
-                b.set_style(style.clone());
+                let b = multi.add(ProgressBar::new(1));
+                b.set_style(waiting.clone());
                 b.set_prefix(n.clone());
                 b.enable_steady_tick(Duration::from_millis(500));
                 (n.clone(), b)
             })
             .collect();
-        Progress { multi, bars }
+        Progress {
+            multi,
+            bars,
+            waiting,
+            copying,
+        }
+    }
+
+    /// Runs `f` (which prints) with the bars cleared, then redraws them.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.multi.suspend(f)
     }
 
     /// Is anything drawn?
@@ -70,14 +86,16 @@ impl Progress {
         };
         match step {
             Step::Copying { done, total } => {
+                b.set_style(self.copying.clone());
                 if b.length() != Some(total) {
                     b.set_length(total);
                 }
                 b.set_position(done.min(total));
             }
-            Step::Waiting => {}
+            Step::Waiting => b.set_style(self.waiting.clone()),
             Step::Done => {
-                let len = b.length().filter(|&l| l > 0).unwrap_or(1);
+                b.set_style(self.copying.clone());
+                let len = b.length().filter(|&l| l > 1).unwrap_or(1);
                 b.set_length(len);
                 b.set_position(len);
             }

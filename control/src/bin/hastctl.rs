@@ -165,7 +165,9 @@ fn load(cli: &Cli) -> Config {
             eprintln!("hastctl: {e}");
             if matches!(cli.command, Command::Reload { .. }) {
                 // hastd would refuse the same file: not worth asking.
-                eprintln!("hastctl: reload not sent; nothing changed (hastd keeps its configuration)");
+                eprintln!(
+                    "hastctl: reload not sent; nothing changed (hastd keeps its configuration)"
+                );
             }
             exit(ex::CONFIG);
         }
@@ -655,12 +657,16 @@ mod wait {
         debug: u8,
         bars: Option<&Progress>,
     ) -> i32 {
+        // Messages go above the bars, not through them.
+        let say = |msg: String| match bars {
+            Some(b) => b.suspend(|| eprintln!("{msg}")),
+            None => eprintln!("{msg}"),
+        };
         let start = Instant::now();
         let deadline = (timeout > 0.0).then(|| start + Duration::from_secs_f64(timeout));
         let mut last_said = String::new();
         loop {
-            // A status call waits behind a role change (one control request
-            // at a time); don't let one call overstay the deadline much.
+            // Don't let one call overstay the deadline much.
             let call_timeout = deadline
                 .map(|d| d.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(30))
@@ -671,7 +677,7 @@ mod wait {
             let waiting = match proto::call(&cfg.control, req, call_timeout) {
                 Ok(resp) => {
                     if let Some(e) = resp.error {
-                        eprintln!("hastctl: {e}");
+                        say(format!("hastctl: {e}"));
                         return ex::DATAERR;
                     }
                     if let Some(b) = bars {
@@ -687,11 +693,11 @@ mod wait {
                         .collect();
                     if waiting.is_empty() {
                         if debug > 0 {
-                            eprintln!(
+                            say(format!(
                                 "hastctl: {} after {:.1}s",
                                 describe_state(state),
                                 start.elapsed().as_secs_f64()
-                            );
+                            ));
                         }
                         return ex::OK;
                     }
@@ -701,13 +707,16 @@ mod wait {
                 Err(e) => e,
             };
             if debug > 0 && waiting != last_said {
-                eprintln!("hastctl: waiting for {}: {waiting}", describe_state(state));
+                say(format!(
+                    "hastctl: waiting for {}: {waiting}",
+                    describe_state(state)
+                ));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                eprintln!(
+                say(format!(
                     "hastctl: timed out after {timeout}s waiting for {}; not there yet: {waiting}",
                     describe_state(state)
-                );
+                ));
                 return ex::TEMPFAIL;
             }
             last_said = waiting;
