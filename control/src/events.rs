@@ -320,6 +320,7 @@ impl Broadcaster {
                 error: Some(format!(
                     "{TOO_MANY_SUBSCRIBERS} (at most {MAX_SUBSCRIBERS}); try again later"
                 )),
+                error_kind: Some(crate::proto::ErrorKind::Busy),
                 resources: vec![],
                 ..ack
             };
@@ -351,13 +352,17 @@ impl Broadcaster {
         lock(&self.inner).subs.retain(|s| s.id != id);
     }
 
-    /// Starts the thread publishing `progress` events for the given
-    /// resources; it ends when the last clone of this broadcaster is gone.
-    pub fn start_progress_sampler(&self, resources: Vec<(String, Arc<ResourceStats>)>) {
+    /// Starts the thread publishing `progress` events for the resources
+    /// `resources()` returns (asked at every sample: a reload changes
+    /// them); it ends when the last clone of this broadcaster is gone.
+    pub fn start_progress_sampler(
+        &self,
+        resources: impl Fn() -> Vec<(String, Arc<ResourceStats>)> + Send + 'static,
+    ) {
         let inner = Arc::downgrade(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("hast-progress".into())
-            .spawn(move || sample_progress(&inner, &resources));
+            .spawn(move || sample_progress(&inner, resources));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the sync progress thread; no progress events");
         }
@@ -417,15 +422,22 @@ fn peer_closed(conn: &UnixStream) -> bool {
     }
 }
 
-fn sample_progress(inner: &Weak<Mutex<Inner>>, resources: &[(String, Arc<ResourceStats>)]) {
+fn sample_progress(
+    inner: &Weak<Mutex<Inner>>,
+    resources: impl Fn() -> Vec<(String, Arc<ResourceStats>)>,
+) {
     loop {
         std::thread::sleep(PROGRESS_INTERVAL);
         let Some(inner) = inner.upgrade() else { return };
-        let mut g = lock(&inner);
-        if g.subs.is_empty() || g.syncing.is_empty() {
+        if lock(&inner).subs.is_empty() {
             continue;
         }
-        for (name, stats) in resources {
+        let resources = resources();
+        let mut g = lock(&inner);
+        if g.syncing.is_empty() {
+            continue;
+        }
+        for (name, stats) in &resources {
             if !g.syncing.contains(name) {
                 continue;
             }
@@ -507,6 +519,8 @@ mod tests {
         Response {
             version: 1,
             error: None,
+            error_kind: None,
+            reload: None,
             resources: names
                 .iter()
                 .map(|n| ResourceReport {
@@ -709,7 +723,8 @@ mod tests {
         stats.set_sync_state(Some(SyncDirection::ToSecondary));
         stats.sync_total.store(100, Relaxed);
         stats.sync_done.store(40, Relaxed);
-        b.start_progress_sampler(vec![("r1".into(), stats.clone())]);
+        let sampled = stats.clone();
+        b.start_progress_sampler(move || vec![("r1".into(), sampled.clone())]);
         let (mut r, _) = subscribed(&b);
         // Direction set but no syncstart seen: nothing for 1.5 intervals.
         std::thread::sleep(PROGRESS_INTERVAL * 3 / 2);

@@ -1,11 +1,15 @@
 //! HAST control plane: hast.conf, the hastd daemon and the hastctl client.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod hooks;
+pub mod metrics;
 pub mod offline;
+pub mod progress;
 pub mod proto;
+pub mod reload;
 pub mod report;
 pub mod size;
 pub mod syslog;

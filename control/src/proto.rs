@@ -43,6 +43,9 @@ pub enum Request {
         /// Resource names, or `["all"]`.
         resources: Vec<String>,
     },
+    /// Re-read hast.conf and apply the differences (`hastctl reload`,
+    /// like SIGHUP); the reply's `reload` tells what changed.
+    Reload,
     /// Resolve a split-brain on this node (`hastctl split-brain`).
     #[serde(rename = "split-brain")]
     SplitBrain {
@@ -177,8 +180,34 @@ pub struct ResourceReport {
     pub last_error: Option<String>,
     /// Per-resource error of a role change.
     pub error: Option<String>,
+    /// The kind of `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
     /// Role before a role change.
     pub previous_role: Option<String>,
+}
+
+/// What kind of error a reply carries: hastctl picks its exit code by
+/// kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request could not be read or understood.
+    BadRequest,
+    /// A named resource is not configured.
+    UnknownResource,
+    /// hastd is too busy to take the request now; try again.
+    Busy,
+    /// The configuration file is unreadable or invalid (reload).
+    Config,
+    /// The node's data is out of date; promotion needs `--force`.
+    OutOfDate,
+    /// Not possible in the resource's current role.
+    WrongRole,
+    /// The provider could not be opened or written.
+    Provider,
+    /// A role change, reload step or other operation failed.
+    Failed,
 }
 
 /// Reply of hastd.
@@ -188,8 +217,68 @@ pub struct Response {
     pub version: u32,
     /// A request-level error (bad request, unknown resource).
     pub error: Option<String>,
+    /// The kind of `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
     /// Per-resource results.
     pub resources: Vec<ResourceReport>,
+    /// What a `reload` changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadReport>,
+}
+
+impl Response {
+    /// A reply carrying only a request-level error.
+    pub fn failure(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response {
+            version: CONTROL_VERSION,
+            error: Some(message.into()),
+            error_kind: Some(kind),
+            ..Default::default()
+        }
+    }
+}
+
+/// The outcome of a configuration reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The file read.
+    pub config: String,
+    /// Node-wide settings that changed (`control`, `listen`, `metrics`,
+    /// `pidfile`, `exportdir`).
+    pub settings: Vec<SettingChange>,
+    /// One entry per resource of the old or the new file.
+    pub resources: Vec<ResourceOutcome>,
+}
+
+/// A node-wide setting changed by a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingChange {
+    /// `control`, `listen`, `metrics`, `pidfile` or `exportdir`.
+    pub setting: String,
+    /// Before.
+    pub old: String,
+    /// After.
+    pub new: String,
+    /// Applied now (false: takes effect at the next start).
+    pub applied: bool,
+}
+
+/// What a reload did to one resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceOutcome {
+    /// Resource name.
+    pub name: String,
+    /// `unchanged`, `added` (role init), `removed`, `stored` (role init:
+    /// used from the next role change), `restarted` or `live` (applied
+    /// to the running primary).
+    pub action: String,
+    /// The role it runs in after the reload (before it, when removed).
+    pub role: String,
+    /// The statements whose value changed.
+    pub changed: Vec<String>,
+    /// Why the change could not be applied.
+    pub error: Option<String>,
 }
 
 /// Sends one request and waits for the reply.

@@ -5,11 +5,26 @@ use std::fmt::Write as _;
 
 use hast_datapath::metadata::Metadata;
 
-use crate::proto::ResourceReport;
+use console::Style;
+
+use crate::proto::{ReloadReport, ResourceReport};
 use crate::size::with_human;
 
 /// `hastctl status`: the terse table.
 pub fn status_table(resources: &[ResourceReport]) -> String {
+    status_table_styled(resources, false)
+}
+
+/// The status table, with the Status column coloured when `colour` is set
+/// (complete green, degraded red, errors red): only for a terminal.
+pub fn status_table_styled(resources: &[ResourceReport], colour: bool) -> String {
+    let paint = |style: Style, text: String| {
+        if colour {
+            style.force_styling(true).apply_to(text).to_string()
+        } else {
+            text
+        }
+    };
     let mut out = String::new();
     if resources.is_empty() {
         return out;
@@ -18,17 +33,64 @@ pub fn status_table(resources: &[ResourceReport]) -> String {
     for r in resources {
         let _ = write!(out, "{}\t", r.name);
         if let Some(e) = &r.error {
-            let _ = writeln!(out, "ERROR {e}");
+            let _ = writeln!(
+                out,
+                "{}",
+                paint(Style::new().red().bold(), format!("ERROR {e}"))
+            );
             continue;
         }
+        let status = r.status.as_deref().unwrap_or("-");
+        let style = match status {
+            "complete" => Style::new().green(),
+            "degraded" => Style::new().red(),
+            _ => Style::new(),
+        };
         let _ = writeln!(
             out,
-            "{:<9}{:<15}{}\t{}",
-            r.status.as_deref().unwrap_or("-"),
+            "{}{:<15}{}\t{}",
+            paint(style, format!("{status:<9}")),
             r.role,
             r.localpath,
             r.remoteaddr
         );
+    }
+    out
+}
+
+/// `hastctl reload`: what changed, one line per setting and resource.
+pub fn reload(report: &ReloadReport) -> String {
+    let mut out = format!("reloaded {}\n", report.config);
+    for s in &report.settings {
+        let when = if s.applied {
+            ""
+        } else {
+            " (at the next start of hastd)"
+        };
+        let _ = writeln!(out, "  {}: {} -> {}{when}", s.setting, s.old, s.new);
+    }
+    for r in &report.resources {
+        let why = if r.changed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} changed)", r.changed.join(", "))
+        };
+        let what = match r.action.as_str() {
+            "added" => "added in role init".to_string(),
+            "removed" => format!("removed (was {})", r.role),
+            "stored" => "role init: used from the next role change".to_string(),
+            "restarted" => format!("restarted as {}", r.role),
+            "live" => format!("applied to the running {}", r.role),
+            "unchanged" => "unchanged".to_string(),
+            other => other.to_string(),
+        };
+        let _ = write!(out, "  {}: {what}{why}", r.name);
+        match &r.error {
+            Some(e) => {
+                let _ = writeln!(out, ": FAILED: {e}");
+            }
+            None => out.push('\n'),
+        }
     }
     out
 }
@@ -175,6 +237,17 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn status_colours_only_when_asked() {
+        let plain = status_table_styled(&[sample()], false);
+        assert!(!plain.contains('\u{1b}'), "{plain:?}");
+        let coloured = status_table_styled(&[sample()], true);
+        assert!(
+            coloured.contains("\u{1b}[31mdegraded \u{1b}[0m"),
+            "{coloured:?}"
+        );
     }
 
     #[test]

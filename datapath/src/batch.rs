@@ -44,12 +44,12 @@ pub enum SendEnd {
 
 /// Writes the frames queued on `rx` to `w` in batches, until every sender
 /// is gone, `stop` fires, or a write fails. `after_write` runs after each
-/// batch is written.
+/// batch is written, with the bytes it took.
 pub async fn send<W, F>(
     w: &mut W,
     rx: &LocalReceiver<F>,
     stop: &Signal,
-    mut after_write: impl FnMut(),
+    mut after_write: impl FnMut(usize),
 ) -> SendEnd
 where
     W: AsyncWrite + Unpin,
@@ -62,8 +62,9 @@ where
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             let mut closed = false;
+            let mut bytes = 0;
             while let Some(frame) = next.take() {
-                stage(w, frame, &mut staging, &mut held).await?;
+                bytes += stage(w, frame, &mut staging, &mut held).await?;
                 if staging.len() >= BATCH_BYTES {
                     break;
                 }
@@ -80,7 +81,7 @@ where
             }
             w.flush().await?;
             held.clear();
-            after_write();
+            after_write(bytes);
             if closed {
                 break;
             }
@@ -98,23 +99,25 @@ where
 }
 
 /// Stages one frame, or writes it at once when its payload is large
-/// (after what is staged).
+/// (after what is staged); returns its size in bytes.
 async fn stage<W, F>(
     w: &mut W,
     frame: F,
     staging: &mut Vec<u8>,
     held: &mut Vec<F>,
-) -> io::Result<()>
+) -> io::Result<usize>
 where
     W: AsyncWrite + Unpin,
     F: Frame,
 {
     let payload = frame.payload();
     if payload.len() <= SMALL_PAYLOAD {
+        let before = staging.len();
         frame.encode_head(staging);
         staging.extend_from_slice(payload);
+        let n = staging.len() - before;
         held.push(frame);
-        return Ok(());
+        return Ok(n);
     }
     if !staging.is_empty() {
         w.write_all(staging).await?;
@@ -124,7 +127,8 @@ where
     let mut head = Vec::with_capacity(64);
     frame.encode_head(&mut head);
     w.write_all(&head).await?;
-    w.write_all(payload).await
+    w.write_all(payload).await?;
+    Ok(head.len() + payload.len())
 }
 
 #[cfg(test)]
@@ -173,6 +177,7 @@ mod tests {
             .spawn(|| async {
                 let (tx, rx) = local_channel::new_bounded(16);
                 let big = vec![7u8; SMALL_PAYLOAD + 1];
+                let big_len = big.len();
                 tx.send(F(b"h1".to_vec(), b"p1".to_vec())).await.unwrap();
                 tx.send(F(b"h2".to_vec(), Vec::new())).await.unwrap();
                 tx.send(F(b"h3".to_vec(), big.clone())).await.unwrap();
@@ -181,7 +186,12 @@ mod tests {
                 let rec = Rec::default();
                 let mut w = rec.clone();
                 let mut batches = 0;
-                let end = send(&mut w, &rx, &Signal::new(), || batches += 1).await;
+                let mut bytes = 0;
+                let end = send(&mut w, &rx, &Signal::new(), |n| {
+                    batches += 1;
+                    bytes += n;
+                })
+                .await;
                 assert!(matches!(end, SendEnd::Drained), "{end:?}");
                 let writes = rec.0.borrow().clone();
                 assert_eq!(
@@ -189,6 +199,7 @@ mod tests {
                     vec![b"h1p1h2".to_vec(), b"h3".to_vec(), big, b"h4p4".to_vec()]
                 );
                 assert_eq!(batches, 1);
+                assert_eq!(bytes, 2 + 2 + 2 + 2 + big_len + 2 + 2);
             })
             .unwrap()
             .join()
@@ -204,7 +215,7 @@ mod tests {
                 let s2 = stop.clone();
                 glommio::spawn_local(async move { s2.fire() }).detach();
                 let mut w = Rec::default();
-                let end = send(&mut w, &rx, &stop, || {}).await;
+                let end = send(&mut w, &rx, &stop, |_| {}).await;
                 assert!(matches!(end, SendEnd::Stopped), "{end:?}");
             })
             .unwrap()

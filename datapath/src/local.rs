@@ -91,7 +91,7 @@ pub struct LocalDisk {
     flush_lock: Semaphore,
     flushes_begun: Cell<u64>,
     flushes_done: Cell<u64>,
-    metaflush: bool,
+    metaflush: Cell<bool>,
     locks: RangeLock,
     stats: Arc<ResourceStats>,
     zeros: Rc<DmaBuffer>,
@@ -196,7 +196,7 @@ impl LocalDisk {
             flush_lock: Semaphore::new(1),
             flushes_begun: Cell::new(0),
             flushes_done: Cell::new(0),
-            metaflush,
+            metaflush: Cell::new(metaflush),
             locks: RangeLock::new(),
             stats,
             zeros,
@@ -205,6 +205,17 @@ impl LocalDisk {
             held_bound: Cell::new(usize::MAX),
             punch_works: Cell::new(None),
         }))
+    }
+
+    /// Changes `metaflush` (a configuration reload); applies from the
+    /// next activemap update.
+    pub fn set_metaflush(&self, on: bool) {
+        self.metaflush.set(on);
+    }
+
+    /// The resource's counters.
+    pub fn stats(&self) -> &Arc<ResourceStats> {
+        &self.stats
     }
 
     /// Provider path.
@@ -421,7 +432,7 @@ impl LocalDisk {
             }
             i = j;
         }
-        if self.metaflush {
+        if self.metaflush.get() {
             self.flush().await?;
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
@@ -38,8 +38,120 @@ pub const FIRST_CONTACT: Duration = Duration::from_secs(5);
 pub const WINDOW_REQUESTS: usize = 1024;
 
 /// Commands queued per shard at most (role changes are rare; the control
-/// socket handles one request at a time).
+/// plane makes one change at a time).
 const SHARD_QUEUE: usize = 64;
+
+/// Synchronisation chunks in flight at most (when the application is
+/// idle).
+pub const SYNC_WINDOW: usize = 16;
+/// Bytes per synchronisation chunk.
+pub const SYNC_CHUNK: u32 = 1 << 20;
+/// Pause between connection attempts to the secondary, at most (less when
+/// `timeout` is shorter).
+pub const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// What went wrong, by kind: the control plane chooses its exit codes and
+/// wording by kind, never by the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeErrorKind {
+    /// No such resource on this node.
+    UnknownResource,
+    /// The data path has stopped.
+    NotRunning,
+    /// The node knows its data is older than its peer's (promotion
+    /// refused without `force`).
+    OutOfDate,
+    /// Not possible in the resource's current role.
+    WrongRole,
+    /// The provider cannot be opened, or its metadata not written.
+    Provider,
+    /// The export cannot be served.
+    Export,
+    /// The listen addresses cannot be bound.
+    Listen,
+    /// Not changed because another resource of the same group change
+    /// failed.
+    Group,
+}
+
+/// An error of the data path: its kind, the resource (if one), what was
+/// being done and why it failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{operation}: {detail}", resource.as_ref().map(|r| format!("[{r}] ")).unwrap_or_default())]
+pub struct NodeError {
+    /// What kind of failure.
+    pub kind: NodeErrorKind,
+    /// The resource concerned.
+    pub resource: Option<String>,
+    /// The operation, with its object (e.g. `cannot serve /run/hast/r.sock`).
+    pub operation: String,
+    /// Why.
+    pub detail: String,
+}
+
+impl NodeError {
+    /// An error of resource `resource`.
+    pub fn new(
+        kind: NodeErrorKind,
+        resource: &str,
+        operation: impl Into<String>,
+        detail: impl std::fmt::Display,
+    ) -> NodeError {
+        NodeError {
+            kind,
+            resource: Some(resource.to_owned()),
+            operation: operation.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn unknown(name: &str) -> NodeError {
+        NodeError::new(
+            NodeErrorKind::UnknownResource,
+            name,
+            "unknown resource",
+            "not configured on this node",
+        )
+    }
+
+    fn stopped(name: &str) -> NodeError {
+        NodeError::new(NodeErrorKind::NotRunning, name, "data path", "not running")
+    }
+}
+
+/// What changed in a resource's specification (see
+/// [`Node::reconfigure`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpecChange {
+    /// The provider, its device name or the export socket changed: the
+    /// resource restarts in every role.
+    pub provider: bool,
+    /// `remote` or `source` changed.
+    pub peer: bool,
+    /// Anything else (replication, timeout, metaflush, hooks, ...).
+    pub other: bool,
+}
+
+impl SpecChange {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !(self.provider || self.peer || self.other)
+    }
+}
+
+/// What [`Node::reconfigure`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing runs (role init): the new specification is used from the
+    /// next role change.
+    Stored,
+    /// Stopped and started again in this role.
+    Restarted(Role),
+    /// Applied to the running primary without a restart (a changed peer
+    /// address reconnects).
+    Live,
+}
 
 /// What the data path needs to know about one resource.
 #[derive(Debug, Clone)]
@@ -99,23 +211,42 @@ pub enum CpuPlacement {
     Pinned(Vec<usize>),
 }
 
+type Reply<T> = flume::Sender<Result<T, NodeError>>;
+
 enum Cmd {
     /// Phase 1: take the new role, but do not expose the export yet.
     Prepare {
         name: String,
         role: Role,
         force: bool,
-        reply: flume::Sender<Result<Role, String>>,
+        reply: Reply<Role>,
     },
     /// Mark the local changes since a split-brain for discarding.
     Discard {
         name: String,
-        reply: flume::Sender<Result<(), String>>,
+        reply: Reply<()>,
     },
     /// Phase 2: expose the export (primary).
     Commit {
         name: String,
-        reply: flume::Sender<Result<(), String>>,
+        reply: Reply<()>,
+    },
+    /// A new resource, in role init.
+    Add {
+        spec: Box<ResourceSpec>,
+        stats: Arc<ResourceStats>,
+        reply: Reply<()>,
+    },
+    /// Back to init, then forgotten.
+    Remove {
+        name: String,
+        reply: Reply<()>,
+    },
+    /// A new specification.
+    Reconfigure {
+        spec: Box<ResourceSpec>,
+        change: SpecChange,
+        reply: Reply<Applied>,
     },
     Incoming {
         name: String,
@@ -131,41 +262,49 @@ struct Shard {
     join: std::sync::Mutex<Option<glommio::ExecutorJoinHandle<()>>>,
 }
 
+/// Where a resource lives, and what it was last configured as.
+struct Entry {
+    shard: usize,
+    stats: Arc<ResourceStats>,
+    spec: ResourceSpec,
+}
+
+/// The peer listener and what it was started with.
+#[derive(Default)]
+struct Listening {
+    addrs: Vec<SocketAddr>,
+    listener: Option<Listener>,
+}
+
 /// Handle on the running data path. `Send + Sync`: the control plane calls
 /// it from its own threads.
 pub struct Node {
     shards: Vec<Shard>,
-    index: HashMap<String, (usize, Arc<ResourceStats>)>,
-    listener: std::sync::Mutex<Option<Listener>>,
+    index: RwLock<HashMap<String, Entry>>,
+    listening: Mutex<Listening>,
 }
 
 impl Node {
     /// Starts `shards` executors (at least one, at most one per resource)
     /// and assigns resources to them round-robin. Every resource starts in
     /// role init.
-    pub fn start(specs: Vec<ResourceSpec>, opts: NodeOptions) -> std::io::Result<Node> {
+    pub fn start(specs: Vec<ResourceSpec>, opts: NodeOptions) -> Result<Node, NodeError> {
         let (shards, placement) = (opts.shards, opts.placement.clone());
         let nshards = shards.clamp(1, specs.len().max(1));
-        let replicated: Vec<(String, Vec<IpAddr>)> = specs
-            .iter()
-            .filter_map(|s| {
-                s.remote
-                    .as_ref()
-                    .map(|r| (s.name.clone(), r.iter().map(|a| a.ip()).collect()))
-            })
-            .collect();
-        let timeout = specs
-            .iter()
-            .map(|s| s.timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(20));
         let mut per_shard: Vec<Vec<(ResourceSpec, Arc<ResourceStats>)>> =
             (0..nshards).map(|_| Vec::new()).collect();
         let mut index = HashMap::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let stats = Arc::new(ResourceStats::default());
-            index.insert(spec.name.clone(), (i % nshards, stats.clone()));
-            per_shard[i % nshards].push((spec, stats));
+            per_shard[i % nshards].push((spec.clone(), stats.clone()));
+            index.insert(
+                spec.name.clone(),
+                Entry {
+                    shard: i % nshards,
+                    stats,
+                    spec,
+                },
+            );
         }
         let mut out = Vec::with_capacity(nshards);
         for (i, resources) in per_shard.into_iter().enumerate() {
@@ -181,76 +320,243 @@ impl Node {
             let join = LocalExecutorBuilder::new(place)
                 .name(&format!("hast-shard{i}"))
                 .spawn(move || shard_main(rx, resources, events))
-                .map_err(|e| std::io::Error::other(format!("cannot start executor {i}: {e}")))?;
+                .map_err(|e| NodeError {
+                    kind: NodeErrorKind::NotRunning,
+                    resource: None,
+                    operation: format!("cannot start executor {i}"),
+                    detail: e.to_string(),
+                })?;
             out.push(Shard {
                 tx,
                 join: std::sync::Mutex::new(Some(join)),
             });
         }
-        let mut node = Node {
+        let node = Node {
             shards: out,
-            index,
-            listener: std::sync::Mutex::new(None),
+            index: RwLock::new(index),
+            listening: Mutex::new(Listening {
+                addrs: opts.listen,
+                listener: None,
+            }),
         };
-        if !replicated.is_empty() {
-            let mut routes = HashMap::new();
-            for (name, allowed) in replicated {
-                let shard = node.index[&name].0;
-                let tx = node.shards[shard].tx.clone();
-                let rname = name.clone();
-                routes.insert(
-                    name,
-                    Route {
-                        allowed,
-                        deliver: Box::new(move |incoming| {
-                            tx.try_send(Cmd::Incoming {
-                                name: rname.clone(),
-                                incoming,
-                            })
-                            .map_err(|e| match e.into_inner() {
-                                Cmd::Incoming { incoming, .. } => Box::new(incoming),
-                                _ => unreachable!("only Incoming is sent here"),
-                            })
-                        }),
-                    },
-                );
-            }
-            match Listener::start(&opts.listen, routes, timeout) {
-                Ok(l) => node.listener = std::sync::Mutex::new(Some(l)),
-                Err(e) => {
-                    node.shutdown();
-                    return Err(e);
-                }
-            }
+        if let Err(e) = node.refresh_routes() {
+            node.shutdown();
+            return Err(e);
         }
         Ok(node)
     }
 
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the listener sends each replicated resource's connections.
+    fn routes(&self) -> HashMap<String, Route> {
+        let mut routes = HashMap::new();
+        for (name, e) in self.index().iter() {
+            let Some(remote) = &e.spec.remote else {
+                continue;
+            };
+            let tx = self.shards[e.shard].tx.clone();
+            let rname = name.clone();
+            routes.insert(
+                name.clone(),
+                Route {
+                    allowed: remote.iter().map(|a| a.ip()).collect::<Vec<IpAddr>>(),
+                    deliver: Box::new(move |incoming| {
+                        tx.try_send(Cmd::Incoming {
+                            name: rname.clone(),
+                            incoming,
+                        })
+                        .map_err(|e| match e.into_inner() {
+                            Cmd::Incoming { incoming, .. } => Box::new(incoming),
+                            _ => unreachable!("only Incoming is sent here"),
+                        })
+                    }),
+                },
+            );
+        }
+        routes
+    }
+
+    /// The handshake timeout of the listener: the longest of the
+    /// resources'.
+    fn listen_timeout(&self) -> Duration {
+        self.index()
+            .values()
+            .map(|e| e.spec.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(20))
+    }
+
+    /// Gives the listener the current routes; starts it when the first
+    /// resource with a peer appears.
+    fn refresh_routes(&self) -> Result<(), NodeError> {
+        let mut l = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        let routes = self.routes();
+        if let Some(listener) = &l.listener {
+            listener.set_routes(routes);
+            return Ok(());
+        }
+        if routes.is_empty() {
+            return Ok(());
+        }
+        l.listener =
+            Some(Listener::start(&l.addrs, routes, self.listen_timeout()).map_err(listen_error)?);
+        Ok(())
+    }
+
+    /// Listens on `addrs` instead (a reload). The old sockets are closed
+    /// first (the new set may share addresses with them); if the new ones
+    /// cannot all be bound, the old ones are bound again and the error is
+    /// returned: either every address changes or none does.
+    pub fn set_listen(&self, addrs: Vec<SocketAddr>) -> Result<bool, NodeError> {
+        let mut l = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        if l.addrs == addrs {
+            return Ok(false);
+        }
+        let Some(old) = l.listener.take() else {
+            // Not listening (no resource has a peer): nothing to bind yet.
+            l.addrs = addrs;
+            return Ok(true);
+        };
+        old.stop();
+        let timeout = self.listen_timeout();
+        match Listener::start(&addrs, self.routes(), timeout) {
+            Ok(new) => {
+                l.listener = Some(new);
+                l.addrs = addrs;
+                Ok(true)
+            }
+            Err(e) => {
+                match Listener::start(&l.addrs, self.routes(), timeout) {
+                    Ok(back) => l.listener = Some(back),
+                    Err(e2) => tracing::error!(error = %e2,
+                        "cannot listen on the previous addresses again; not listening"),
+                }
+                Err(listen_error(e))
+            }
+        }
+    }
+
+    /// Names of the resources, in no particular order.
+    pub fn names(&self) -> Vec<String> {
+        self.index().keys().cloned().collect()
+    }
+
     /// Counters of a resource.
     pub fn stats(&self, name: &str) -> Option<Arc<ResourceStats>> {
-        self.index.get(name).map(|(_, s)| s.clone())
+        self.index().get(name).map(|e| e.stats.clone())
+    }
+
+    fn send<T>(
+        &self,
+        shard: usize,
+        name: &str,
+        make: impl FnOnce(Reply<T>) -> Cmd,
+    ) -> Result<flume::Receiver<Result<T, NodeError>>, NodeError> {
+        let (reply, rx) = flume::bounded(1);
+        self.shards[shard]
+            .tx
+            .send(make(reply))
+            .map_err(|_| NodeError::stopped(name))?;
+        Ok(rx)
     }
 
     fn ask<T>(
         &self,
         name: &str,
-        make: impl FnOnce(flume::Sender<Result<T, String>>) -> Cmd,
-    ) -> Result<flume::Receiver<Result<T, String>>, String> {
-        let (shard, _) = self
-            .index
+        make: impl FnOnce(Reply<T>) -> Cmd,
+    ) -> Result<flume::Receiver<Result<T, NodeError>>, NodeError> {
+        let shard = self
+            .index()
             .get(name)
-            .ok_or_else(|| format!("unknown resource '{name}'"))?;
-        let (reply, rx) = flume::bounded(1);
-        self.shards[*shard]
-            .tx
-            .send(make(reply))
-            .map_err(|_| "data path is not running".to_string())?;
-        Ok(rx)
+            .map(|e| e.shard)
+            .ok_or_else(|| NodeError::unknown(name))?;
+        self.send(shard, name, make)
     }
 
-    fn wait<T>(rx: Result<flume::Receiver<Result<T, String>>, String>) -> Result<T, String> {
-        rx?.recv()
-            .unwrap_or_else(|_| Err("data path stopped during the role change".into()))
+    fn wait<T>(
+        name: &str,
+        rx: Result<flume::Receiver<Result<T, NodeError>>, NodeError>,
+    ) -> Result<T, NodeError> {
+        rx?.recv().unwrap_or_else(|_| Err(NodeError::stopped(name)))
+    }
+
+    /// Adds a resource in role init (a reload), on the shard with the
+    /// fewest resources.
+    pub fn add(&self, spec: ResourceSpec) -> Result<(), NodeError> {
+        let name = spec.name.clone();
+        let shard = {
+            let index = self.index();
+            if index.contains_key(&name) {
+                return Ok(());
+            }
+            (0..self.shards.len())
+                .min_by_key(|i| index.values().filter(|e| e.shard == *i).count())
+                .unwrap_or(0)
+        };
+        let stats = Arc::new(ResourceStats::default());
+        let boxed = Box::new(spec.clone());
+        let st = stats.clone();
+        Self::wait(
+            &name,
+            self.send(shard, &name, |reply| Cmd::Add {
+                spec: boxed,
+                stats: st,
+                reply,
+            }),
+        )?;
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, Entry { shard, stats, spec });
+        self.refresh_routes()
+    }
+
+    /// Takes a resource to role init and forgets it (a reload).
+    pub fn remove(&self, name: &str) -> Result<(), NodeError> {
+        let n = name.to_owned();
+        Self::wait(name, self.ask(name, |reply| Cmd::Remove { name: n, reply }))?;
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.refresh_routes()
+    }
+
+    /// Gives a resource a new specification (a reload). In role init it is
+    /// stored for the next role change; a secondary restarts on any change;
+    /// a primary restarts when its provider or export changed, and
+    /// otherwise applies the change while it runs: a new `remote` or
+    /// `source` closes the replication connection and opens a new one, a
+    /// new timeout applies to the open connection, a new replication mode
+    /// or metaflush to the next write. Its export stays up.
+    pub fn reconfigure(
+        &self,
+        spec: ResourceSpec,
+        change: SpecChange,
+    ) -> Result<Applied, NodeError> {
+        let name = spec.name.clone();
+        let boxed = Box::new(spec.clone());
+        let applied = Self::wait(
+            &name,
+            self.ask(&name, |reply| Cmd::Reconfigure {
+                spec: boxed,
+                change,
+                reply,
+            }),
+        )?;
+        if let Some(e) = self
+            .index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&name)
+        {
+            e.spec = spec;
+        }
+        self.refresh_routes()?;
+        Ok(applied)
     }
 
     /// Changes the role of the named resources as one operation: every
@@ -264,7 +570,7 @@ impl Node {
         names: &[String],
         role: Role,
         force: bool,
-    ) -> Vec<(String, Result<Role, String>)> {
+    ) -> Vec<(String, Result<Role, NodeError>)> {
         let asked: Vec<_> = names
             .iter()
             .map(|n| {
@@ -280,9 +586,12 @@ impl Node {
                 )
             })
             .collect();
-        let prepared: Vec<(String, Result<Role, String>)> = asked
+        let prepared: Vec<(String, Result<Role, NodeError>)> = asked
             .into_iter()
-            .map(|(n, rx)| (n, Self::wait(rx)))
+            .map(|(n, rx)| {
+                let r = Self::wait(&n, rx);
+                (n, r)
+            })
             .collect();
         let failures: Vec<String> = prepared
             .iter()
@@ -295,15 +604,18 @@ impl Node {
                     if *old != role {
                         let name = n.clone();
                         let old = *old;
-                        let back = Self::wait(self.ask(n, |reply| Cmd::Prepare {
-                            name,
-                            role: old,
-                            force: true,
-                            reply,
-                        }))
+                        let back = Self::wait(
+                            n,
+                            self.ask(n, |reply| Cmd::Prepare {
+                                name,
+                                role: old,
+                                force: true,
+                                reply,
+                            }),
+                        )
                         .and_then(|_| {
                             let name = n.clone();
-                            Self::wait(self.ask(n, |reply| Cmd::Commit { name, reply }))
+                            Self::wait(n, self.ask(n, |reply| Cmd::Commit { name, reply }))
                         });
                         if let Err(e) = back {
                             tracing::error!(resource = %n, error = %e,
@@ -318,8 +630,11 @@ impl Node {
                 .map(|(n, r)| {
                     let r = match r {
                         Err(e) => Err(e),
-                        Ok(_) => Err(format!(
-                            "not changed: the role change of the group failed ({all})"
+                        Ok(_) => Err(NodeError::new(
+                            NodeErrorKind::Group,
+                            &n,
+                            "not changed",
+                            format!("the role change of the group failed ({all})"),
                         )),
                     };
                     (n, r)
@@ -338,7 +653,7 @@ impl Node {
             .into_iter()
             .zip(commits)
             .map(|((n, r), c)| {
-                let r = r.and_then(|old| Self::wait(c).map(|()| old));
+                let r = r.and_then(|old| Self::wait(&n, c).map(|()| old));
                 (n, r)
             })
             .collect()
@@ -348,7 +663,7 @@ impl Node {
     /// node discards the changes it made since a split-brain and takes the
     /// peer's data over the extents either side changed. The node must
     /// not be primary.
-    pub fn discard(&self, names: &[String]) -> Vec<(String, Result<(), String>)> {
+    pub fn discard(&self, names: &[String]) -> Vec<(String, Result<(), NodeError>)> {
         let asked: Vec<_> = names
             .iter()
             .map(|n| {
@@ -358,14 +673,21 @@ impl Node {
             .collect();
         asked
             .into_iter()
-            .map(|(n, rx)| (n, Self::wait(rx)))
+            .map(|(n, rx)| {
+                let r = Self::wait(&n, rx);
+                (n, r)
+            })
             .collect()
     }
 
     /// Stops every resource cleanly (exports drained, activemaps and
     /// metadata stored) and joins the executors. Later calls do nothing.
     pub fn shutdown(&self) {
-        let listener = self.listener.lock().map(|mut l| l.take()).unwrap_or(None);
+        let listener = self
+            .listening
+            .lock()
+            .map(|mut l| l.listener.take())
+            .unwrap_or(None);
         if let Some(l) = listener {
             l.stop();
         }
@@ -416,21 +738,19 @@ async fn shard_main(
     resources: Vec<(ResourceSpec, Arc<ResourceStats>)>,
     events: Option<flume::Sender<PeerEvent>>,
 ) {
+    let new_res = |spec: ResourceSpec, stats: Arc<ResourceStats>| {
+        stats.set_role(Role::Init);
+        Res {
+            events: EventSink::new(&spec.name, events.clone()),
+            spec,
+            stats,
+            role: Role::Init,
+            active: Active::Idle,
+        }
+    };
     let mut state: HashMap<String, Res> = resources
         .into_iter()
-        .map(|(spec, stats)| {
-            stats.set_role(Role::Init);
-            (
-                spec.name.clone(),
-                Res {
-                    events: EventSink::new(&spec.name, events.clone()),
-                    spec,
-                    stats,
-                    role: Role::Init,
-                    active: Active::Idle,
-                },
-            )
-        })
+        .map(|(spec, stats)| (spec.name.clone(), new_res(spec, stats)))
         .collect();
     while let Ok(cmd) = rx.recv_async().await {
         match cmd {
@@ -442,21 +762,49 @@ async fn shard_main(
             } => {
                 let res = match state.get_mut(&name) {
                     Some(r) => r.prepare_role(role, force).await,
-                    None => Err(format!("resource '{name}' is not on this shard")),
+                    None => Err(NodeError::unknown(&name)),
                 };
                 let _ = reply.send(res);
             }
             Cmd::Discard { name, reply } => {
                 let res = match state.get_mut(&name) {
                     Some(r) => r.discard().await,
-                    None => Err(format!("resource '{name}' is not on this shard")),
+                    None => Err(NodeError::unknown(&name)),
                 };
                 let _ = reply.send(res);
             }
             Cmd::Commit { name, reply } => {
                 let res = match state.get_mut(&name) {
                     Some(r) => r.commit_role().await,
-                    None => Err(format!("resource '{name}' is not on this shard")),
+                    None => Err(NodeError::unknown(&name)),
+                };
+                let _ = reply.send(res);
+            }
+            Cmd::Add { spec, stats, reply } => {
+                tracing::info!(resource = %spec.name, "resource added (role init)");
+                state.insert(spec.name.clone(), new_res(*spec, stats));
+                let _ = reply.send(Ok(()));
+            }
+            Cmd::Remove { name, reply } => {
+                let res = match state.remove(&name) {
+                    Some(mut r) => {
+                        r.deactivate().await;
+                        r.stats.set_role(Role::Init);
+                        tracing::info!(resource = %name, from = %r.role, "resource removed");
+                        Ok(())
+                    }
+                    None => Err(NodeError::unknown(&name)),
+                };
+                let _ = reply.send(res);
+            }
+            Cmd::Reconfigure {
+                spec,
+                change,
+                reply,
+            } => {
+                let res = match state.get_mut(&spec.name) {
+                    Some(r) => r.reconfigure(*spec, change).await,
+                    None => Err(NodeError::unknown(&spec.name)),
                 };
                 let _ = reply.send(res);
             }
@@ -480,7 +828,16 @@ async fn shard_main(
 }
 
 impl Res {
-    async fn prepare_role(&mut self, role: Role, force: bool) -> Result<Role, String> {
+    fn error(
+        &self,
+        kind: NodeErrorKind,
+        operation: impl Into<String>,
+        detail: impl std::fmt::Display,
+    ) -> NodeError {
+        NodeError::new(kind, &self.spec.name, operation, detail)
+    }
+
+    async fn prepare_role(&mut self, role: Role, force: bool) -> Result<Role, NodeError> {
         let old = self.role;
         if old == role {
             return Ok(old);
@@ -490,9 +847,13 @@ impl Res {
         // truth.
         if role == Role::Primary && !force {
             if let Some(why) = self.out_of_date_reason() {
-                return Err(format!(
-                    "[{}] refusing to promote: {why}; use 'hastctl role --force primary {}' to promote anyway",
-                    self.spec.name, self.spec.name
+                return Err(self.error(
+                    NodeErrorKind::OutOfDate,
+                    "refusing to promote",
+                    format!(
+                        "{why}; use 'hastctl role --force primary {}' to promote anyway",
+                        self.spec.name
+                    ),
                 ));
             }
         }
@@ -511,8 +872,57 @@ impl Res {
         Ok(old)
     }
 
+    /// A new specification (see [`Node::reconfigure`]).
+    async fn reconfigure(
+        &mut self,
+        spec: ResourceSpec,
+        change: SpecChange,
+    ) -> Result<Applied, NodeError> {
+        let role = self.role;
+        if role == Role::Init || change.is_empty() {
+            self.spec = spec;
+            return Ok(Applied::Stored);
+        }
+        if role == Role::Primary && !change.provider {
+            self.apply_live(spec, change).await;
+            return Ok(Applied::Live);
+        }
+        tracing::info!(resource = %self.spec.name, role = %role,
+            "configuration changed; restarting the resource");
+        self.prepare_role(Role::Init, true).await?;
+        self.spec = spec;
+        self.prepare_role(role, true).await?;
+        self.commit_role().await?;
+        Ok(Applied::Restarted(role))
+    }
+
+    /// Applies a new specification to the running primary, export kept.
+    async fn apply_live(&mut self, spec: ResourceSpec, change: SpecChange) {
+        let Active::Primary { primary, .. } = &self.active else {
+            self.spec = spec;
+            return;
+        };
+        let primary = primary.clone();
+        primary.disk().set_metaflush(spec.metaflush);
+        self.spec = spec;
+        if change.peer {
+            tracing::info!(resource = %self.spec.name,
+                "peer address changed; reconnecting to the secondary");
+            // The old connection goes first (the secondary takes one
+            // primary at a time); writes meanwhile are local and marked.
+            if let Some(old) = primary.set_remote(None) {
+                old.stop().await;
+            }
+            primary.set_remote(self.start_remote(primary.disk()));
+        } else if let Some(r) = primary.remote() {
+            r.set_mode(self.spec.mode);
+            r.set_timeout(self.spec.timeout);
+        }
+        tracing::info!(resource = %self.spec.name, "configuration applied to the running primary");
+    }
+
     /// Opens the resource's provider (errors name the resource).
-    async fn open_provider(&self) -> Result<Rc<LocalDisk>, String> {
+    async fn open_provider(&self) -> Result<Rc<LocalDisk>, NodeError> {
         LocalDisk::open(
             &self.spec.localpath,
             &self.spec.name,
@@ -520,32 +930,33 @@ impl Res {
             self.stats.clone(),
         )
         .await
-        .map_err(|e| format!("[{}] {e}", self.spec.name))
+        .map_err(|e| self.error(NodeErrorKind::Provider, "cannot open the provider", e))
     }
 
-    async fn open_disk(&self, role: Role) -> Result<Rc<LocalDisk>, String> {
+    async fn open_disk(&self, role: Role) -> Result<Rc<LocalDisk>, NodeError> {
         let disk = self.open_provider().await?;
         if let Err(e) = disk.set_prevrole(role).await {
-            let msg = format!(
-                "[{}] {}: cannot write metadata: {e}",
-                self.spec.name,
-                self.spec.localpath.display()
+            let err = self.error(
+                NodeErrorKind::Provider,
+                format!("{}: cannot write metadata", self.spec.localpath.display()),
+                e,
             );
             let _ = disk.close(role).await;
-            return Err(msg);
+            return Err(err);
         }
         Ok(disk)
     }
 
     /// Sets the discard flag (see [`Node::discard`]).
-    async fn discard(&mut self) -> Result<(), String> {
+    async fn discard(&mut self) -> Result<(), NodeError> {
         let flag = |m: &mut crate::metadata::Metadata| m.flags |= crate::metadata::FLAG_DISCARD;
-        let name = self.spec.name.clone();
-        let fail = |e: std::io::Error| format!("[{name}] cannot write metadata: {e}");
+        let fail =
+            |e: std::io::Error| self.error(NodeErrorKind::Provider, "cannot write metadata", e);
         match &self.active {
-            Active::Primary { .. } => Err(format!(
-                "[{}] this node is primary: make it secondary first (the data that is kept is the primary's)",
-                self.spec.name
+            Active::Primary { .. } => Err(self.error(
+                NodeErrorKind::WrongRole,
+                "this node is primary",
+                "make it secondary first (the data that is kept is the primary's)",
             )),
             Active::Secondary { secondary } => {
                 secondary.disk().update_metadata(flag).await.map_err(fail)?;
@@ -567,7 +978,8 @@ impl Res {
     }
 
     /// Phase 2 of a role change: a primary's export appears.
-    async fn commit_role(&mut self) -> Result<(), String> {
+    async fn commit_role(&mut self) -> Result<(), NodeError> {
+        let name = self.spec.name.clone();
         let Active::Primary { primary, export } = &mut self.active else {
             return Ok(());
         };
@@ -581,7 +993,7 @@ impl Res {
             // most likely down (the failover case) and cannot tell anyway.
             let limit = self.spec.timeout.min(FIRST_CONTACT) + Duration::from_secs(1);
             if !remote.first_attempt(limit).await {
-                tracing::warn!(resource = %self.spec.name,
+                tracing::warn!(resource = %name,
                     "peer did not answer in time; exporting without knowing whether it holds newer data");
             }
         }
@@ -591,52 +1003,51 @@ impl Res {
             buffer_budget: self.spec.buffer_budget,
             read_only: false,
         };
-        if let Some(dir) = self.spec.export_socket.parent() {
+        let sock = &self.spec.export_socket;
+        let export_error =
+            |op: String, e: std::io::Error| NodeError::new(NodeErrorKind::Export, &name, op, e);
+        if let Some(dir) = sock.parent() {
             std::fs::create_dir_all(dir).map_err(|e| {
-                format!(
-                    "[{}] cannot create export directory {}: {e}",
-                    self.spec.name,
-                    dir.display()
+                export_error(
+                    format!("cannot create export directory {}", dir.display()),
+                    e,
                 )
             })?;
         }
-        let bound =
-            NbdExport::bind(&self.spec.export_socket, cfg, primary.clone()).map_err(|e| {
-                format!(
-                    "[{}] cannot serve {}: {e}",
-                    self.spec.name,
-                    self.spec.export_socket.display()
-                )
-            })?;
+        let bound = NbdExport::bind(sock, cfg, primary.clone())
+            .map_err(|e| export_error(format!("cannot serve {}", sock.display()), e))?;
         *export = Some(bound.start_with_gauge(self.stats.clients_gauge()));
-        tracing::info!(resource = %self.spec.name,
-            socket = %self.spec.export_socket.display(), "export ready");
+        tracing::info!(resource = %name, socket = %sock.display(), "export ready");
         Ok(())
     }
 
-    async fn activate_primary(&mut self) -> Result<Active, String> {
+    /// The remote leg of a primary over `disk`; None for `remote none`.
+    fn start_remote(&self, disk: &Rc<LocalDisk>) -> Option<Rc<Remote>> {
+        let addrs = self.spec.remote.as_ref()?;
+        Some(Remote::start(
+            RemoteConfig {
+                resource: self.spec.name.clone(),
+                node: self.spec.node.clone(),
+                remote: addrs.clone(),
+                source: self.spec.source,
+                timeout: self.spec.timeout,
+                mode: self.spec.mode,
+                max_inflight: WINDOW_REQUESTS,
+                max_bytes: self.spec.window_bytes,
+                sync_window: SYNC_WINDOW,
+                sync_chunk: SYNC_CHUNK,
+                retry: self.spec.timeout.min(RETRY_MAX),
+                splitbrain_auto: self.spec.splitbrain_auto,
+            },
+            disk.clone(),
+            self.stats.clone(),
+            self.events.clone(),
+        ))
+    }
+
+    async fn activate_primary(&mut self) -> Result<Active, NodeError> {
         let disk = self.open_disk(Role::Primary).await?;
-        let remote = self.spec.remote.as_ref().map(|addrs| {
-            Remote::start(
-                RemoteConfig {
-                    resource: self.spec.name.clone(),
-                    node: self.spec.node.clone(),
-                    remote: addrs.clone(),
-                    source: self.spec.source,
-                    timeout: self.spec.timeout,
-                    mode: self.spec.mode,
-                    max_inflight: WINDOW_REQUESTS,
-                    max_bytes: self.spec.window_bytes,
-                    sync_window: 16,
-                    sync_chunk: 1 << 20,
-                    retry: self.spec.timeout.min(Duration::from_secs(2)),
-                    splitbrain_auto: self.spec.splitbrain_auto,
-                },
-                disk.clone(),
-                self.stats.clone(),
-                self.events.clone(),
-            )
-        });
+        let remote = self.start_remote(&disk);
         let primary = Rc::new(Primary::new(disk.clone(), self.stats.clone(), remote));
         Ok(Active::Primary {
             primary,
@@ -663,7 +1074,7 @@ impl Res {
         None
     }
 
-    async fn activate_secondary(&mut self) -> Result<Active, String> {
+    async fn activate_secondary(&mut self) -> Result<Active, NodeError> {
         let disk = self.open_disk(Role::Secondary).await?;
         let secondary = Secondary::new(SecondaryCtx {
             resource: self.spec.name.clone(),
@@ -731,6 +1142,15 @@ impl Res {
                 }
             }
         }
+    }
+}
+
+fn listen_error(e: std::io::Error) -> NodeError {
+    NodeError {
+        kind: NodeErrorKind::Listen,
+        resource: None,
+        operation: "cannot listen for the peer".into(),
+        detail: e.to_string(),
     }
 }
 

@@ -10,6 +10,7 @@
 //! its extents need synchronisation; the first such write of a
 //! disconnected epoch bumps the generation counter first.
 
+use std::cell::RefCell;
 use std::io;
 use std::ops::Deref;
 use std::rc::Rc;
@@ -36,7 +37,8 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub struct Primary {
     disk: Rc<LocalDisk>,
     stats: Arc<ResourceStats>,
-    remote: Option<Rc<Remote>>,
+    /// Replaceable (a reload changing `remote` or `source`).
+    remote: RefCell<Option<Rc<Remote>>>,
 }
 
 /// Data returned by a read: from the local provider, or from the
@@ -75,7 +77,7 @@ impl Primary {
         Primary {
             disk,
             stats,
-            remote,
+            remote: RefCell::new(remote),
         }
     }
 
@@ -85,8 +87,14 @@ impl Primary {
     }
 
     /// The remote leg.
-    pub fn remote(&self) -> Option<&Rc<Remote>> {
-        self.remote.as_ref()
+    pub fn remote(&self) -> Option<Rc<Remote>> {
+        self.remote.borrow().clone()
+    }
+
+    /// Replaces the remote leg; returns the old one, for the caller to
+    /// stop. Writes after this go to the new leg.
+    pub fn set_remote(&self, remote: Option<Rc<Remote>>) -> Option<Rc<Remote>> {
+        self.remote.replace(remote)
     }
 
     /// Where the data of `[offset, offset + len)` is, as clients are told
@@ -99,10 +107,7 @@ impl Primary {
     pub fn allocation(&self, offset: u64, len: u64, max_segments: usize) -> Vec<Segment> {
         let end = offset.saturating_add(len).min(self.disk.datasize());
         let max_segments = max_segments.max(1);
-        let remote = self
-            .remote
-            .as_ref()
-            .filter(|r| r.reads_from_peer(offset, len));
+        let remote = self.remote().filter(|r| r.reads_from_peer(offset, len));
         let Some(remote) = remote else {
             return self.disk.allocation(offset, len, max_segments);
         };
@@ -152,6 +157,7 @@ impl Primary {
 
     fn mode(&self) -> ReplicationMode {
         self.remote
+            .borrow()
             .as_ref()
             .map(|r| r.mode())
             .unwrap_or(ReplicationMode::MemSync)
@@ -248,7 +254,7 @@ impl Primary {
         let length = u32::try_from(len).map_err(|_| BackendError::Invalid)?;
         let _q = self.stats.local_queue.enter();
         let range = self.disk.lock_range(offset, len).await;
-        let link = self.remote.as_ref().and_then(|r| r.link());
+        let link = self.remote().and_then(|r| r.link());
         if let Err(why) = self.mark(offset, len, link.is_none()).await {
             tracing::error!(path = %self.disk.path().display(), offset, len, "{why}; write refused");
             errors.fetch_add(1, Relaxed);
@@ -301,14 +307,15 @@ impl Primary {
     }
 
     async fn flush_inner(&self) -> Result<(), BackendError> {
-        let link = self.remote.as_ref().and_then(|r| r.link());
+        let remote_leg = self.remote();
+        let link = remote_leg.as_ref().and_then(|r| r.link());
         let remote = async {
             match &link {
                 Some(l) if self.mode() != ReplicationMode::Async => {
                     // Also releases the extents held for the secondary's
                     // flush. A failed flush there drops the link, so the
                     // reconnect resynchronises every extent still marked.
-                    if let Some(r) = &self.remote {
+                    if let Some(r) = &remote_leg {
                         let _ = r.peer_flush(l).await;
                     }
                 }
@@ -345,6 +352,7 @@ impl RemoteLeg {
     fn settle(&self, remote: Result<(), LinkError>) {
         if let Err(e) = &remote {
             log_remote_failure(e, self.offset, self.len);
+            self.stats.remote_errors.fetch_add(1, Relaxed);
         }
         let outcome = if self.local_ok && remote.is_ok() && self.link.is_alive() {
             Settled::PeerUnflushed
@@ -402,7 +410,7 @@ impl BlockBackend for Primary {
         self.check(offset, u64::from(len))?;
         let _q = self.stats.local_queue.enter();
         self.stats.reads.fetch_add(1, Relaxed);
-        if let Some(r) = &self.remote {
+        if let Some(r) = self.remote() {
             if r.reads_from_peer(offset, u64::from(len)) {
                 // Not synchronised yet: the secondary has the current data.
                 let Some(link) = r.link() else {
@@ -437,15 +445,18 @@ impl BlockBackend for Primary {
         flags: WriteFlags,
     ) -> Result<(), BackendError> {
         self.stats.writes.fetch_add(1, Relaxed);
-        let len = data.len() as u64;
-        self.modify(
-            offset,
-            len,
-            flags.fua,
-            &self.stats.write_errors,
-            Change::Write(Rc::new(data)),
-        )
-        .await
+        let (len, started) = (data.len() as u64, std::time::Instant::now());
+        let r = self
+            .modify(
+                offset,
+                len,
+                flags.fua,
+                &self.stats.write_errors,
+                Change::Write(Rc::new(data)),
+            )
+            .await;
+        self.stats.write_latency.observe(started.elapsed());
+        r
     }
 
     async fn flush(&self) -> Result<(), BackendError> {

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::generation::SyncDirection;
 use crate::metadata::Role;
@@ -70,6 +71,69 @@ pub struct ResourceStats {
     pub window_waits: AtomicU64,
     /// Last connection problem (for `hastctl list`).
     pub last_error: std::sync::Mutex<String>,
+    /// Application writes whose remote leg failed (an error from the
+    /// secondary, or the connection lost before its Done).
+    pub remote_errors: AtomicU64,
+    /// Bytes sent to the peer (frame headers and payloads).
+    pub net_sent_bytes: AtomicU64,
+    /// Bytes received from the peer (frame headers and payloads).
+    pub net_received_bytes: AtomicU64,
+    /// How long the primary took to acknowledge application writes.
+    pub write_latency: LatencyHistogram,
+}
+
+/// Upper bounds (inclusive, microseconds) of the write latency buckets; a
+/// last bucket counts everything slower.
+pub const LATENCY_BOUNDS_US: [u64; 15] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000,
+];
+
+/// A fixed-bucket latency histogram of relaxed atomics: recording costs a
+/// bucket search over 15 bounds and two additions, nothing is allocated
+/// and nothing locks.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// A histogram read at one moment: cumulative counts per bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencySnapshot {
+    /// `(upper bound in seconds, observations <= bound)`, bounds ascending.
+    pub buckets: Vec<(f64, u64)>,
+    /// Every observation (the `+Inf` bucket).
+    pub count: u64,
+    /// Sum of the observations, seconds.
+    pub sum_seconds: f64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    /// The cumulative view Prometheus expects.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let mut acc = 0;
+        let mut buckets = Vec::with_capacity(LATENCY_BOUNDS_US.len());
+        for (b, bound) in self.buckets.iter().zip(LATENCY_BOUNDS_US) {
+            acc += b.load(Relaxed);
+            buckets.push((bound as f64 / 1e6, acc));
+        }
+        let count = acc + self.buckets[LATENCY_BOUNDS_US.len()].load(Relaxed);
+        LatencySnapshot {
+            buckets,
+            count,
+            sum_seconds: self.sum_ns.load(Relaxed) as f64 / 1e9,
+        }
+    }
 }
 
 impl ResourceStats {
@@ -153,5 +217,31 @@ pub struct GaugeGuard<'a>(&'a Gauge);
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_cumulative_and_inclusive() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(50)); // <= 50 us
+        h.observe(Duration::from_micros(51)); // <= 100 us
+        h.observe(Duration::from_millis(3)); // <= 5 ms
+        h.observe(Duration::from_secs(10)); // only +Inf
+        let s = h.snapshot();
+        assert_eq!(s.count, 4);
+        assert_eq!(s.buckets[0], (50e-6, 1));
+        assert_eq!(s.buckets[1], (100e-6, 2));
+        assert_eq!(s.buckets[5].1, 2, "2.5 ms");
+        assert_eq!(s.buckets[6].1, 3, "5 ms");
+        assert_eq!(s.buckets.last().map(|b| b.1), Some(3));
+        assert!(
+            (s.sum_seconds - 10.003101).abs() < 1e-9,
+            "{}",
+            s.sum_seconds
+        );
     }
 }

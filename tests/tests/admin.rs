@@ -206,3 +206,41 @@ fn hastctl_without_hastd_says_so() {
     assert_eq!(out.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to hastd"));
 }
+
+/// Issue #11: `hastd -t` rejects, at file:line:col, what used to fail only
+/// later (or never): a relative `local`, a huge resource name, a name whose
+/// export socket path cannot be bound.
+#[test]
+fn hastd_t_rejects_relative_local_and_overlong_names() {
+    let (code, _, err) = hastd_check(
+        "resource r {\n  on a { local disk.img remote none }\n}\n",
+        "a",
+    );
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("hast.conf:2:16:") && err.contains("absolute path"),
+        "{err}"
+    );
+    let huge = "r".repeat(1 << 20);
+    let (code, _, err) = hastd_check(
+        &format!("resource {huge} {{ on a {{ local /tmp/x remote none }} }}"),
+        "a",
+    );
+    assert_eq!(code, 78);
+    assert!(
+        err.contains("hast.conf:1:10:") && err.contains("at most 127"),
+        "{}",
+        &err[..err.len().min(300)]
+    );
+    assert!(err.len() < 400, "the error does not echo a 1 MiB name");
+    let long = "n".repeat(120);
+    let (code, _, err) = hastd_check(
+        &format!("resource {long} {{ on a {{ local /tmp/x remote none }} }}"),
+        "a",
+    );
+    assert_eq!(code, 78);
+    assert!(
+        err.contains("hast.conf:1:10:") && err.contains("unix socket path must be at most 107"),
+        "{err}"
+    );
+}

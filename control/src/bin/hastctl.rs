@@ -1,14 +1,15 @@
 //! hastctl: the HAST control utility.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::exit;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use hast_control::config::{self, Config, NodeIdentity};
+use clap::{CommandFactory, Parser, Subcommand};
+use hast_control::config::{self, Config, NodeIdentity, ResourceConfig};
 use hast_control::exit as ex;
 use hast_control::offline::{self, CreateParams};
-use hast_control::proto::{self, Request, Response};
+use hast_control::proto::{self, ErrorKind, ReloadReport, Request, Response};
 use hast_control::report;
 use hast_control::size::parse_size;
 use hast_datapath::metadata::Role;
@@ -31,7 +32,8 @@ struct Cli {
     /// Debug output (repeat for more).
     #[arg(short = 'd', action = clap::ArgAction::Count, global = true)]
     debug: u8,
-    /// Act as node NAME instead of this host's name (also: HAST_NODE).
+    /// Act as node NAME instead of this host's name (also: HAST_NODE)
+    /// [default: the host name].
     #[arg(long, value_name = "NAME", global = true)]
     node: Option<String>,
     #[command(subcommand)]
@@ -43,13 +45,13 @@ enum Command {
     /// Initialise the metadata and activemap of resources' providers
     /// (offline; the resource must not be active in hastd).
     Create {
-        /// Extent size: bytes covered by one activemap bit (default 2M).
-        #[arg(short = 'e', value_name = "SIZE")]
-        extentsize: Option<String>,
-        /// Extents kept marked while idle (default 64).
-        #[arg(short = 'k', value_name = "COUNT")]
-        keepdirty: Option<String>,
-        /// Bytes of the provider to use (default: all).
+        /// Extent size: bytes covered by one activemap bit.
+        #[arg(short = 'e', value_name = "SIZE", default_value = "2M")]
+        extentsize: String,
+        /// Extents kept marked while idle.
+        #[arg(short = 'k', value_name = "COUNT", default_value = "64")]
+        keepdirty: String,
+        /// Bytes of the provider to use [default: all of it].
         #[arg(short = 'm', value_name = "SIZE")]
         mediasize: Option<String>,
         /// Resources.
@@ -62,6 +64,7 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// The new role.
+        #[arg(value_parser = ["init", "primary", "secondary"])]
         role: String,
         /// `all` or resource names.
         #[arg(required = true, value_name = "all|NAME")]
@@ -72,16 +75,16 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// `all` (default) or resource names.
+        /// `all` or resource names [default: all].
         #[arg(value_name = "all|NAME")]
         names: Vec<String>,
     },
-    /// Show a one-line status of resources.
+    /// Show a one-line status of resources (coloured on a terminal).
     Status {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// `all` (default) or resource names.
+        /// `all` or resource names [default: all].
         #[arg(value_name = "all|NAME")]
         names: Vec<String>,
     },
@@ -92,6 +95,8 @@ enum Command {
     /// `complete` (replication connection up), `in-sync` (complete, nothing
     /// dirty, no synchronisation running, nothing in flight to the peer),
     /// `disconnected` (replication connection down), `role:<role>`.
+    /// `in-sync` draws a progress bar per resource when stderr is a
+    /// terminal.
     Wait {
         /// export, complete, in-sync, disconnected, role:init,
         /// role:primary or role:secondary.
@@ -110,7 +115,7 @@ enum Command {
         /// Print JSON, one object per line.
         #[arg(long)]
         json: bool,
-        /// `all` (default) or resource names.
+        /// `all` or resource names [default: all].
         #[arg(value_name = "all|NAME")]
         names: Vec<String>,
     },
@@ -119,9 +124,17 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// `all` (default) or resource names.
+        /// `all` or resource names [default: all].
         #[arg(value_name = "all|NAME")]
         names: Vec<String>,
+    },
+    /// Make hastd re-read its configuration file (as SIGHUP does) and
+    /// print what changed, per resource. A file with an error changes
+    /// nothing (exit 78).
+    Reload {
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Resolve a split-brain. `discard`, run on the node whose changes
     /// since the split are to be thrown away (it must be secondary or
@@ -136,6 +149,12 @@ enum Command {
         #[arg(required = true, value_name = "all|NAME")]
         names: Vec<String>,
     },
+    /// Print a shell completion script, generated from this command line
+    /// definition (e.g. `hastctl completions bash > /etc/bash_completion.d/hastctl`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn load(cli: &Cli) -> Config {
@@ -144,13 +163,19 @@ fn load(cli: &Cli) -> Config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hastctl: {e}");
+            if matches!(cli.command, Command::Reload { .. }) {
+                // hastd would refuse the same file: not worth asking.
+                eprintln!(
+                    "hastctl: reload not sent; nothing changed (hastd keeps its configuration)"
+                );
+            }
             exit(ex::CONFIG);
         }
     }
 }
 
-fn size_arg(what: &str, v: &Option<String>) -> Option<u64> {
-    v.as_ref().map(|s| match parse_size(s) {
+fn size_arg(what: &str, v: Option<&str>) -> Option<u64> {
+    v.map(|s| match parse_size(s) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("hastctl: invalid {what}: {e}");
@@ -167,12 +192,24 @@ fn all_if_empty(names: &[String]) -> Vec<String> {
     }
 }
 
+/// The exit code for an error reply of this kind.
+fn exit_code_of(kind: Option<ErrorKind>) -> i32 {
+    match kind {
+        Some(ErrorKind::Busy) => ex::TEMPFAIL,
+        Some(ErrorKind::Config) => ex::CONFIG,
+        Some(ErrorKind::Failed) => ex::SOFTWARE,
+        Some(ErrorKind::Provider) => ex::NOINPUT,
+        _ => ex::DATAERR,
+    }
+}
+
+/// One request; exits on a request-level error or an unreachable hastd.
 fn call(cfg: &Config, req: Request) -> Response {
     match proto::call(&cfg.control, req, Duration::from_secs(120)) {
         Ok(r) => {
             if let Some(e) = &r.error {
                 eprintln!("hastctl: {e}");
-                exit(ex::DATAERR);
+                exit(exit_code_of(r.error_kind));
             }
             r
         }
@@ -181,6 +218,14 @@ fn call(cfg: &Config, req: Request) -> Response {
             exit(ex::UNAVAILABLE);
         }
     }
+}
+
+/// The named resources of the configuration; exits on an unknown one.
+fn selected<'c>(cfg: &'c Config, names: &[String]) -> Vec<&'c ResourceConfig> {
+    cfg.select(names).unwrap_or_else(|e| {
+        eprintln!("hastctl: {e}");
+        exit(ex::DATAERR);
+    })
 }
 
 /// Refuses `create` on a resource hastd is using.
@@ -203,6 +248,15 @@ fn ensure_inactive(cfg: &Config, name: &str) -> Result<(), String> {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "hastctl",
+            &mut std::io::stdout(),
+        );
+        exit(ex::OK);
+    }
     let cfg = load(&cli);
     let code = match &cli.command {
         Command::Create {
@@ -212,135 +266,15 @@ fn main() {
             names,
         } => {
             let params = CreateParams {
-                extentsize: size_arg("extent size", extentsize),
-                keepdirty: size_arg("keepdirty", keepdirty),
-                mediasize: size_arg("media size", mediasize),
+                extentsize: size_arg("extent size", Some(extentsize)),
+                keepdirty: size_arg("keepdirty", Some(keepdirty)),
+                mediasize: size_arg("media size", mediasize.as_deref()),
             };
-            let mut code = ex::OK;
-            for name in names {
-                let Some(res) = cfg.resource(name) else {
-                    eprintln!("hastctl: unknown resource '{name}'");
-                    code = ex::DATAERR;
-                    continue;
-                };
-                let result = ensure_inactive(&cfg, name).and_then(|_| offline::create(res, params));
-                if let Some(w) = std::fs::File::open(&res.localpath)
-                    .ok()
-                    .and_then(|f| hast_datapath::provider::sparse_warning(&res.localpath, &f))
-                {
-                    eprintln!("hastctl: warning: [{name}] {w}");
-                }
-                match result {
-                    Ok(md) => {
-                        if cli.debug > 0 {
-                            eprintln!(
-                                "[{name}] created on {}: datasize {}, extentsize {}, keepdirty {}",
-                                res.localpath.display(),
-                                md.datasize,
-                                md.extentsize,
-                                md.keepdirty
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("hastctl: {e}");
-                        if code == ex::OK {
-                            code = ex::DATAERR;
-                        }
-                    }
-                }
-            }
-            code
+            create(&cfg, params, names, cli.debug)
         }
-        Command::SplitBrain { action, names } => {
-            let resp = call(
-                &cfg,
-                Request::SplitBrain {
-                    action: action.clone(),
-                    resources: names.clone(),
-                },
-            );
-            let mut code = ex::OK;
-            for r in &resp.resources {
-                if let Some(e) = &r.error {
-                    eprintln!("hastctl: {e}");
-                    code = ex::SOFTWARE;
-                } else {
-                    eprintln!(
-                        "[{}] this node's changes since the split-brain will be discarded when the primary connects",
-                        r.name
-                    );
-                }
-            }
-            code
-        }
-        Command::Dump { json, names } => {
-            let selected = match cfg.select(&all_if_empty(names)) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("hastctl: {e}");
-                    exit(ex::DATAERR);
-                }
-            };
-            let mut code = ex::OK;
-            let mut out = Vec::new();
-            for res in selected {
-                match offline::read(res) {
-                    Ok((md, marked)) => {
-                        if *json {
-                            let mut v = serde_json::to_value(&md).unwrap_or_default();
-                            v["ondisk_dirty_extents"] = marked.into();
-                            out.push(v);
-                        } else {
-                            print!("{}", report::dump(&md, marked));
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("hastctl: {e}");
-                        code = ex::NOINPUT;
-                    }
-                }
-            }
-            if *json {
-                println!("{}", serde_json::Value::Array(out));
-            }
-            code
-        }
-        Command::Role { force, role, names } => {
-            let role: Role = match role.parse() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("hastctl: {e}");
-                    exit(ex::USAGE);
-                }
-            };
-            let resp = call(
-                &cfg,
-                Request::Role {
-                    role,
-                    resources: names.clone(),
-                    force: *force,
-                },
-            );
-            let mut code = ex::OK;
-            for r in &resp.resources {
-                match (&r.error, &r.previous_role) {
-                    (Some(e), _) => {
-                        eprintln!("hastctl: {e}");
-                        code = ex::SOFTWARE;
-                    }
-                    (None, Some(old)) if cli.debug > 0 => {
-                        if old == &r.role {
-                            eprintln!("[{}] role unchanged ({old})", r.name);
-                        } else {
-                            eprintln!("[{}] role changed from {old} to {}", r.name, r.role);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            code
-        }
+        Command::SplitBrain { action, names } => split_brain(&cfg, action, names),
+        Command::Dump { json, names } => dump(&cfg, *json, names),
+        Command::Role { force, role, names } => set_role(&cfg, role, *force, names, cli.debug),
         Command::Wait {
             state,
             timeout,
@@ -349,27 +283,196 @@ fn main() {
         Command::Events { json, names } => {
             events::run(&cfg, *json, &all_if_empty(names), cli.debug)
         }
-        Command::List { json, names } | Command::Status { json, names } => {
-            let resp = call(
-                &cfg,
-                Request::Status {
-                    resources: all_if_empty(names),
-                },
-            );
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&resp.resources).unwrap_or_default()
-                );
-            } else if matches!(cli.command, Command::List { .. }) {
-                print!("{}", report::list(&resp.resources));
-            } else {
-                print!("{}", report::status_table(&resp.resources));
-            }
-            ex::OK
-        }
+        Command::List { json, names } => show(&cfg, *json, names, Show::List),
+        Command::Status { json, names } => show(&cfg, *json, names, Show::Status),
+        Command::Reload { json } => reload(&cfg, *json),
+        Command::Completions { .. } => ex::OK,
     };
     exit(code);
+}
+
+/// `hastctl create`.
+fn create(cfg: &Config, params: CreateParams, names: &[String], debug: u8) -> i32 {
+    let mut code = ex::OK;
+    for name in names {
+        let Some(res) = cfg.resource(name) else {
+            eprintln!("hastctl: unknown resource '{name}'");
+            code = ex::DATAERR;
+            continue;
+        };
+        let result = ensure_inactive(cfg, name).and_then(|_| offline::create(res, params));
+        if let Some(w) = std::fs::File::open(&res.localpath)
+            .ok()
+            .and_then(|f| hast_datapath::provider::sparse_warning(&res.localpath, &f))
+        {
+            eprintln!("hastctl: warning: [{name}] {w}");
+        }
+        match result {
+            Ok(md) if debug > 0 => eprintln!(
+                "[{name}] created on {}: datasize {}, extentsize {}, keepdirty {}",
+                res.localpath.display(),
+                md.datasize,
+                md.extentsize,
+                md.keepdirty
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("hastctl: {e}");
+                if code == ex::OK {
+                    code = ex::DATAERR;
+                }
+            }
+        }
+    }
+    code
+}
+
+/// `hastctl split-brain`.
+fn split_brain(cfg: &Config, action: &str, names: &[String]) -> i32 {
+    let resp = call(
+        cfg,
+        Request::SplitBrain {
+            action: action.to_owned(),
+            resources: names.to_vec(),
+        },
+    );
+    let mut code = ex::OK;
+    for r in &resp.resources {
+        if let Some(e) = &r.error {
+            eprintln!("hastctl: {e}");
+            code = ex::SOFTWARE;
+        } else {
+            eprintln!(
+                "[{}] this node's changes since the split-brain will be discarded when the primary connects",
+                r.name
+            );
+        }
+    }
+    code
+}
+
+/// `hastctl dump`.
+fn dump(cfg: &Config, json: bool, names: &[String]) -> i32 {
+    let mut code = ex::OK;
+    let mut out = Vec::new();
+    for res in selected(cfg, &all_if_empty(names)) {
+        match offline::read(res) {
+            Ok((md, marked)) if json => {
+                let mut v = serde_json::to_value(&md).unwrap_or_default();
+                v["ondisk_dirty_extents"] = marked.into();
+                out.push(v);
+            }
+            Ok((md, marked)) => print!("{}", report::dump(&md, marked)),
+            Err(e) => {
+                eprintln!("hastctl: {e}");
+                code = ex::NOINPUT;
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(out));
+    }
+    code
+}
+
+/// `hastctl role`.
+fn set_role(cfg: &Config, role: &str, force: bool, names: &[String], debug: u8) -> i32 {
+    let role: Role = match role.parse() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hastctl: {e}");
+            return ex::USAGE;
+        }
+    };
+    let resp = call(
+        cfg,
+        Request::Role {
+            role,
+            resources: names.to_vec(),
+            force,
+        },
+    );
+    let mut code = ex::OK;
+    for r in &resp.resources {
+        match (&r.error, &r.previous_role) {
+            (Some(e), _) => {
+                eprintln!("hastctl: {e}");
+                code = ex::SOFTWARE;
+            }
+            (None, Some(old)) if debug > 0 => {
+                if old == &r.role {
+                    eprintln!("[{}] role unchanged ({old})", r.name);
+                } else {
+                    eprintln!("[{}] role changed from {old} to {}", r.name, r.role);
+                }
+            }
+            _ => {}
+        }
+    }
+    code
+}
+
+enum Show {
+    List,
+    Status,
+}
+
+/// `hastctl list` and `hastctl status`.
+fn show(cfg: &Config, json: bool, names: &[String], what: Show) -> i32 {
+    let resp = call(
+        cfg,
+        Request::Status {
+            resources: all_if_empty(names),
+        },
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&resp.resources).unwrap_or_default()
+        );
+        return ex::OK;
+    }
+    match what {
+        Show::List => print!("{}", report::list(&resp.resources)),
+        Show::Status => {
+            let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            print!("{}", report::status_table_styled(&resp.resources, colour));
+        }
+    }
+    ex::OK
+}
+
+/// `hastctl reload`.
+fn reload(cfg: &Config, json: bool) -> i32 {
+    let resp = match proto::call(&cfg.control, Request::Reload, Duration::from_secs(300)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hastctl: {e}");
+            return ex::UNAVAILABLE;
+        }
+    };
+    if let Some(e) = &resp.error {
+        eprintln!("hastctl: {e}");
+        return exit_code_of(resp.error_kind);
+    }
+    let report = resp.reload.unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report::reload(&report));
+    }
+    reload_code(&report)
+}
+
+fn reload_code(report: &ReloadReport) -> i32 {
+    if report.resources.iter().any(|r| r.error.is_some()) {
+        ex::SOFTWARE
+    } else {
+        ex::OK
+    }
 }
 
 /// `hastctl wait`.
@@ -381,6 +484,7 @@ mod wait {
 
     use hast_control::config::Config;
     use hast_control::exit as ex;
+    use hast_control::progress::{Progress, Step};
     use hast_control::proto::{self, Request, ResourceReport};
     use hast_control::size::humanize;
     use hast_datapath::metadata::Role;
@@ -492,6 +596,30 @@ mod wait {
         s
     }
 
+    /// What the progress bar of `r` shows while waiting for in-sync.
+    fn step(r: &ResourceReport) -> (Step, String) {
+        if pending(State::InSync, r).is_none() {
+            return (Step::Done, "in sync".into());
+        }
+        match &r.sync {
+            Some(sy) => (
+                Step::Copying {
+                    done: sy.done,
+                    total: sy.total,
+                },
+                sy.direction.clone(),
+            ),
+            None if r.status.as_deref() != Some("complete") => (
+                Step::Waiting,
+                format!(
+                    "{}, waiting for the peer",
+                    r.status.as_deref().unwrap_or("init")
+                ),
+            ),
+            None => (Step::Waiting, format!("dirty {}", humanize(r.dirty))),
+        }
+    }
+
     /// Polls until every named resource is in `state`; returns the exit
     /// code.
     pub fn run(cfg: &Config, state: &str, timeout: f64, names: &[String], debug: u8) -> i32 {
@@ -506,16 +634,39 @@ mod wait {
             eprintln!("hastctl: invalid timeout '{timeout}': expected seconds >= 0");
             return ex::USAGE;
         }
-        if let Err(e) = cfg.select(names) {
-            eprintln!("hastctl: {e}");
-            return ex::DATAERR;
+        let selected: Vec<String> = match cfg.select(names) {
+            Ok(s) => s.into_iter().map(|r| r.name.clone()).collect(),
+            Err(e) => {
+                eprintln!("hastctl: {e}");
+                return ex::DATAERR;
+            }
+        };
+        let bars = (state == State::InSync).then(|| Progress::new(&selected, "sync"));
+        let code = poll(cfg, state, timeout, names, debug, bars.as_ref());
+        if let Some(b) = &bars {
+            b.finish();
         }
+        code
+    }
+
+    fn poll(
+        cfg: &Config,
+        state: State,
+        timeout: f64,
+        names: &[String],
+        debug: u8,
+        bars: Option<&Progress>,
+    ) -> i32 {
+        // Messages go above the bars, not through them.
+        let say = |msg: String| match bars {
+            Some(b) => b.suspend(|| eprintln!("{msg}")),
+            None => eprintln!("{msg}"),
+        };
         let start = Instant::now();
         let deadline = (timeout > 0.0).then(|| start + Duration::from_secs_f64(timeout));
         let mut last_said = String::new();
         loop {
-            // A status call waits behind a role change (one control request
-            // at a time); don't let one call overstay the deadline much.
+            // Don't let one call overstay the deadline much.
             let call_timeout = deadline
                 .map(|d| d.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(30))
@@ -526,8 +677,14 @@ mod wait {
             let waiting = match proto::call(&cfg.control, req, call_timeout) {
                 Ok(resp) => {
                     if let Some(e) = resp.error {
-                        eprintln!("hastctl: {e}");
+                        say(format!("hastctl: {e}"));
                         return ex::DATAERR;
+                    }
+                    if let Some(b) = bars {
+                        for r in &resp.resources {
+                            let (step, note) = step(r);
+                            b.update(&r.name, step, &note);
+                        }
                     }
                     let waiting: Vec<String> = resp
                         .resources
@@ -536,11 +693,11 @@ mod wait {
                         .collect();
                     if waiting.is_empty() {
                         if debug > 0 {
-                            eprintln!(
+                            say(format!(
                                 "hastctl: {} after {:.1}s",
                                 describe_state(state),
                                 start.elapsed().as_secs_f64()
-                            );
+                            ));
                         }
                         return ex::OK;
                     }
@@ -550,13 +707,16 @@ mod wait {
                 Err(e) => e,
             };
             if debug > 0 && waiting != last_said {
-                eprintln!("hastctl: waiting for {}: {waiting}", describe_state(state));
+                say(format!(
+                    "hastctl: waiting for {}: {waiting}",
+                    describe_state(state)
+                ));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                eprintln!(
+                say(format!(
                     "hastctl: timed out after {timeout}s waiting for {}; not there yet: {waiting}",
                     describe_state(state)
-                );
+                ));
                 return ex::TEMPFAIL;
             }
             last_said = waiting;

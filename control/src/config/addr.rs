@@ -12,6 +12,8 @@ use super::ValueError;
 
 /// Port used when an address has none.
 pub const DEFAULT_PORT: u16 = 8457;
+/// Port of a `metrics listen` address that has none (drbd-reactor's).
+pub const METRICS_PORT: u16 = 9942;
 
 /// Address family selector written as the address scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -143,6 +145,12 @@ impl PeerAddr {
     /// 0 (any local port), which may also be given explicitly.
     pub fn parse_source(s: &str) -> Result<Self, ValueError> {
         parse_peer(s, 0)
+    }
+
+    /// Parses a `metrics listen` address: the port defaults to
+    /// [`METRICS_PORT`].
+    pub fn parse_metrics(s: &str) -> Result<Self, ValueError> {
+        parse_peer(s, METRICS_PORT)
     }
 }
 

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-pub use addr::{PeerAddr, Scheme, DEFAULT_PORT};
+pub use addr::{PeerAddr, Scheme, DEFAULT_PORT, METRICS_PORT};
 pub use node::{NodeIdentity, NODE_ENV};
 
 /// Where `hastd` and `hastctl` look for the configuration by default.
@@ -70,6 +70,9 @@ pub struct Config {
     pub listen: Vec<PeerAddr>,
     /// Directory in which the replicated devices are exported.
     pub exportdir: PathBuf,
+    /// Where the Prometheus metrics are served (`metrics listen`); None:
+    /// not served (the default).
+    pub metrics: Option<PeerAddr>,
     /// The resources, in file order.
     pub resources: Vec<ResourceConfig>,
 }

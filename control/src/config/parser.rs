@@ -4,6 +4,7 @@
 //! file      := section EOF
 //! section   := statement*
 //! statement := KEY VALUE
+//!            | "metrics" ( "listen" VALUE | "none" )
 //!            | "on" NAME "{" section "}"          (global and resource level)
 //!            | "resource" NAME "{" section "}"    (global level)
 //! ```
@@ -62,10 +63,11 @@ pub(crate) enum Key {
     Remote,
     Source,
     Splitbrain,
+    Metrics,
 }
 
 impl Key {
-    const ALL: [Key; 15] = [
+    const ALL: [Key; 16] = [
         Key::Control,
         Key::Pidfile,
         Key::Listen,
@@ -81,6 +83,7 @@ impl Key {
         Key::Remote,
         Key::Source,
         Key::Splitbrain,
+        Key::Metrics,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +103,7 @@ impl Key {
             Key::Remote => "remote",
             Key::Source => "source",
             Key::Splitbrain => "splitbrain",
+            Key::Metrics => "metrics",
         }
     }
 
@@ -112,7 +116,7 @@ impl Key {
     fn placement(self) -> (&'static [Level], &'static str) {
         use Level::*;
         match self {
-            Key::Control | Key::Pidfile | Key::Listen | Key::Exportdir => (
+            Key::Control | Key::Pidfile | Key::Listen | Key::Exportdir | Key::Metrics => (
                 &[Global, GlobalNode],
                 "it belongs in the global section or a global 'on' block",
             ),
@@ -277,9 +281,15 @@ impl Parser<'_> {
             }
             _ => {
                 let Some(key) = Key::from_word(word) else {
+                    let hint = match word {
+                        "extentsize" | "keepdirty" => {
+                            " (it is set in the metadata by 'hastctl create -e/-k', not in hast.conf)"
+                        }
+                        _ => "",
+                    };
                     return Err(Diag::new(
                         pos,
-                        format!("unknown statement '{word}' in {}", level.describe()),
+                        format!("unknown statement '{word}' in {}{hint}", level.describe()),
                     ));
                 };
                 let (levels, hint) = key.placement();
@@ -289,7 +299,11 @@ impl Parser<'_> {
                         format!("'{word}' is not allowed in a {}: {hint}", level.describe()),
                     ));
                 }
-                let value = self.value(word, "a value")?;
+                let value = if key == Key::Metrics {
+                    self.metrics_value()?
+                } else {
+                    self.value(word, "a value")?
+                };
                 section.settings.push(Setting { key, pos, value });
             }
         }
@@ -319,6 +333,20 @@ impl Parser<'_> {
         let opener = Opener { what: &what, pos };
         let body = self.section(inner, Some(opener))?;
         Ok(Block { pos, name, body })
+    }
+
+    /// What follows `metrics`: `listen ADDRESS` (the address is the
+    /// value) or `none`.
+    fn metrics_value(&mut self) -> Result<Word, Diag> {
+        let word = self.value("metrics", "'listen <address>' or 'none'")?;
+        match word.text.as_str() {
+            "none" => Ok(word),
+            "listen" => self.value("metrics listen", "an address"),
+            other => Err(Diag::new(
+                word.pos,
+                format!("expected 'listen <address>' or 'none' after 'metrics', found '{other}'"),
+            )),
+        }
     }
 
     /// The word after `keyword`.

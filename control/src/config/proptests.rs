@@ -583,6 +583,7 @@ impl GenConfig {
             pidfile: pick(|d| &d.pidfile, DEFAULT_PIDFILE).into(),
             listen,
             exportdir: pick(|d| &d.exportdir, DEFAULT_EXPORTDIR).into(),
+            metrics: None,
             resources: self
                 .resources
                 .iter()

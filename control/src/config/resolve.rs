@@ -41,6 +41,7 @@ struct Values {
     remote: Option<At<Option<PeerAddr>>>,
     source: Option<At<Option<PeerAddr>>>,
     splitbrain: Option<At<SplitBrainPolicy>>,
+    metrics: Option<At<Option<PeerAddr>>>,
 }
 
 impl Values {
@@ -63,7 +64,13 @@ impl Values {
                 Key::Exec => set(&mut v.exec, s, level, convert(word, parse_exec)?)?,
                 Key::Metaflush => set(&mut v.metaflush, s, level, convert(word, parse_on_off)?)?,
                 Key::Name => set(&mut v.name, s, level, convert(word, parse_provname)?)?,
-                Key::Local => set(&mut v.local, s, level, path(word))?,
+                Key::Local => set(&mut v.local, s, level, convert(word, parse_local)?)?,
+                Key::Metrics => set(
+                    &mut v.metrics,
+                    s,
+                    level,
+                    optional_addr(word, PeerAddr::parse_metrics)?,
+                )?,
                 Key::Splitbrain => set(
                     &mut v.splitbrain,
                     s,
@@ -151,6 +158,18 @@ fn parse_exec(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// The provider is opened by a daemon whose working directory is `/`: a
+/// relative path would name a different file than the one meant.
+fn parse_local(s: &str) -> Result<PathBuf, String> {
+    if s.starts_with('/') {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(format!(
+            "'local' needs an absolute path (hastd runs in '/'), found '{s}'"
+        ))
+    }
+}
+
 fn parse_splitbrain(s: &str) -> Result<SplitBrainPolicy, String> {
     match s {
         "manual" => Ok(SplitBrainPolicy::Manual),
@@ -234,11 +253,20 @@ pub(crate) fn resolve(root: &Section, source: &Path, node: &NodeIdentity) -> Res
     let empty = Values::default();
     let here = nodes.matching.as_ref().map_or(&empty, |(_, v)| v);
 
+    let exportdir: PathBuf = pick(
+        &[&here.exportdir, &global.exportdir],
+        DEFAULT_EXPORTDIR.into(),
+    );
+    let control = pick(&[&here.control, &global.control], DEFAULT_CONTROL.into());
+    if let Some(at) = here.control.as_ref().or(global.control.as_ref()) {
+        check_socket_path(&at.value, "control socket", at.pos, "a shorter path")?;
+    }
     let mut resources: Vec<ResourceConfig> = Vec::new();
     let mut seen: HashMap<&str, Pos> = HashMap::new();
     let mut provnames: HashMap<String, String> = HashMap::new();
     for block in &root.resources {
         let name = block.name.text.as_str();
+        check_name_length(name, "resource name", MAX_RESOURCE_NAME, block.name.pos)?;
         if name == ALL_RESOURCES {
             return Err(Diag::new(
                 block.name.pos,
@@ -252,6 +280,12 @@ pub(crate) fn resolve(root: &Section, source: &Path, node: &NodeIdentity) -> Res
             ));
         }
         let res = resolve_resource(block, &global, node)?;
+        check_socket_path(
+            &exportdir.join(format!("{}.sock", res.provname)),
+            &format!("resource \"{name}\": export socket"),
+            provname_pos(block, node).unwrap_or(block.name.pos),
+            "a shorter resource or provider name ('name'), or a shorter 'exportdir'",
+        )?;
         if let Some(other) = provnames.get(&res.provname) {
             return Err(Diag::new(
                 block.pos,
@@ -268,15 +302,70 @@ pub(crate) fn resolve(root: &Section, source: &Path, node: &NodeIdentity) -> Res
     Ok(Config {
         source: source.to_path_buf(),
         node: node.clone(),
-        control: pick(&[&here.control, &global.control], DEFAULT_CONTROL.into()),
+        control,
         pidfile: pick(&[&here.pidfile, &global.pidfile], DEFAULT_PIDFILE.into()),
         listen: listen_addresses(&global, here)?,
-        exportdir: pick(
-            &[&here.exportdir, &global.exportdir],
-            DEFAULT_EXPORTDIR.into(),
-        ),
+        exportdir,
+        metrics: pick(&[&here.metrics, &global.metrics], None),
         resources,
     })
+}
+
+/// Longest resource name: what the handshake carries
+/// (docs/protocol.md, Hello).
+pub(crate) const MAX_RESOURCE_NAME: usize = 127;
+/// Longest node name the handshake carries.
+pub(crate) const MAX_NODE_NAME: usize = 63;
+/// Longest unix socket path: `sun_path` holds 108 bytes with the NUL.
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
+
+fn check_name_length(name: &str, what: &str, max: usize, pos: Pos) -> Result<(), Diag> {
+    if name.len() > max {
+        let shown: String = name.chars().take(32).collect();
+        return Err(Diag::new(
+            pos,
+            format!(
+                "{what} '{shown}...' is {} bytes long; at most {max} are allowed",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A unix socket path must fit in `sun_path`; found now rather than when
+/// hastd binds it.
+fn check_socket_path(path: &Path, what: &str, pos: Pos, fix: &str) -> Result<(), Diag> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Diag::new(
+            pos,
+            format!(
+                "{what} {} would be {len} bytes long; a unix socket path must be at most \
+                 {MAX_SOCKET_PATH} bytes (use {fix})",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Where the provider name of a resource comes from: its `name`
+/// statement (this node's block first), if any.
+fn provname_pos(block: &Block, node: &NodeIdentity) -> Option<Pos> {
+    let named = |settings: &[Setting]| {
+        settings
+            .iter()
+            .find(|s| s.key == Key::Name)
+            .map(|s| s.value.pos)
+    };
+    block
+        .body
+        .on_blocks
+        .iter()
+        .filter(|b| node.matches(&b.name.text))
+        .find_map(|b| named(&b.body.settings))
+        .or_else(|| named(&block.body.settings))
 }
 
 /// Global and node-level `listen` addresses together; the defaults if none.
@@ -334,6 +423,7 @@ fn resolve_resource(
         ));
     };
     let node_name = &on.name.text;
+    check_name_length(node_name, "node name", MAX_NODE_NAME, on.name.pos)?;
 
     let Some(localpath) = here.local.as_ref().or(res.local.as_ref()) else {
         return Err(Diag::new(

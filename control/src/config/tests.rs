@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::resolve::MAX_RESOURCE_NAME;
 use super::*;
 
 /// A resource that every test node ("a" or "b") can resolve.
@@ -750,6 +751,7 @@ fn config_serializes_for_status_output() {
         "pidfile": "/var/run/hastd.pid",
         "listen": ["tcp4://0.0.0.0:8457", "tcp6://[::]:8457"],
         "exportdir": "/run/hast",
+        "metrics": null,
         "resources": [{
             "name": "r",
             "provname": "r",
@@ -802,4 +804,98 @@ fn exec_must_be_an_absolute_path() {
     let msg = e.to_string();
     assert!(msg.starts_with("hast.conf:1:6:"), "{msg}");
     assert!(msg.contains("absolute path"), "{msg}");
+}
+
+fn error_of(text: &str) -> String {
+    parse_str(text, Path::new("hast.conf"), &NodeIdentity::named("a"))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn local_must_be_an_absolute_path() {
+    let msg = error_of("resource r {\n on a { local disk.img remote none } }");
+    assert!(msg.starts_with("hast.conf:2:15:"), "{msg}");
+    assert!(
+        msg.contains("absolute path") && msg.contains("disk.img"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn overlong_resource_names_are_rejected_where_written() {
+    let name = "r".repeat(1 << 20);
+    let msg = error_of(&format!(
+        "resource {name} {{ on a {{ local /tmp/a remote none }} }}"
+    ));
+    assert!(msg.starts_with("hast.conf:1:10:"), "{}", &msg[..200]);
+    assert!(
+        msg.contains("1048576 bytes long; at most 127"),
+        "{}",
+        &msg[..200]
+    );
+    assert!(msg.len() < 300, "the message does not repeat the name");
+    // 127 is fine (with a short device name: the export socket's path
+    // must fit too).
+    let ok = format!(
+        "resource {} {{ name p on a {{ local /tmp/a remote none }} }}",
+        "r".repeat(MAX_RESOURCE_NAME)
+    );
+    parse_as(&ok, &NodeIdentity::named("a"));
+}
+
+#[test]
+fn export_socket_paths_must_fit_in_sun_path() {
+    let name = "x".repeat(120);
+    let msg = error_of(&format!(
+        "resource {name} {{ on a {{ local /tmp/a remote none }} }}"
+    ));
+    assert!(msg.starts_with("hast.conf:1:10:"), "{msg}");
+    assert!(
+        msg.contains("export socket /run/hast/") && msg.contains("at most 107 bytes"),
+        "{msg}"
+    );
+    // Reported at the `name` statement when that is what makes it long.
+    let msg = error_of(&format!(
+        "resource r {{\n name {name}\n on a {{ local /tmp/a remote none }} }}"
+    ));
+    assert!(msg.starts_with("hast.conf:2:7:"), "{msg}");
+    let msg = error_of(&format!(
+        "control uds:///{}\nresource r {{ on a {{ local /tmp/a remote none }} }}",
+        "c".repeat(110)
+    ));
+    assert!(msg.starts_with("hast.conf:1:1:"), "{msg}");
+    assert!(msg.contains("control socket"), "{msg}");
+}
+
+#[test]
+fn metrics_listen_is_off_by_default_and_takes_an_address() {
+    let base = "resource r { on a { local /tmp/a remote none } }";
+    assert_eq!(parse(base).metrics, None);
+    let c = parse(&format!("metrics listen tcp://127.0.0.1\n{base}"));
+    assert_eq!(
+        c.metrics.map(|a| a.to_string()).as_deref(),
+        Some("tcp://127.0.0.1:9942")
+    );
+    let c = parse(&format!(
+        "metrics listen 127.0.0.1:9000\non a {{ metrics listen 127.0.0.2:9001 }}\n{base}"
+    ));
+    assert_eq!(
+        c.metrics.map(|a| a.to_string()).as_deref(),
+        Some("tcp4://127.0.0.2:9001")
+    );
+    let c = parse(&format!("metrics none\n{base}"));
+    assert_eq!(c.metrics, None);
+    let msg = error_of(&format!("metrics 127.0.0.1\n{base}"));
+    assert!(
+        msg.starts_with("hast.conf:1:9:") && msg.contains("'listen <address>'"),
+        "{msg}"
+    );
+    let msg = error_of(&format!(
+        "resource q {{ metrics none on a {{ local /q remote none }} }}\n{base}"
+    ));
+    assert!(
+        msg.contains("'metrics' is not allowed in a resource block"),
+        "{msg}"
+    );
 }

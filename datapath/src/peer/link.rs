@@ -22,11 +22,13 @@
 //!   durable: the caller keeps the extent marked until a later
 //!   [`PeerLink::flush`] has completed (see `Remote::peer_flush`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -36,10 +38,11 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::io::DmaBuffer;
 
 use super::frame::{self, LinkError};
-use super::proto::{Header, Kind};
+use super::proto::{Header, Kind, HEADER_LEN};
 use crate::batch::{self, SendEnd};
 use crate::semaphore::{Semaphore, StaticPermit};
 use crate::signal::{Notify, Signal};
+use crate::stats::ResourceStats;
 use crate::storage::ReadData;
 
 /// Payload of an outgoing request.
@@ -237,7 +240,10 @@ struct Inner {
     last_rx: Cell<Instant>,
     last_tx: Cell<Instant>,
     alloc: Box<dyn Fn(usize) -> DmaBuffer>,
-    limits: LinkLimits,
+    /// Timeouts change with a reload.
+    limits: Cell<LinkLimits>,
+    /// Where the bytes sent and received are counted.
+    counters: OnceCell<Arc<ResourceStats>>,
 }
 
 /// An established connection to the secondary. Cheap to clone.
@@ -273,7 +279,8 @@ impl PeerLink {
             last_rx: Cell::new(Instant::now()),
             last_tx: Cell::new(Instant::now()),
             alloc: Box::new(alloc),
-            limits,
+            limits: Cell::new(limits),
+            counters: OnceCell::new(),
         });
         let (reader, writer) = futures_lite::io::split(stream);
         let link = PeerLink { inner };
@@ -296,6 +303,27 @@ impl PeerLink {
                 Err(LinkError::Remote(errno))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Counts the bytes of every frame sent and received in `stats`
+    /// (`net_sent_bytes`, `net_received_bytes`); the first call wins.
+    pub fn count_into(&self, stats: Arc<ResourceStats>) {
+        let _ = self.inner.counters.set(stats);
+    }
+
+    /// Changes the keepalive interval and the silence after which the peer
+    /// is declared dead, for this open connection.
+    pub fn set_timeouts(&self, keepalive: Duration, timeout: Duration) {
+        let mut l = self.inner.limits.get();
+        (l.keepalive, l.timeout) = (keepalive, timeout);
+        self.inner.limits.set(l);
+    }
+
+    fn count(&self, sent: usize, received: usize) {
+        if let Some(c) = self.inner.counters.get() {
+            c.net_sent_bytes.fetch_add(sent as u64, Relaxed);
+            c.net_received_bytes.fetch_add(received as u64, Relaxed);
         }
     }
 
@@ -326,7 +354,7 @@ impl PeerLink {
     /// Would a request with `payload` bytes wait for room in the window
     /// now?
     pub fn window_full(&self, payload: usize) -> bool {
-        let n = (payload as u64).min(self.inner.limits.max_bytes as u64);
+        let n = (payload as u64).min(self.inner.limits.get().max_bytes as u64);
         self.inner.window.available() == 0 || (n > 0 && self.inner.bytes.available() < n)
     }
 
@@ -347,7 +375,7 @@ impl PeerLink {
         let permit = take(&self.inner.window, 1).await?;
         let n = payload.bytes().len() as u64;
         let bytes = if n > 0 {
-            let n = n.min(self.inner.limits.max_bytes as u64);
+            let n = n.min(self.inner.limits.get().max_bytes as u64);
             Some(take(&self.inner.bytes, n).await?)
         } else {
             None
@@ -445,7 +473,7 @@ impl PeerLink {
                 self.dead().await;
                 Ok(())
             };
-            let _ = frame::with_timeout(self.inner.limits.timeout, closed).await;
+            let _ = frame::with_timeout(self.inner.limits.get().timeout, closed).await;
         }
         self.kill(LinkError::Stopping);
     }
@@ -465,8 +493,9 @@ async fn writer_task<S: AsyncWrite + Unpin>(
     rx: LocalReceiver<Outgoing>,
 ) {
     let inner = &link.inner;
-    let end = batch::send(&mut w, &rx, &inner.death, || {
-        inner.last_tx.set(Instant::now())
+    let end = batch::send(&mut w, &rx, &inner.death, |bytes| {
+        inner.last_tx.set(Instant::now());
+        link.count(bytes, 0);
     })
     .await;
     if let SendEnd::Failed(e) = end {
@@ -483,6 +512,7 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
                 Err(e) => break e,
             };
             link.inner.last_rx.set(Instant::now());
+            link.count(0, HEADER_LEN + hdr.payload_len as usize);
             let slot = match hdr.kind {
                 Kind::KeepaliveReply => continue,
                 Kind::Received => {
@@ -536,12 +566,13 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
 }
 
 async fn keepalive_task(link: PeerLink) {
-    let limits = link.inner.limits;
-    let tick = limits
-        .keepalive
-        .min(limits.timeout / 2)
-        .max(Duration::from_millis(100));
     while link.is_alive() {
+        // Re-read each tick: a reload may change the timeouts.
+        let limits = link.inner.limits.get();
+        let tick = limits
+            .keepalive
+            .min(limits.timeout / 2)
+            .max(Duration::from_millis(100));
         futures_lite::future::or(glommio::timer::sleep(tick), link.dead()).await;
         if !link.is_alive() {
             break;

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,8 +29,12 @@ pub struct Route {
     pub deliver: Box<dyn Fn(Incoming) -> Result<(), Box<Incoming>> + Send + Sync>,
 }
 
+/// The routes, replaceable while the listener runs.
+type Routes = Arc<RwLock<Arc<HashMap<String, Route>>>>;
+
 /// Running listeners.
 pub struct Listener {
+    routes: Routes,
     stop: Arc<AtomicBool>,
     fds: Vec<RawFd>,
     threads: Vec<JoinHandle<()>>,
@@ -45,7 +49,7 @@ impl Listener {
         routes: HashMap<String, Route>,
         timeout: Duration,
     ) -> std::io::Result<Listener> {
-        let routes = Arc::new(routes);
+        let routes: Routes = Arc::new(RwLock::new(Arc::new(routes)));
         let stop = Arc::new(AtomicBool::new(false));
         let pending = Arc::new(AtomicUsize::new(0));
         let mut sockets = Vec::new();
@@ -69,11 +73,20 @@ impl Listener {
             );
         }
         Ok(Listener {
+            routes,
             stop,
             fds,
             threads,
             _sockets: sockets,
         })
+    }
+
+    /// Replaces the routes (resources added or removed, a `remote`
+    /// changed); handshakes already under way keep the old ones.
+    pub fn set_routes(&self, routes: HashMap<String, Route>) {
+        if let Ok(mut r) = self.routes.write() {
+            *r = Arc::new(routes);
+        }
     }
 
     /// Stops accepting and joins the threads.
@@ -111,7 +124,7 @@ fn bind(addr: &SocketAddr) -> std::io::Result<TcpListener> {
 
 fn accept_loop(
     sock: TcpListener,
-    routes: Arc<HashMap<String, Route>>,
+    routes: Routes,
     stop: Arc<AtomicBool>,
     pending: Arc<AtomicUsize>,
     timeout: Duration,
@@ -134,7 +147,8 @@ fn accept_loop(
             tracing::warn!(peer = %peer, "too many handshakes in progress; dropping connection");
             continue;
         }
-        let (routes, pending) = (routes.clone(), pending.clone());
+        let routes = routes.read().map(|r| r.clone()).unwrap_or_default();
+        let pending = pending.clone();
         let spawned = std::thread::Builder::new()
             .name("hast-handshake".into())
             .spawn(move || {

@@ -122,6 +122,11 @@ pub struct Remote {
     first: Signal,
     split_brain_reported: Cell<bool>,
     task: RefCell<Option<Task<()>>>,
+    /// `cfg.mode` and `cfg.timeout`, changeable while running (reload).
+    mode: Cell<ReplicationMode>,
+    timeout: Cell<Duration>,
+    /// The TCP connector's timeout, when it is ours.
+    connect_timeout: RefCell<Option<Rc<Cell<Duration>>>>,
 }
 
 impl Remote {
@@ -133,15 +138,19 @@ impl Remote {
         stats: Arc<ResourceStats>,
         events: EventSink,
     ) -> Rc<Remote> {
-        let (addrs, source, timeout) = (cfg.remote.clone(), cfg.source, cfg.timeout);
+        let (addrs, source) = (cfg.remote.clone(), cfg.source);
+        let timeout = Rc::new(Cell::new(cfg.timeout));
+        let connect_timeout = timeout.clone();
         let connector: Connector = Box::new(move || {
-            let addrs = addrs.clone();
+            let (addrs, timeout) = (addrs.clone(), connect_timeout.get());
             Box::pin(async move {
                 let s = tcp_connect(addrs, source, timeout).await?;
                 Ok(Box::new(s) as PeerStream)
             })
         });
-        Self::start_with(cfg, connector, disk, stats, events)
+        let r = Self::start_with(cfg, connector, disk, stats, events);
+        *r.connect_timeout.borrow_mut() = Some(timeout);
+        r
     }
 
     /// Starts the connection manager with any way of reaching the
@@ -154,6 +163,9 @@ impl Remote {
         events: EventSink,
     ) -> Rc<Remote> {
         let r = Rc::new(Remote {
+            mode: Cell::new(cfg.mode),
+            timeout: Cell::new(cfg.timeout),
+            connect_timeout: RefCell::new(None),
             cfg,
             disk,
             stats,
@@ -219,7 +231,24 @@ impl Remote {
 
     /// Replication mode.
     pub fn mode(&self) -> ReplicationMode {
-        self.cfg.mode
+        self.mode.get()
+    }
+
+    /// Changes the replication mode; applies from the next write.
+    pub fn set_mode(&self, mode: ReplicationMode) {
+        self.mode.set(mode);
+    }
+
+    /// Changes the peer timeout: of the open connection at once, of the
+    /// next connection attempts and handshakes.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout.set(timeout);
+        if let Some(t) = self.connect_timeout.borrow().as_ref() {
+            t.set(timeout);
+        }
+        if let Some(l) = self.link() {
+            l.set_timeouts(timeout / 3, timeout);
+        }
     }
 
     /// The live link, if connected.
@@ -252,7 +281,7 @@ impl Remote {
     pub async fn stop(&self) {
         self.stop.fire();
         if let Some(l) = self.link() {
-            let t = self.cfg.timeout;
+            let t = self.timeout.get();
             let idle = async {
                 l.idle().await;
                 Ok(())
@@ -368,16 +397,18 @@ impl Remote {
 
     fn start_link(&self, stream: PeerStream) -> PeerLink {
         let disk = self.disk.clone();
-        PeerLink::start(
+        let link = PeerLink::start(
             stream,
             LinkLimits {
                 max_inflight: self.cfg.max_inflight,
-                keepalive: self.cfg.timeout / 3,
-                timeout: self.cfg.timeout,
+                keepalive: self.timeout.get() / 3,
+                timeout: self.timeout.get(),
                 max_bytes: self.cfg.max_bytes,
             },
             move |n| disk.alloc(n),
-        )
+        );
+        link.count_into(self.stats.clone());
+        link
     }
 
     /// Marks what the synchronisation must copy: the secondary's dirty
@@ -423,7 +454,7 @@ impl Remote {
         let hello = handshake::primary_hello(&self.cfg.resource, &self.cfg.node, &md, dirty);
         let body = hello.encode();
         let hdr = Header::request(Kind::Hello, 0, 0, 0, 0).with_payload(&body);
-        let t = self.cfg.timeout;
+        let t = self.timeout.get();
         frame::with_timeout(t, frame::write_frame(stream, &hdr, &body)).await?;
         let rh = frame::with_timeout(t, frame::read_header(stream)).await?;
         if rh.kind != Kind::HelloReply {

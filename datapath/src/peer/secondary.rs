@@ -38,7 +38,7 @@ use glommio::Task;
 
 use super::frame::{self, LinkError};
 use super::handshake;
-use super::proto::{flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete};
+use super::proto::{flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, HEADER_LEN};
 use crate::batch::{self, SendEnd};
 use crate::events::{EventSink, PeerEventKind};
 use crate::local::{LocalDisk, Settled};
@@ -377,9 +377,12 @@ where
     // handful of control requests handled in line.
     let (tx, rx) = local_channel::new_bounded::<Reply>(ctx.max_requests + 16);
     let writer = glommio::spawn_local({
-        let stop = stop.clone();
+        let (stop, stats) = (stop.clone(), ctx.stats.clone());
         async move {
-            if let SendEnd::Failed(e) = batch::send(&mut w, &rx, &stop, || {}).await {
+            let count = |n: usize| {
+                stats.net_sent_bytes.fetch_add(n as u64, Relaxed);
+            };
+            if let SendEnd::Failed(e) = batch::send(&mut w, &rx, &stop, count).await {
                 tracing::debug!(error = %e, "cannot send to the primary");
                 // The reader stops too.
                 stop.fire();
@@ -400,6 +403,8 @@ where
     let requests = async {
         loop {
             let hdr = frame::with_timeout(ctx.timeout, frame::read_header(&mut r)).await?;
+            let frame_len = HEADER_LEN as u64 + u64::from(hdr.payload_len);
+            ctx.stats.net_received_bytes.fetch_add(frame_len, Relaxed);
             if !session.handle(&mut r, &hdr).await? {
                 return Ok(());
             }
