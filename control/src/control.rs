@@ -333,6 +333,9 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
     let role = stats.role();
     let active = role != Role::Init;
     let local = stats.local_queue.get();
+    let disk_failed = stats.disk_failed.load(Relaxed);
+    let peer_disk_failed = stats.peer_disk_failed.load(Relaxed);
+    let connected = stats.connected.load(Relaxed);
     ResourceReport {
         name: r.name.clone(),
         role: role.to_string(),
@@ -347,10 +350,10 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
             .unwrap_or_else(|| "none".into()),
         sourceaddr: r.source.as_ref().map(|a| a.to_string()),
         replication: r.replication.to_string(),
-        // `complete`: the replication connection is up. Not "in sync":
-        // that is `dirty: 0`.
+        // `complete`: the replication connection is up and both disks
+        // are used. Not "in sync": that is `dirty: 0`.
         status: active.then(|| {
-            if stats.connected.load(Relaxed) {
+            if connected && !disk_failed && !peer_disk_failed {
                 "complete".to_string()
             } else {
                 "degraded".to_string()
@@ -380,6 +383,19 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
         connected: stats.connected.load(Relaxed),
         window_waits: g(&stats.window_waits),
         split_brain: stats.split_brain.load(Relaxed),
+        disk: active.then(|| if disk_failed { "failed" } else { "ok" }.to_string()),
+        disk_error: stats
+            .disk_error
+            .lock()
+            .map(|e| e.clone())
+            .ok()
+            .filter(|e| disk_failed && !e.is_empty()),
+        peer_disk: if peer_disk_failed {
+            Some("failed".into())
+        } else {
+            (active && connected).then(|| "ok".into())
+        },
+        reads_from_peer: g(&stats.reads_from_peer),
         last_error: stats
             .last_error
             .lock()

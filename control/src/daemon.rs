@@ -635,6 +635,9 @@ fn event_kind(k: PeerEventKind) -> EventKind {
         PeerEventKind::SyncDone => EventKind::Syncdone,
         PeerEventKind::SyncIntr => EventKind::Syncintr,
         PeerEventKind::SplitBrain => EventKind::SplitBrain,
+        PeerEventKind::DiskFailed(leg) => EventKind::DiskFailed {
+            leg: leg.name().to_owned(),
+        },
     }
 }
 

@@ -87,6 +87,11 @@ pub enum StreamKind {
     Syncintr,
     /// Split-brain detected.
     SplitBrain,
+    /// A disk was detached after its errors (`leg`: `local` or `remote`).
+    DiskFailed {
+        /// `local` or `remote`.
+        leg: String,
+    },
     /// The role changed.
     Role {
         /// Previous role.
@@ -115,6 +120,7 @@ impl StreamKind {
             StreamKind::Syncdone => "syncdone",
             StreamKind::Syncintr => "syncintr",
             StreamKind::SplitBrain => "split-brain",
+            StreamKind::DiskFailed { .. } => "disk-failed",
             StreamKind::Role { .. } => "role",
             StreamKind::Progress { .. } => "progress",
         }
@@ -130,6 +136,7 @@ impl From<&Event> for StreamEvent {
             EventKind::Syncdone => StreamKind::Syncdone,
             EventKind::Syncintr => StreamKind::Syncintr,
             EventKind::SplitBrain => StreamKind::SplitBrain,
+            EventKind::DiskFailed { leg } => StreamKind::DiskFailed { leg: leg.clone() },
             EventKind::Role { old, new } => StreamKind::Role {
                 old: old.clone(),
                 new: new.clone(),
@@ -155,6 +162,7 @@ impl StreamEvent {
         let head = format!("{} {}", utc_timestamp(self.time_unix_ms), self.resource);
         match &self.kind {
             StreamKind::Role { old, new } => format!("{head} role {old} {new}"),
+            StreamKind::DiskFailed { leg } => format!("{head} disk-failed {leg}"),
             StreamKind::Progress { done, total, .. } => {
                 format!("{head} sync {}/{}", size_1dp(*done), size_1dp(*total))
             }

@@ -7,6 +7,7 @@
 //! <exec> <event> <resource>                      connect, disconnect, syncstart,
 //!                                                syncdone, syncintr, split-brain
 //! <exec> role <resource> <oldrole> <newrole>     role changes
+//! <exec> disk-failed <resource> local|remote     a disk was detached (extension)
 //! ```
 //!
 //! Hooks run detached from the data path: events are queued to a
@@ -21,8 +22,11 @@
 //! Differences from the original, all extensions:
 //!
 //! * The hook's environment additionally holds `HAST_RESOURCE` and
-//!   `HAST_EVENT` (and, for `role`, `HAST_OLDROLE` and `HAST_NEWROLE`; these
-//!   two are removed from the environment of other events).
+//!   `HAST_EVENT` (and, for `role`, `HAST_OLDROLE` and `HAST_NEWROLE`; for
+//!   `disk-failed`, `HAST_LEG`; these are removed from the environment of
+//!   other events).
+//! * `disk-failed` is new: this node's disk (`local`) or the peer's
+//!   (`remote`) was detached after its errors (docs/failover.md).
 //! * Standard output and standard error (one pipe, interleaved as written)
 //!   are logged line by line at info level, up to [`OUTPUT_LIMIT`] bytes per
 //!   hook; the rest is read and discarded. The original sends them to
@@ -92,6 +96,12 @@ pub enum EventKind {
     Syncintr,
     /// Both nodes were primary: split-brain detected.
     SplitBrain,
+    /// A disk was detached after its errors: this node's (`leg` `local`)
+    /// or the peer's (`remote`).
+    DiskFailed {
+        /// `local` or `remote`.
+        leg: String,
+    },
     /// The role changed (role names as hastctl prints them: `init`,
     /// `primary`, `secondary`).
     Role {
@@ -112,17 +122,23 @@ impl EventKind {
             EventKind::Syncdone => "syncdone",
             EventKind::Syncintr => "syncintr",
             EventKind::SplitBrain => "split-brain",
+            EventKind::DiskFailed { .. } => "disk-failed",
             EventKind::Role { .. } => "role",
         }
     }
 
-    /// The hook's arguments (after the program): `<event> <resource>`, or
-    /// `role <resource> <oldrole> <newrole>`.
+    /// The hook's arguments (after the program): `<event> <resource>`,
+    /// `role <resource> <oldrole> <newrole>`, or `disk-failed <resource>
+    /// <leg>`.
     pub fn args(&self, resource: &str) -> Vec<String> {
         let mut args = vec![self.name().to_owned(), resource.to_owned()];
-        if let EventKind::Role { old, new } = self {
-            args.push(old.clone());
-            args.push(new.clone());
+        match self {
+            EventKind::Role { old, new } => {
+                args.push(old.clone());
+                args.push(new.clone());
+            }
+            EventKind::DiskFailed { leg } => args.push(leg.clone()),
+            _ => {}
         }
         args
     }
@@ -551,6 +567,10 @@ impl Runner {
         match &event.kind {
             EventKind::Role { old, new } => cmd.env("HAST_OLDROLE", old).env("HAST_NEWROLE", new),
             _ => cmd.env_remove("HAST_OLDROLE").env_remove("HAST_NEWROLE"),
+        };
+        match &event.kind {
+            EventKind::DiskFailed { leg } => cmd.env("HAST_LEG", leg),
+            _ => cmd.env_remove("HAST_LEG"),
         };
         match output {
             Some((w1, w2)) => cmd.stdout(w1).stderr(w2),

@@ -168,6 +168,19 @@ fn states(fam: &mut Family<'_, '_>, samples: &[Sample]) -> std::fmt::Result {
         samples
             .iter()
             .map(|s| (res(s), i64::from(s.stats.split_brain.load(Relaxed)))),
+    )?;
+    let disk_rows = samples.iter().flat_map(|s| {
+        [
+            ("local", s.stats.disk_failed.load(Relaxed)),
+            ("remote", s.stats.peer_disk_failed.load(Relaxed)),
+        ]
+        .into_iter()
+        .map(move |(leg, failed)| (with(s, "leg", leg), i64::from(failed)))
+    });
+    fam.gauge(
+        "hast_disk_failed",
+        "1 when the leg's disk is detached after its errors (local: this node's; remote: the peer's, as it said).",
+        disk_rows,
     )
 }
 
@@ -266,6 +279,11 @@ fn counters(fam: &mut Family<'_, '_>, samples: &[Sample]) -> std::fmt::Result {
         "hast_local_errors_total",
         "Failed requests on the local provider, by operation.",
         local,
+    )?;
+    fam.counter(
+        "hast_reads_from_peer_total",
+        "Application reads that failed on the local disk and were served by the peer.",
+        c(|s| get(&s.reads_from_peer)),
     )?;
     fam.counter(
         "hast_remote_errors_total",

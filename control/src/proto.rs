@@ -176,6 +176,22 @@ pub struct ResourceReport {
     pub window_waits: u64,
     /// The last handshake found a split-brain.
     pub split_brain: bool,
+    /// This node's disk: `ok`, or `failed` (detached after its errors;
+    /// `disk_error` says why); None in role init.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Why this node's disk was detached.
+    #[serde(default)]
+    pub disk_error: Option<String>,
+    /// The peer's disk as far as this node knows: `failed` (a primary: the
+    /// secondary refused it for that; a secondary: the primary writes only
+    /// here, this node holds the only copy), `ok` while connected, None
+    /// otherwise.
+    #[serde(default)]
+    pub peer_disk: Option<String>,
+    /// Reads that failed locally and were served by the secondary.
+    #[serde(default)]
+    pub reads_from_peer: u64,
     /// The last replication problem, if any.
     pub last_error: Option<String>,
     /// Per-resource error of a role change.

@@ -139,6 +139,22 @@ pub fn list(resources: &[ResourceReport]) -> String {
         if r.split_brain {
             let _ = writeln!(out, "  split-brain: yes");
         }
+        if let Some(d) = &r.disk {
+            match &r.disk_error {
+                Some(why) => {
+                    let _ = writeln!(out, "  disk: {d} ({why})");
+                }
+                None => {
+                    let _ = writeln!(out, "  disk: {d}");
+                }
+            }
+        }
+        if let Some(d) = &r.peer_disk {
+            let _ = writeln!(out, "  peer disk: {d}");
+        }
+        if let Some(w) = only_copy_warning(r) {
+            let _ = writeln!(out, "  warning: {w}");
+        }
         if let Some(e) = &r.last_error {
             let _ = writeln!(out, "  last error: {e}");
         }
@@ -156,6 +172,7 @@ pub fn list(resources: &[ResourceReport]) -> String {
         let _ = writeln!(out, "    deletes: {}", s.deletes);
         let _ = writeln!(out, "    flushes: {}", s.flushes);
         let _ = writeln!(out, "    activemap updates: {}", s.activemap_updates);
+        let _ = writeln!(out, "    reads served by the peer: {}", r.reads_from_peer);
         let e = &r.local_errors;
         let _ = writeln!(
             out,
@@ -170,6 +187,25 @@ pub fn list(resources: &[ResourceReport]) -> String {
         );
     }
     out
+}
+
+/// When one node holds the only copy of the data because a disk failed,
+/// `hastctl list` says so (the data is never on one disk silently).
+pub fn only_copy_warning(r: &ResourceReport) -> Option<&'static str> {
+    let failed = |d: &Option<String>| d.as_deref() == Some("failed");
+    match (r.role.as_str(), failed(&r.disk), failed(&r.peer_disk)) {
+        (_, true, true) => Some("both disks failed: no copy of the data is being served"),
+        ("primary", true, _) => Some(
+            "this node's disk failed: reads and writes go to the secondary, which holds the only copy",
+        ),
+        ("primary", false, true) => {
+            Some("the secondary's disk failed: this node holds the only copy")
+        }
+        ("secondary", false, true) => {
+            Some("the primary's disk failed: this node holds the only copy of the data")
+        }
+        _ => None,
+    }
 }
 
 /// `hastctl dump`: the metadata read from disk, plus what the on-disk

@@ -2,6 +2,25 @@
 //! `exec` hooks and the event stream). Sent with `try_send` on a
 //! bounded channel: the data path never blocks on the control plane.
 
+/// Which leg of a resource an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// This node's provider.
+    Local,
+    /// The peer's provider.
+    Remote,
+}
+
+impl Leg {
+    /// `local` or `remote` (hook argument, JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Leg::Local => "local",
+            Leg::Remote => "remote",
+        }
+    }
+}
+
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerEventKind {
@@ -17,6 +36,10 @@ pub enum PeerEventKind {
     SyncIntr,
     /// Split-brain detected at handshake.
     SplitBrain,
+    /// A leg's disk was detached after its errors: this node's
+    /// (`Local`), or the peer's, as the peer said (`Remote`). Reported
+    /// once per failure.
+    DiskFailed(Leg),
 }
 
 /// An event of one resource.

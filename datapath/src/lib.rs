@@ -12,6 +12,7 @@ pub mod batch;
 pub mod events;
 pub mod export;
 pub mod generation;
+pub mod health;
 pub mod local;
 pub mod metadata;
 pub mod nbd;

@@ -16,16 +16,33 @@ use crate::semaphore::Semaphore;
 use glommio::io::DmaBuffer;
 
 use crate::activemap::{ActiveMap, PersistBatch};
+use crate::events::{EventSink, Leg, PeerEventKind};
+use crate::health::Health;
 use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METADATA_SIZE};
 use crate::provider::{self, Allocation, ProviderError, ProviderInfo, Segment};
 use crate::rangelock::{Acquire, RangeLock};
-use crate::signal::Notify;
+use crate::signal::{Notify, Signal};
 use crate::stats::ResourceStats;
 use crate::storage::{DirectFile, ReadData, Storage};
 
 /// Largest zero-fill write issued at once when zeroing without hole
 /// punching.
 const ZERO_CHUNK: usize = 1 << 20;
+
+/// How often the provider's size is checked (a provider truncated or a
+/// device shrunk under hastd is detached; see [`LocalDisk::watch_size`]).
+pub const SIZE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The error of every operation on a detached provider (see
+/// [`crate::health`]): nothing is read from or written to it any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the provider is no longer used ({0})")]
+pub struct Detached(pub String);
+
+/// Is this the error of a detached provider (rather than of the disk)?
+pub fn is_detached(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<Detached>())
+}
 
 /// Why a resource could not be opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +119,12 @@ pub struct LocalDisk {
     held_bound: Cell<usize>,
     /// Whether the last hole punch worked (None: none tried yet).
     punch_works: Cell<Option<bool>>,
+    /// Whether the provider is still used (see [`crate::health`]).
+    health: RefCell<Health>,
+    /// Fired when the provider is detached.
+    detached: Signal,
+    /// Where a detach is reported (the `disk-failed` event).
+    events: RefCell<Option<EventSink>>,
 }
 
 fn closing(_: crate::semaphore::Closed) -> io::Error {
@@ -126,7 +149,9 @@ impl LocalDisk {
         }
         let file = provider::open_direct(path).await?;
         let store = Box::new(DirectFile::new(file));
-        Self::with_storage(store, path, info, resource, metaflush, stats).await
+        let disk = Self::with_storage(store, path, info, resource, metaflush, stats).await?;
+        disk.watch_size();
+        Ok(disk)
     }
 
     /// Opens a resource on any storage (`info` describes it; `path` names
@@ -204,7 +229,116 @@ impl LocalDisk {
             held: Notify::new(),
             held_bound: Cell::new(usize::MAX),
             punch_works: Cell::new(None),
+            health: RefCell::new(Health::default()),
+            detached: Signal::new(),
+            events: RefCell::new(None),
         }))
+    }
+
+    /// Reports a detach of this provider to `events` (the `disk-failed`
+    /// event and hook).
+    pub fn set_events(&self, events: EventSink) {
+        *self.events.borrow_mut() = Some(events);
+    }
+
+    /// Has the provider been detached (see [`crate::health`])?
+    pub fn failed(&self) -> bool {
+        self.health.borrow().failed().is_some()
+    }
+
+    /// Why the provider was detached, if it was.
+    pub fn failure(&self) -> Option<String> {
+        self.health.borrow().failed().map(str::to_owned)
+    }
+
+    /// Resolves when the provider is detached (at once if it is).
+    pub async fn failed_wait(&self) {
+        self.detached.wait().await
+    }
+
+    /// Detaches the provider now (a fault that makes it untrustworthy at
+    /// once, e.g. it misses a write the peer acknowledged). Nothing is
+    /// read from or written to it afterwards. Reported once.
+    pub fn fail(&self, why: String) {
+        let now = self.health.borrow_mut().fail(why);
+        if let Some(why) = now {
+            self.detach(why);
+        }
+    }
+
+    fn detach(&self, why: String) {
+        tracing::error!(path = %self.path.display(),
+            "the provider is detached: {why}; this node stops using its disk");
+        self.stats.disk_failed.store(true, Relaxed);
+        if let Ok(mut e) = self.stats.disk_error.lock() {
+            e.clone_from(&why);
+        }
+        self.detached.fire();
+        if let Some(ev) = self.events.borrow().as_ref() {
+            ev.emit(PeerEventKind::DiskFailed(Leg::Local));
+        }
+    }
+
+    /// Fails if the provider is detached.
+    fn usable(&self) -> io::Result<()> {
+        match self.health.borrow().failed() {
+            Some(why) => Err(io::Error::other(Detached(why.to_owned()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the outcome of an operation on the provider (`op` at `pos`
+    /// of the provider, for the message); enough failures in a row detach
+    /// it.
+    fn note<T>(&self, op: &str, pos: Option<u64>, r: io::Result<T>) -> io::Result<T> {
+        match &r {
+            Ok(_) => self.health.borrow_mut().success(),
+            Err(e) if is_detached(e) => {}
+            Err(e) => {
+                let at = pos.map(|p| format!(" at {p}")).unwrap_or_default();
+                let why = self.health.borrow_mut().error(&format!("{op}{at}: {e}"));
+                if let Some(why) = why {
+                    self.detach(why);
+                }
+            }
+        }
+        r
+    }
+
+    /// Checks the provider still has the size it was opened with;
+    /// detaches it if it shrank (a truncated file reads zeros or nothing
+    /// where the data was: it must not be served). Returns whether it is
+    /// still whole.
+    pub fn check_size(&self) -> bool {
+        if self.failed() {
+            return false;
+        }
+        match self.store.size() {
+            Ok(now) if now < self.info.mediasize => {
+                self.fail(format!(
+                    "the provider shrank from {} to {now} bytes (truncated or resized under hastd)",
+                    self.info.mediasize
+                ));
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Checks the provider's size every [`SIZE_CHECK_INTERVAL`] until it
+    /// is closed or detached (see [`LocalDisk::check_size`]).
+    pub fn watch_size(self: &Rc<Self>) {
+        let me = Rc::downgrade(self);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(SIZE_CHECK_INTERVAL).await;
+                match me.upgrade() {
+                    Some(d) if d.check_size() => {}
+                    _ => return,
+                }
+            }
+        })
+        .detach();
     }
 
     /// Changes `metaflush` (a configuration reload); applies from the
@@ -256,8 +390,13 @@ impl LocalDisk {
         let block = md.encode();
         let mut buf = self.store.alloc(METADATA_SIZE);
         buf.as_bytes_mut().copy_from_slice(&block[..]);
-        let n = self.store.write(0, buf).await?;
-        check_len(n, METADATA_SIZE as u64)?;
+        self.usable()?;
+        let n = self.store.write(0, buf).await;
+        self.note(
+            "metadata write",
+            Some(0),
+            n.and_then(|n| check_len(n, METADATA_SIZE as u64)),
+        )?;
         self.flush().await?;
         *self.md.borrow_mut() = md;
         Ok(())
@@ -423,13 +562,10 @@ impl LocalDisk {
                 buf.as_bytes_mut()[k * ss..(k + 1) * ss].copy_from_slice(img);
             }
             let pos = mapoff + (batch.sectors[i].0 * ss) as u64;
-            let n = self.store.write(pos, buf).await?;
-            if n != (j - i) * ss {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "short activemap write",
-                ));
-            }
+            self.usable()?;
+            let n = self.store.write(pos, buf).await;
+            let r = n.and_then(|n| check_len(n, ((j - i) * ss) as u64));
+            self.note("activemap write", Some(pos), r)?;
             i = j;
         }
         if self.metaflush.get() {
@@ -444,16 +580,39 @@ impl LocalDisk {
         let localoff = self.md.borrow().localoff;
         let start = round_down(offset, ss);
         let end = round_up(offset + len as u64, ss);
-        let r = self
-            .store
-            .read(localoff + start, (end - start) as usize)
-            .await?;
+        let r = self.read_sectors(localoff + start, end - start).await?;
         let skip = (offset - start) as usize;
-        if r.len() < skip + len {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
-        }
         r.slice(skip, len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short read"))
+    }
+
+    /// Reads whole sectors of the provider; a short read (the provider
+    /// ends early) is an error, and makes the size be checked at once.
+    async fn read_sectors(&self, pos: u64, len: u64) -> io::Result<ReadData> {
+        self.usable()?;
+        let r = self.store.read(pos, len as usize).await;
+        let r = r.and_then(|d| {
+            if d.len() as u64 == len {
+                Ok(d)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short read: {} of {len} bytes", d.len()),
+                ))
+            }
+        });
+        if r.is_err() {
+            self.check_size();
+        }
+        self.note("read", Some(pos), r)
+    }
+
+    /// Writes whole sectors of the provider.
+    async fn write_sectors_at(&self, pos: u64, buf: DmaBuffer) -> io::Result<()> {
+        self.usable()?;
+        let len = buf.len() as u64;
+        let r = self.store.write(pos, buf).await;
+        self.note("write", Some(pos), r.and_then(|n| check_len(n, len)))
     }
 
     /// Starts a new generation before the first write made without the
@@ -483,8 +642,13 @@ impl LocalDisk {
         let len = data.len() as u64;
         if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
             let localoff = self.md.borrow().localoff;
-            let n = self.store.write_rc(localoff + offset, data).await?;
-            return check_len(n, len);
+            self.usable()?;
+            let r = self.store.write_rc(localoff + offset, data).await;
+            return self.note(
+                "write",
+                Some(localoff + offset),
+                r.and_then(|n| check_len(n, len)),
+            );
         }
         self.write_unaligned(offset, data.as_bytes()).await
     }
@@ -496,8 +660,7 @@ impl LocalDisk {
         let len = data.len() as u64;
         let localoff = self.md.borrow().localoff;
         if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
-            let n = self.store.write(localoff + offset, data).await?;
-            return check_len(n, len);
+            return self.write_sectors_at(localoff + offset, data).await;
         }
         self.write_unaligned(offset, data.as_bytes()).await
     }
@@ -510,17 +673,12 @@ impl LocalDisk {
         let localoff = self.md.borrow().localoff;
         let start = round_down(offset, ss);
         let end = round_up(offset + len, ss);
-        let old = self
-            .store
-            .read(localoff + start, (end - start) as usize)
-            .await?;
-        check_len(old.len(), end - start)?;
+        let old = self.read_sectors(localoff + start, end - start).await?;
         let mut buf = self.store.alloc((end - start) as usize);
         buf.as_bytes_mut().copy_from_slice(&old);
         let skip = (offset - start) as usize;
         buf.as_bytes_mut()[skip..skip + len as usize].copy_from_slice(data);
-        let n = self.store.write(localoff + start, buf).await?;
-        check_len(n, end - start)
+        self.write_sectors_at(localoff + start, buf).await
     }
 
     /// Zeroes `[offset, offset+len)` of the data area: partial sectors by
@@ -543,6 +701,8 @@ impl LocalDisk {
             self.write_zero_bytes(a1, end - a1).await?;
         }
         let localoff = self.md.borrow().localoff;
+        self.usable()?;
+        // A refused punch is no disk error: zeros are written instead.
         let punched = self.store.deallocate(localoff + a0, a1 - a0).await.is_ok();
         if self.punch_works.replace(Some(punched)) != Some(punched) && !punched {
             tracing::info!(path = %self.path.display(),
@@ -555,16 +715,20 @@ impl LocalDisk {
         while pos < a1 {
             let n = (a1 - pos).min(ZERO_CHUNK as u64);
             if n == ZERO_CHUNK as u64 {
+                self.usable()?;
                 let w = self
                     .store
                     .write_rc(localoff + pos, self.zeros.clone())
-                    .await?;
-                check_len(w, n)?;
+                    .await;
+                self.note(
+                    "write",
+                    Some(localoff + pos),
+                    w.and_then(|w| check_len(w, n)),
+                )?;
             } else {
                 let mut b = self.store.alloc(n as usize);
                 b.as_bytes_mut().fill(0);
-                let w = self.store.write(localoff + pos, b).await?;
-                check_len(w, n)?;
+                self.write_sectors_at(localoff + pos, b).await?;
             }
             pos += n;
         }
@@ -643,10 +807,12 @@ impl LocalDisk {
         if self.flushes_done.get() >= need {
             return Ok(());
         }
+        self.usable()?;
         let n = self.flushes_begun.get() + 1;
         self.flushes_begun.set(n);
         self.map.borrow_mut().local_flush_begin();
-        match self.store.flush().await {
+        let r = self.store.flush().await;
+        match self.note("flush", None, r) {
             Ok(()) => {
                 self.map.borrow_mut().local_flush_done();
                 self.flushes_done.set(n);

@@ -935,6 +935,8 @@ impl Res {
 
     async fn open_disk(&self, role: Role) -> Result<Rc<LocalDisk>, NodeError> {
         let disk = self.open_provider().await?;
+        // A detach of the provider is reported as `disk-failed`.
+        disk.set_events(self.events.clone());
         if let Err(e) = disk.set_prevrole(role).await {
             let err = self.error(
                 NodeErrorKind::Provider,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use glommio::io::DmaBuffer;
 
 use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
-use crate::local::{LocalDisk, Settled};
+use crate::local::{is_detached, LocalDisk, Settled};
 use crate::metadata::round_down;
 use crate::peer::frame::LinkError;
 use crate::peer::link::{Payload, PeerLink, Pending};
@@ -238,6 +238,13 @@ impl Primary {
     /// The common shape of every data-changing request: lock the range,
     /// mark it, send it, write it locally, then wait for the replication
     /// mode's acknowledgement point.
+    ///
+    /// Faults (docs/failover.md, "What each fault does"): a local failure
+    /// the secondary covers (its Done arrived) is acknowledged, and this
+    /// disk, which now misses an acknowledged write, is detached; without
+    /// the secondary the client gets the error and the extent stays marked.
+    /// A detached disk is skipped: the write goes to the secondary only,
+    /// which has been told it holds the only copy, and waits for its Done.
     async fn modify(
         &self,
         offset: u64,
@@ -254,9 +261,33 @@ impl Primary {
         let length = u32::try_from(len).map_err(|_| BackendError::Invalid)?;
         let _q = self.stats.local_queue.enter();
         let range = self.disk.lock_range(offset, len).await;
-        let link = self.remote().and_then(|r| r.link());
-        if let Err(why) = self.mark(offset, len, link.is_none()).await {
-            tracing::error!(path = %self.disk.path().display(), offset, len, "{why}; write refused");
+        let remote = self.remote();
+        let link = remote.as_ref().and_then(|r| r.link());
+        // The local mark, while the disk is used.
+        let mut marked = false;
+        if !self.disk.failed() {
+            match self.mark(offset, len, link.is_none()).await {
+                Ok(()) => marked = true,
+                Err(why) if link.is_some() => {
+                    // The secondary can take the write; this disk, which
+                    // cannot record it, is not used any more.
+                    errors.fetch_add(1, Relaxed);
+                    self.disk.fail(format!("{why} (a write at {offset})"));
+                }
+                Err(why) => {
+                    tracing::error!(path = %self.disk.path().display(), offset, len,
+                        "{why}; write refused");
+                    errors.fetch_add(1, Relaxed);
+                    return Err(BackendError::Io);
+                }
+            }
+        }
+        if !marked && link.is_none() {
+            tracing::debug!(
+                offset,
+                len,
+                "write refused: the disk is detached and the secondary is not connected"
+            );
             errors.fetch_add(1, Relaxed);
             return Err(BackendError::Io);
         }
@@ -266,16 +297,26 @@ impl Primary {
             Some(l) => self.send_remote(l, &change, offset, length, fua).await,
             None => None,
         };
-        let local = self.write_local(offset, len, fua, &change).await;
+        let local = if marked {
+            self.write_local(offset, len, fua, &change).await
+        } else {
+            Err(io::Error::other(crate::local::Detached(
+                "detached before this write".into(),
+            )))
+        };
         if let Err(e) = &local {
-            tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
-                "local write failed");
-            errors.fetch_add(1, Relaxed);
+            if !is_detached(e) {
+                tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
+                    "local write failed");
+                errors.fetch_add(1, Relaxed);
+            }
         }
         let local_ok = local.is_ok();
-        let (Some(pending), Some(link)) = (pending, link) else {
+        let (Some(pending), Some(link), Some(remote)) = (pending, link, remote) else {
             // No remote leg: the peer lacks this data.
-            self.disk.write_complete(offset, len, Settled::NeedsSync);
+            if marked {
+                self.disk.write_complete(offset, len, Settled::NeedsSync);
+            }
             return local.map_err(|_| BackendError::Io);
         };
         let leg = RemoteLeg {
@@ -285,13 +326,25 @@ impl Primary {
             offset,
             len,
             local_ok,
+            marked,
         };
         // The acknowledgement point of the replication mode. FUA always
-        // waits for the secondary's Done (it flushed before sending it).
-        match (self.mode(), fua) {
+        // waits for the secondary's Done (it flushed before sending it),
+        // and so does a write this disk did not take: the secondary's copy
+        // is then the only one.
+        let acked = match (self.mode(), fua || !local_ok) {
             (ReplicationMode::FullSync, _) | (_, true) => {
                 let done = pending.done().await.map(|_| ());
+                let remote_ok = done.is_ok();
+                let link = leg.link.clone();
                 leg.settle(done);
+                match &local {
+                    Ok(()) => Ok(()),
+                    Err(e) if remote_ok => {
+                        self.covered_by_peer(&remote, &link, offset, len, e).await
+                    }
+                    Err(_) => Err(BackendError::Io),
+                }
             }
             (ReplicationMode::MemSync, false) => {
                 // Received (or failed): either way the request is settled
@@ -299,35 +352,108 @@ impl Primary {
                 // extent when it completes.
                 let _ = pending.received().await;
                 leg.settle_at_done(pending);
+                Ok(())
             }
-            (ReplicationMode::Async, false) => leg.settle_at_done(pending),
-        }
+            (ReplicationMode::Async, false) => {
+                leg.settle_at_done(pending);
+                Ok(())
+            }
+        };
         drop(range);
-        local.map_err(|_| BackendError::Io)
+        acked
     }
 
+    /// A write (or flush) the secondary completed and this disk did not:
+    /// the data is safe on the secondary, so the client is told it
+    /// succeeded, but this disk now misses it and is detached; before the
+    /// answer the secondary records that its copy is the only one (so that
+    /// a later synchronisation goes its way, even after a crash of this
+    /// node).
+    async fn covered_by_peer(
+        &self,
+        remote: &Remote,
+        link: &PeerLink,
+        offset: u64,
+        len: u64,
+        e: &io::Error,
+    ) -> Result<(), BackendError> {
+        if !self.disk.failed() {
+            self.disk.fail(format!(
+                "the secondary completed a request at {offset} ({len} bytes) that failed here ({e}): this disk misses it"
+            ));
+        }
+        if remote.tell_disk_failed(link).await {
+            Ok(())
+        } else {
+            tracing::error!(
+                offset,
+                len,
+                "the secondary did not record that it holds the only copy; request failed"
+            );
+            Err(BackendError::Io)
+        }
+    }
+
+    /// Reads `[offset, offset + len)` from the secondary; None (logged)
+    /// when it cannot, or when the extent turned out to be one the
+    /// secondary lacks (a write's remote leg failed meanwhile).
+    async fn read_peer(&self, remote: &Remote, offset: u64, len: u32) -> Option<DmaBuffer> {
+        let link = remote.link()?;
+        match link.call(Kind::Read, 0, offset, len, Payload::None).await {
+            Ok(Some(buf)) if buf.len() == len as usize => {
+                (!self.peer_lacks(offset, u64::from(len))).then_some(buf)
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    offset,
+                    len,
+                    "the secondary's read reply has the wrong length"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(offset, len, error = %e, "read from the secondary failed");
+                None
+            }
+        }
+    }
+
+    /// Does the secondary lack the current data of part of this range (an
+    /// extent marked for synchronisation towards it)?
+    fn peer_lacks(&self, offset: u64, len: u64) -> bool {
+        self.disk
+            .with_map(|m| m.extent_range(offset, len).any(|e| m.needs_sync(e)))
+    }
+
+    /// A client flush: the local disk and (except in async mode) the
+    /// secondary's, at once. A local flush that fails while the secondary
+    /// flushed is covered by it (see [`Primary::covered_by_peer`]).
     async fn flush_inner(&self) -> Result<(), BackendError> {
         let remote_leg = self.remote();
         let link = remote_leg.as_ref().and_then(|r| r.link());
         let remote = async {
-            match &link {
-                Some(l) if self.mode() != ReplicationMode::Async => {
+            match (&link, &remote_leg) {
+                (Some(l), Some(r)) if self.mode() != ReplicationMode::Async => {
                     // Also releases the extents held for the secondary's
                     // flush. A failed flush there drops the link, so the
                     // reconnect resynchronises every extent still marked.
-                    if let Some(r) = &remote_leg {
-                        let _ = r.peer_flush(l).await;
-                    }
+                    r.peer_flush(l).await.is_ok()
                 }
-                _ => {}
+                _ => false,
             }
         };
-        let (local, ()) = futures_lite::future::zip(self.disk.flush(), remote).await;
-        local.map_err(|e| {
+        let (local, remote_ok) = futures_lite::future::zip(self.disk.flush(), remote).await;
+        let Err(e) = local else {
+            return Ok(());
+        };
+        if !is_detached(&e) {
             tracing::error!(path = %self.disk.path().display(), error = %e, "flush failed");
             self.stats.flush_errors.fetch_add(1, Relaxed);
-            BackendError::Io
-        })
+        }
+        match (remote_ok, &remote_leg, &link) {
+            (true, Some(r), Some(l)) => self.covered_by_peer(r, l, 0, 0, &e).await,
+            _ => Err(BackendError::Io),
+        }
     }
 }
 
@@ -340,6 +466,8 @@ struct RemoteLeg {
     offset: u64,
     len: u64,
     local_ok: bool,
+    /// The write was marked in the local activemap (the disk was used).
+    marked: bool,
 }
 
 impl RemoteLeg {
@@ -354,10 +482,17 @@ impl RemoteLeg {
             log_remote_failure(e, self.offset, self.len);
             self.stats.remote_errors.fetch_add(1, Relaxed);
         }
-        let outcome = if self.local_ok && remote.is_ok() && self.link.is_alive() {
-            Settled::PeerUnflushed
-        } else {
-            Settled::NeedsSync
+        if !self.marked {
+            // The disk was detached before this write: there is no local
+            // mark to settle.
+            return;
+        }
+        let outcome = match (self.local_ok, remote.is_ok()) {
+            (true, true) if self.link.is_alive() => Settled::PeerUnflushed,
+            // Only the secondary took it: this disk is detached (its map is
+            // no longer written) and the secondary holds the data.
+            (false, true) => Settled::InSync,
+            _ => Settled::NeedsSync,
         };
         self.disk.write_complete(self.offset, self.len, outcome);
     }
@@ -406,36 +541,67 @@ impl BlockBackend for Primary {
         self.disk.alloc(len)
     }
 
+    /// A read: from the local disk, or from the secondary where this node
+    /// lacks the data (being synchronised from it), where the local read
+    /// failed (as the original, "trying remote node"; counted in
+    /// `reads_from_peer`), or when the local disk is detached. Never from a
+    /// secondary that lacks the extent.
     async fn read(&self, offset: u64, len: u32) -> Result<PrimaryRead, BackendError> {
         self.check(offset, u64::from(len))?;
         let _q = self.stats.local_queue.enter();
         self.stats.reads.fetch_add(1, Relaxed);
-        if let Some(r) = self.remote() {
+        let remote = self.remote();
+        let fail = || {
+            self.stats.read_errors.fetch_add(1, Relaxed);
+            BackendError::Io
+        };
+        if let Some(r) = &remote {
             if r.reads_from_peer(offset, u64::from(len)) {
                 // Not synchronised yet: the secondary has the current data.
-                let Some(link) = r.link() else {
-                    self.stats.read_errors.fetch_add(1, Relaxed);
-                    return Err(BackendError::Io);
-                };
-                return match link.call(Kind::Read, 0, offset, len, Payload::None).await {
-                    Ok(Some(buf)) if buf.len() == len as usize => Ok(PrimaryRead::Remote(buf)),
-                    _ => {
-                        self.stats.read_errors.fetch_add(1, Relaxed);
-                        Err(BackendError::Io)
-                    }
+                return match self.read_peer(r, offset, len).await {
+                    Some(buf) => Ok(PrimaryRead::Remote(buf)),
+                    None => Err(fail()),
                 };
             }
         }
-        self.disk
-            .read(offset, len as usize)
-            .await
-            .map(PrimaryRead::Local)
-            .map_err(|e| {
-                tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
-                    "local read failed");
-                self.stats.read_errors.fetch_add(1, Relaxed);
-                BackendError::Io
-            })
+        if self.disk.failed() {
+            let peer = remote.filter(|_| !self.peer_lacks(offset, u64::from(len)));
+            return match peer {
+                Some(r) => match self.read_peer(&r, offset, len).await {
+                    Some(buf) => Ok(PrimaryRead::Remote(buf)),
+                    None => Err(fail()),
+                },
+                None => {
+                    tracing::debug!(
+                        offset,
+                        len,
+                        "read refused: the disk is detached and the secondary cannot serve it"
+                    );
+                    Err(fail())
+                }
+            };
+        }
+        let e = match self.disk.read(offset, len as usize).await {
+            Ok(data) => return Ok(PrimaryRead::Local(data)),
+            Err(e) => e,
+        };
+        self.stats.read_errors.fetch_add(1, Relaxed);
+        let peer =
+            remote.filter(|r| r.link().is_some() && !self.peer_lacks(offset, u64::from(len)));
+        let Some(r) = peer else {
+            tracing::error!(path = %self.disk.path().display(), offset, len, error = %e,
+                "local read failed");
+            return Err(BackendError::Io);
+        };
+        tracing::warn!(path = %self.disk.path().display(), offset, len, error = %e,
+            "local read failed; trying the secondary");
+        match self.read_peer(&r, offset, len).await {
+            Some(buf) => {
+                self.stats.reads_from_peer.fetch_add(1, Relaxed);
+                Ok(PrimaryRead::Remote(buf))
+            }
+            None => Err(BackendError::Io),
+        }
     }
 
     async fn write(

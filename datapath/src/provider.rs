@@ -113,6 +113,28 @@ pub fn probe_file(path: &Path, file: &File) -> Result<ProviderInfo, ProviderErro
     }
 }
 
+/// The size of an open provider now: `st_size` of a regular file, the
+/// block device's size (BLKGETSIZE64) of a device. One system call;
+/// used to notice a provider that shrank under a running hastd.
+pub fn current_size(fd: std::os::fd::RawFd) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fd is an open descriptor; st points to writable memory of
+    // the right type and size.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded and filled the structure.
+    let st = unsafe { st.assume_init() };
+    if st.st_mode & libc::S_IFMT == libc::S_IFBLK {
+        let mut size = 0u64;
+        // SAFETY: fd is an open block device; the ioctl writes one u64
+        // through a pointer to a live local.
+        unsafe { ioctl::blkgetsize64(fd, &mut size) }.map_err(io::Error::from)?;
+        return Ok(size);
+    }
+    Ok(u64::try_from(st.st_size).unwrap_or(0))
+}
+
 /// For a regular file, the fraction of its size that is allocated (1.0
 /// for a fully written file; None for block devices). A sparse provider
 /// works, but every activemap flush then also commits the filesystem

@@ -69,6 +69,18 @@ pub struct ResourceStats {
     /// Writes that waited for room in the replication window (the
     /// secondary is as far behind as the window allows).
     pub window_waits: AtomicU64,
+    /// This node's provider was detached after its errors (see
+    /// [`crate::health`]); `disk_error` says why.
+    pub disk_failed: AtomicBool,
+    /// Why the provider was detached (empty while it is used).
+    pub disk_error: std::sync::Mutex<String>,
+    /// The peer's provider is detached, as the peer said: on a primary,
+    /// the secondary refused the connection for it; on a secondary, the
+    /// primary writes only here (this node holds the only copy).
+    pub peer_disk_failed: AtomicBool,
+    /// Application reads that failed locally and were served by the
+    /// secondary instead.
+    pub reads_from_peer: AtomicU64,
     /// Last connection problem (for `hastctl list`).
     pub last_error: std::sync::Mutex<String>,
     /// Application writes whose remote leg failed (an error from the

@@ -21,6 +21,8 @@ use std::ops::Deref;
 use std::pin::Pin;
 use std::rc::Rc;
 
+use std::os::fd::AsRawFd;
+
 use glommio::io::{DmaBuffer, DmaFile, ReadResult};
 use rand::Rng;
 
@@ -45,6 +47,10 @@ pub trait Storage {
     fn deallocate(&self, pos: u64, len: u64) -> IoFuture<'_, ()>;
     /// Closes the storage.
     fn close(self: Box<Self>) -> IoFuture<'static, ()>;
+    /// The provider's size in bytes now (it may have been truncated or a
+    /// block device shrunk under us). Synchronous and cheap (one `fstat`
+    /// or ioctl): called once a second and after a short read.
+    fn size(&self) -> io::Result<u64>;
 
     /// Where `[base + start, base + end)` may hold data, as segments of
     /// `[start, end)` in whole `align` units, at most `max_segments` (see
@@ -112,8 +118,16 @@ impl Deref for ReadData {
     }
 }
 
+/// glommio's error as an `io::Error` that keeps the OS errno: glommio's
+/// own conversion rebuilds its `EnhancedIoError` (every failed file
+/// operation) from the error kind and a message, which loses the errno
+/// (`ENOSPC` became `EIO` by the time the secondary reported it). The
+/// operation and the path are added by our callers' messages.
 fn io_err(e: glommio::GlommioError<()>) -> io::Error {
-    e.into()
+    match e {
+        glommio::GlommioError::EnhancedIoError { source, .. } => source,
+        other => other.into(),
+    }
 }
 
 /// The provider opened with O_DIRECT through glommio.
@@ -158,6 +172,10 @@ impl Storage for DirectFile {
         Box::pin(async move { self.0.close().await.map_err(io_err) })
     }
 
+    fn size(&self) -> io::Result<u64> {
+        crate::provider::current_size(self.0.as_raw_fd())
+    }
+
     fn allocation(
         &self,
         base: u64,
@@ -182,6 +200,13 @@ pub struct MemDisk {
     /// With a volatile cache: sectors written since the last flush, each
     /// with every version written since (oldest first).
     unflushed: std::collections::BTreeMap<usize, Vec<Vec<u8>>>,
+    /// Sectors holding data (written since created, not deallocated): a
+    /// sparse file's allocated blocks, for [`MemFaults::no_space`].
+    allocated: Vec<bool>,
+    /// Writes past the end extend the disk, as they extend a regular file
+    /// (set by [`MemDisk::truncate`]); otherwise they fail with ENOSPC, as
+    /// on a block device.
+    grows: bool,
     /// Completed writes sit in a volatile cache until a flush.
     volatile: bool,
     /// Powered off: every operation fails (see [`MemDisk::power_cut`]).
@@ -204,6 +229,20 @@ pub struct MemFaults {
     pub write_error: bool,
     /// Flushes fail with EIO.
     pub flush_error: bool,
+    /// The filesystem under a sparse provider is full: a write touching a
+    /// sector that holds no data yet (a hole) fails with ENOSPC; rewriting
+    /// allocated sectors still works.
+    pub no_space: bool,
+    /// Bad sectors: reads and writes overlapping `[start, end)` (bytes of
+    /// the whole provider) fail with EIO.
+    pub bad: Option<(u64, u64)>,
+}
+
+impl MemFaults {
+    fn hits_bad(&self, pos: u64, len: u64) -> bool {
+        self.bad
+            .is_some_and(|(s, e)| pos < e && pos.saturating_add(len) > s)
+    }
 }
 
 /// Operations a [`MemStorage`] has served.
@@ -227,6 +266,8 @@ impl MemDisk {
             current: vec![0; size],
             durable: vec![0; size],
             unflushed: Default::default(),
+            allocated: vec![false; size / sector],
+            grows: false,
             volatile,
             dead: false,
             epoch: 0,
@@ -266,6 +307,47 @@ impl MemDisk {
     pub fn poke(&mut self, pos: usize, data: &[u8]) {
         self.current[pos..pos + data.len()].copy_from_slice(data);
         self.durable[pos..pos + data.len()].copy_from_slice(data);
+        self.allocate(pos, data.len());
+    }
+
+    /// Cuts the disk to `size` bytes (whole sectors), as `truncate -s`
+    /// does to a provider file under a running hastd: reads past the new
+    /// end return nothing, and from now on a write past the end extends
+    /// the disk with zeros up to it (a regular file's hole).
+    pub fn truncate(&mut self, size: usize) {
+        let size = size - size % self.sector;
+        self.current.truncate(size);
+        self.durable.truncate(size);
+        self.allocated.truncate(size / self.sector);
+        let last = size / self.sector;
+        self.unflushed.retain(|&s, _| s < last);
+        self.grows = true;
+    }
+
+    /// Sectors holding data (see [`MemFaults::no_space`]).
+    pub fn allocated_sectors(&self) -> usize {
+        self.allocated.iter().filter(|&&a| a).count()
+    }
+
+    fn allocate(&mut self, pos: usize, len: usize) {
+        let (first, end) = (pos / self.sector, (pos + len).div_ceil(self.sector));
+        for a in &mut self.allocated[first..end] {
+            *a = true;
+        }
+    }
+
+    fn all_allocated(&self, pos: usize, len: usize) -> bool {
+        let (first, end) = (pos / self.sector, (pos + len).div_ceil(self.sector));
+        self.allocated[first..end].iter().all(|&a| a)
+    }
+
+    /// A regular file grows to hold a write past its end.
+    fn grow_to(&mut self, end: usize) {
+        if end > self.current.len() {
+            self.current.resize(end, 0);
+            self.durable.resize(end, 0);
+            self.allocated.resize(end.div_ceil(self.sector), false);
+        }
     }
 
     /// Sectors written since the last flush.
@@ -285,6 +367,7 @@ impl MemDisk {
     }
 
     fn store(&mut self, pos: usize, data: &[u8]) {
+        self.allocate(pos, data.len());
         self.current[pos..pos + data.len()].copy_from_slice(data);
         if !self.volatile {
             self.durable[pos..pos + data.len()].copy_from_slice(data);
@@ -432,27 +515,37 @@ impl MemStorage {
     }
 
     fn check(&self, pos: u64, len: usize) -> io::Result<usize> {
-        let d = self.disk.borrow();
+        let mut d = self.disk.borrow_mut();
         let s = d.sector as u64;
         if !pos.is_multiple_of(s) || !(len as u64).is_multiple_of(s) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let end = pos
-            .checked_add(len as u64)
-            .filter(|&e| e <= d.size() as u64);
+        let end = pos.checked_add(len as u64);
         match end {
-            Some(_) => Ok(pos as usize),
-            None => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            Some(e) if e <= d.size() as u64 => Ok(pos as usize),
+            // A regular file grows (the bytes between are a hole).
+            Some(e) if d.grows => {
+                d.grow_to(e as usize);
+                Ok(pos as usize)
+            }
+            _ => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
         }
     }
 
     fn write_bytes(&self, pos: u64, data: &[u8]) -> io::Result<usize> {
         self.begin(false)?;
+        {
+            let d = self.disk.borrow();
+            if d.faults.write_error || d.faults.hits_bad(pos, data.len() as u64) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let inside = (pos as usize).saturating_add(data.len()) <= d.size();
+            if d.faults.no_space && !(inside && d.all_allocated(pos as usize, data.len())) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
         let at = self.check(pos, data.len())?;
         let mut d = self.disk.borrow_mut();
-        if d.faults.write_error {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
         d.counts.writes += 1;
         d.store(at, data);
         Ok(data.len())
@@ -475,7 +568,7 @@ impl Storage for MemStorage {
         Box::pin(later(move || {
             self.begin(false)?;
             let d = self.disk.borrow();
-            if d.faults.read_error {
+            if d.faults.read_error || d.faults.hits_bad(pos, len as u64) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             let start = (pos as usize).min(d.size());
@@ -516,13 +609,33 @@ impl Storage for MemStorage {
     fn deallocate(&self, pos: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(later(move || {
             let n = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            let zeros = vec![0u8; n];
-            self.write_bytes(pos, &zeros).map(|_| ())
+            self.begin(false)?;
+            {
+                let d = self.disk.borrow();
+                if d.faults.write_error || d.faults.hits_bad(pos, len) {
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+            }
+            let at = self.check(pos, n)?;
+            let mut d = self.disk.borrow_mut();
+            // Punching a hole frees the blocks: it works on a full
+            // filesystem, and the sectors are holes again.
+            d.counts.writes += 1;
+            d.store(at, &vec![0u8; n]);
+            let (first, end) = (at / d.sector, (at + n) / d.sector);
+            for a in &mut d.allocated[first..end] {
+                *a = false;
+            }
+            Ok(())
         }))
     }
 
     fn close(self: Box<Self>) -> IoFuture<'static, ()> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.disk.borrow().size() as u64)
     }
 }
 
@@ -548,6 +661,8 @@ mod tests {
                 current: d.current.clone(),
                 durable: d.durable.clone(),
                 unflushed: d.unflushed.clone(),
+                allocated: d.allocated.clone(),
+                grows: false,
                 volatile: true,
                 dead: false,
                 epoch: 0,

@@ -109,8 +109,8 @@ enum Command {
         names: Vec<String>,
     },
     /// Print events as they happen (role changes, connect, disconnect,
-    /// syncstart, sync progress, syncdone, syncintr, split-brain), one per
-    /// line, until interrupted.
+    /// syncstart, sync progress, syncdone, syncintr, split-brain,
+    /// disk-failed), one per line, until interrupted.
     Events {
         /// Print JSON, one object per line.
         #[arg(long)]
@@ -589,6 +589,12 @@ mod wait {
         }
         if r.split_brain {
             s.push_str(", split-brain");
+        }
+        if r.disk.as_deref() == Some("failed") {
+            s.push_str(", disk failed");
+        }
+        if r.peer_disk.as_deref() == Some("failed") {
+            s.push_str(", peer's disk failed");
         }
         if let Some(e) = &r.last_error {
             s.push_str(&format!(", last error: {e}"));

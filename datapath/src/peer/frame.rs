@@ -40,8 +40,9 @@ pub enum LinkError {
         /// The peer's explanation.
         message: String,
     },
-    /// The peer executed the request and it failed with this errno.
-    #[error("peer reported error {0}")]
+    /// The peer executed the request and it failed with this errno (of
+    /// its disk, mostly).
+    #[error("the peer reported {}", errno_text(*.0))]
     Remote(u32),
     /// The peer sent something the protocol does not allow here.
     #[error("protocol violation: {0}")]
@@ -67,6 +68,14 @@ pub enum LinkError {
     /// The connection was lost, for this reason.
     #[error("connection lost: {0}")]
     Lost(Box<LinkError>),
+}
+
+/// An errno as people read it: `No space left on device (os error 28)`.
+pub fn errno_text(errno: u32) -> String {
+    match i32::try_from(errno) {
+        Ok(n) => io::Error::from_raw_os_error(n).to_string(),
+        Err(_) => format!("error {errno}"),
+    }
 }
 
 impl LinkError {

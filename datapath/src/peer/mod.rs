@@ -3,6 +3,7 @@
 //!
 //! See `docs/protocol.md`.
 
+pub mod detach;
 pub mod durability;
 pub mod frame;
 pub mod handshake;

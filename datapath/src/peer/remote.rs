@@ -5,7 +5,8 @@
 //! One file per job: this one manages the connection and owns its state
 //! ([`Conn`]); [`super::sync`] copies dirty extents; [`super::durability`]
 //! decides when the secondary's disk is flushed so that held extents can
-//! be released; [`super::handshake`] decides what the counters mean.
+//! be released; [`super::detach`] handles a detached disk on either side;
+//! [`super::handshake`] decides what the counters mean.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -21,6 +22,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::Task;
 
+use super::detach::{self, Notice};
 use super::frame::{self, LinkError};
 use super::handshake::{self, Agreement};
 use super::link::{LinkLimits, PeerLink};
@@ -127,6 +129,9 @@ pub struct Remote {
     timeout: Cell<Duration>,
     /// The TCP connector's timeout, when it is ours.
     connect_timeout: RefCell<Option<Rc<Cell<Duration>>>>,
+    /// The secondary was told this node's disk is detached, on this link
+    /// (see [`super::detach`]).
+    pub(super) notice: RefCell<Option<Rc<Notice>>>,
 }
 
 impl Remote {
@@ -177,6 +182,7 @@ impl Remote {
             first: Signal::new(),
             split_brain_reported: Cell::new(false),
             task: RefCell::new(None),
+            notice: RefCell::new(None),
         });
         r.set_conn(Conn::Down);
         let me = r.clone();
@@ -307,24 +313,39 @@ impl Remote {
 
     async fn manage(self: Rc<Self>) {
         let mut failures = 0u32;
+        // Failures in a row caused by the secondary's disk: the pause grows
+        // (reconnecting at once would only repeat them).
+        let mut disk_streak = 0u32;
         while !self.stop.is_fired() {
             let r = self.session().await;
             self.first.fire();
             self.set_conn(Conn::Down);
             match r {
-                Ok(()) => failures = 0,
+                Ok(()) => (failures, disk_streak) = (0, 0),
                 Err(e) => {
                     failures += 1;
-                    // Log the first failure and then every 10th, so a dead
-                    // peer does not flood the log.
-                    if failures == 1 || failures.is_multiple_of(10) {
+                    let message = e.to_string();
+                    // Log the first failure, every 10th, and a new cause,
+                    // so a dead peer does not flood the log.
+                    let new_cause = self.stats.last_error.lock().is_ok_and(|l| *l != message);
+                    if failures == 1 || failures.is_multiple_of(10) || new_cause {
                         tracing::warn!(resource = %self.cfg.resource, attempt = failures,
                             error = %e, "cannot replicate to the secondary");
                     }
-                    self.set_error(e.to_string());
+                    self.set_error(message);
+                    if detach::peer_disk_error(&e) {
+                        disk_streak += 1;
+                    } else {
+                        disk_streak = 0;
+                    }
                 }
             }
-            let pause = glommio::timer::sleep(self.cfg.retry);
+            let wait = detach::retry_pause(self.cfg.retry, disk_streak.saturating_sub(1));
+            if disk_streak > 0 {
+                tracing::debug!(resource = %self.cfg.resource, pause = ?wait,
+                    "the secondary's disk keeps failing; waiting before the next attempt");
+            }
+            let pause = glommio::timer::sleep(wait);
             futures_lite::future::or(pause, self.stop.wait()).await;
         }
     }
@@ -333,7 +354,7 @@ impl Remote {
     /// until the link dies.
     async fn session(self: &Rc<Self>) -> Result<(), LinkError> {
         let mut stream = (self.connector)().await?;
-        let (agreement, reply, p_gen) = self.handshake(&mut stream).await?;
+        let (agreement, reply, p_gen, detached) = self.handshake(&mut stream).await?;
         if self.stop.is_fired() {
             return Ok(());
         }
@@ -343,16 +364,18 @@ impl Remote {
             .unwrap_or(SyncDirection::ToSecondary);
         // Out of date: reads of not-yet-copied extents go to the peer from
         // the moment anything can see this connection.
-        if dir == SyncDirection::FromSecondary {
+        if dir == SyncDirection::FromSecondary && !detached {
             self.set_conn(Conn::Preparing { sync: Some(dir) });
         }
         let link = self.start_link(stream);
-        if let Err(e) = self.prepare(&agreement.decision, &reply).await {
+        if detached {
+            self.adopt_detached(&link, &agreement, &reply);
+        } else if let Err(e) = self.prepare(&agreement.decision, &reply).await {
             let e = LinkError::disk("activemap update", None, e);
             link.kill(e.clone());
             return Err(e);
         }
-        let initial = (dir == SyncDirection::FromSecondary).then_some(dir);
+        let initial = (dir == SyncDirection::FromSecondary && !detached).then_some(dir);
         self.set_conn(Conn::Up {
             link: link.clone(),
             sync: initial,
@@ -373,7 +396,10 @@ impl Remote {
         };
         // Cancelled (dropped) when the session ends.
         let _flusher = glommio::spawn_local(self.clone().flusher(link.clone()));
-        if let Err(e) = self.synchronise(&link, dir, target, &p_gen).await {
+        let _detach = self.watch_detach(&link);
+        if detached {
+            // Nothing can be written here: no synchronisation.
+        } else if let Err(e) = self.synchronise(&link, dir, target, &p_gen).await {
             if link.is_alive() && !self.stop.is_fired() {
                 tracing::warn!(resource = %self.cfg.resource, error = %e, "synchronisation failed");
                 link.kill(e);
@@ -381,6 +407,7 @@ impl Remote {
         }
         self.serve(&link).await;
         drop(_flusher);
+        drop(_detach);
         self.set_conn(Conn::Down);
         if self.stop.is_fired() {
             // stop() flushes the secondary, then records what is left.
@@ -427,7 +454,8 @@ impl Remote {
     /// stayed up) are caught up in the background.
     async fn serve(&self, link: &PeerLink) {
         while link.is_alive() && !self.stop.is_fired() {
-            if self.disk.dirty_bytes() > 0 {
+            // A detached disk cannot be a source: its extents stay marked.
+            if self.disk.dirty_bytes() > 0 && !self.disk.failed() {
                 tracing::debug!(resource = %self.cfg.resource, bytes = self.disk.dirty_bytes(),
                     "catching up extents marked while connected");
                 if let Err(e) = self.copy_dirty(link, SyncDirection::ToSecondary).await {
@@ -444,14 +472,19 @@ impl Remote {
     }
 
     /// Sends the Hello and reads the answer; returns what both sides
-    /// agreed, the reply and this node's counters.
+    /// agreed, the reply, this node's counters, and whether the Hello said
+    /// this node's disk is detached (see [`super::detach`]).
     async fn handshake(
         &self,
         stream: &mut PeerStream,
-    ) -> Result<(Agreement, HelloReply, Gen), LinkError> {
+    ) -> Result<(Agreement, HelloReply, Gen, bool), LinkError> {
         let md = self.disk.metadata();
         let dirty = self.disk.dirty_bytes() > 0;
-        let hello = handshake::primary_hello(&self.cfg.resource, &self.cfg.node, &md, dirty);
+        let mut hello = handshake::primary_hello(&self.cfg.resource, &self.cfg.node, &md, dirty);
+        let detached = self.disk.failed();
+        if detached {
+            hello.flags |= super::proto::hello_flags::DISK_FAILED;
+        }
         let body = hello.encode();
         let hdr = Header::request(Kind::Hello, 0, 0, 0, 0).with_payload(&body);
         let t = self.timeout.get();
@@ -466,6 +499,7 @@ impl Remote {
         let mut payload = vec![0u8; rh.payload_len as usize];
         frame::with_timeout(t, frame::read_payload(stream, &rh, &mut payload)).await?;
         let reply = HelloReply::decode(&payload)?;
+        self.peer_disk(reply.refusal.map(|r| (r, reply.message.as_str())));
         if let Some(reason) = reply.refusal {
             if reason == Refusal::SplitBrain {
                 self.report_split_brain(&hello.gen, &reply.gen);
@@ -482,7 +516,7 @@ impl Remote {
                         secondary = %reply.gen, resolution = %a.decision,
                         "split-brain resolved: only the extents either side changed are resynchronised");
                 }
-                Ok((a, reply, hello.gen))
+                Ok((a, reply, hello.gen, detached))
             }
             Err(r) => {
                 if r.reason == Refusal::SplitBrain {

@@ -38,9 +38,11 @@ use glommio::Task;
 
 use super::frame::{self, LinkError};
 use super::handshake;
-use super::proto::{flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, HEADER_LEN};
+use super::proto::{
+    flags, hello_flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, HEADER_LEN,
+};
 use crate::batch::{self, SendEnd};
-use crate::events::{EventSink, PeerEventKind};
+use crate::events::{EventSink, Leg, PeerEventKind};
 use crate::local::{LocalDisk, Settled};
 use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
 use crate::semaphore::{Semaphore, StaticPermit};
@@ -165,6 +167,7 @@ impl Secondary {
         let ctx = &self.ctx;
         let reply = self.handshake(&hello).await;
         let refused = reply.refusal.is_some();
+        let only_copy = !refused && hello.flags & hello_flags::DISK_FAILED != 0;
         let body = reply.encode();
         let hdr = Header::reply(Kind::HelloReply, 0, 0).with_payload(&body);
         let sent =
@@ -182,7 +185,7 @@ impl Secondary {
         ctx.stats.connected.store(true, Relaxed);
         tracing::info!(resource = %ctx.resource, peer = %peer, "primary connected");
         ctx.events.emit(PeerEventKind::Connect);
-        let result = serve(ctx, stream, stop).await;
+        let result = serve(ctx, stream, stop, only_copy).await;
         ctx.stats.connected.store(false, Relaxed);
         match result {
             Ok(()) => tracing::info!(resource = %ctx.resource, "primary disconnected (bye)"),
@@ -200,6 +203,17 @@ impl Secondary {
         let md = ctx.disk.metadata();
         let dirty = ctx.disk.dirty_bytes() > 0;
         let mut outcome = handshake::secondary_decide(hello, &md, dirty, ctx.splitbrain_auto);
+        if let Some(why) = ctx.disk.failure() {
+            // No primary until the disk is attached again: it would only
+            // get errors (and resynchronise forever).
+            outcome = Err(handshake::Refused {
+                reason: Refusal::DiskFailed,
+                message: format!(
+                    "the secondary's disk is detached ({why}); once it is repaired, attach it with 'hastctl role init {r}' then 'hastctl role secondary {r}' on that node",
+                    r = ctx.resource
+                ),
+            });
+        }
         match &outcome {
             Ok(a) => {
                 if a.resolved_split {
@@ -236,6 +250,15 @@ impl Secondary {
                 }
             }
         }
+        if outcome.is_ok() {
+            let only_copy = hello.flags & hello_flags::DISK_FAILED != 0;
+            if let Err(e) = self.set_only_copy(only_copy).await {
+                outcome = Err(handshake::Refused {
+                    reason: Refusal::Refused,
+                    message: format!("cannot record that this node holds the only copy: {e}"),
+                });
+            }
+        }
         if let Ok(a) = &outcome {
             tracing::info!(resource = %ctx.resource, decision = %a.decision, "handshake accepted");
         }
@@ -246,6 +269,34 @@ impl Secondary {
         };
         handshake::secondary_reply(&md, dirty, &outcome, bitmap)
     }
+}
+
+impl Secondary {
+    /// Records whether the primary's disk is detached (this node then
+    /// holds the only copy of what it is written): with it, a new
+    /// generation is started, durably, before anything is written (once per
+    /// disconnected epoch, as a primary writing alone does), so that the
+    /// primary, once its disk is attached again, is found out of date and
+    /// synchronised from here. Reported (event `disk-failed`, leg
+    /// `remote`) when it becomes true.
+    async fn set_only_copy(&self, on: bool) -> std::io::Result<()> {
+        set_only_copy(&self.ctx, on).await
+    }
+}
+
+async fn set_only_copy(ctx: &SecondaryCtx, on: bool) -> std::io::Result<()> {
+    if on {
+        ctx.disk.bump_generation_if_needed().await?;
+    }
+    let was = ctx.stats.peer_disk_failed.swap(on, Relaxed);
+    if on && !was {
+        tracing::warn!(resource = %ctx.resource,
+            "the primary's disk is detached: this node holds the only copy of the data");
+        ctx.events.emit(PeerEventKind::DiskFailed(Leg::Remote));
+    } else if was && !on {
+        tracing::info!(resource = %ctx.resource, "the primary's disk is attached again");
+    }
+    Ok(())
 }
 
 /// Counts writes in flight per flush epoch so a flush waits exactly for
@@ -364,10 +415,18 @@ struct Session<'a> {
     barrier: Rc<Barrier>,
     replies: Replies,
     tasks: Gate,
+    /// The primary's disk is detached: every write is marked here (this
+    /// node holds the only copy of it).
+    only_copy: Cell<bool>,
 }
 
 /// The request loop of one connection.
-async fn serve<S>(ctx: &SecondaryCtx, stream: S, stop: Signal) -> Result<(), LinkError>
+async fn serve<S>(
+    ctx: &SecondaryCtx,
+    stream: S,
+    stop: Signal,
+    only_copy: bool,
+) -> Result<(), LinkError>
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -399,6 +458,7 @@ where
             stop: stop.clone(),
         },
         tasks: Gate::new(),
+        only_copy: Cell::new(only_copy),
     };
     let requests = async {
         loop {
@@ -411,8 +471,17 @@ where
         }
     };
     let stopped = async {
-        stop.wait().await;
-        Err(LinkError::Stopping)
+        futures_lite::future::or(stop.wait(), ctx.disk.failed_wait()).await;
+        match ctx.disk.failure() {
+            // The disk was detached: refuse this primary (and the next
+            // ones) rather than fail every request.
+            Some(why) => Err(LinkError::disk(
+                "disk detached",
+                None,
+                std::io::Error::other(why),
+            )),
+            None => Err(LinkError::Stopping),
+        }
     };
     let result = futures_lite::future::or(stopped, requests).await;
     if let Err(e) = &result {
@@ -444,6 +513,7 @@ impl Session<'_> {
             Kind::Read => self.read(hdr).await?,
             Kind::SyncStart => self.sync_start(hdr).await,
             Kind::SyncComplete => self.sync_complete(r, hdr).await?,
+            Kind::DiskFailed => self.disk_failed(hdr).await?,
             Kind::Bye => return Ok(false),
             other => {
                 return Err(LinkError::Protocol(format!(
@@ -519,6 +589,10 @@ impl Session<'_> {
         );
         let fua = hdr.flags & flags::FUA != 0;
         let sync = hdr.flags & flags::SYNC != 0;
+        // Marked here: synchronisation writes, and every write while this
+        // node holds the only copy (then for the primary's sake: its disk
+        // lacks it).
+        let mark_here = sync || self.only_copy.get();
         let fut = async move {
             let _permit = permit;
             let _guard = ticket.await;
@@ -540,7 +614,7 @@ impl Session<'_> {
                 }
             };
             let mark = async {
-                if sync {
+                if mark_here {
                     disk.write_start(offset, len).await
                 } else {
                     Ok(())
@@ -551,6 +625,10 @@ impl Session<'_> {
                 (Ok(()), res) => {
                     if sync {
                         disk.write_complete(offset, len, Settled::InSync);
+                    } else if mark_here {
+                        // The primary's disk lacks it: stays marked until a
+                        // synchronisation towards the primary.
+                        disk.write_complete(offset, len, Settled::NeedsSync);
                     }
                     match res {
                         Ok(()) => 0,
@@ -643,6 +721,25 @@ impl Session<'_> {
         })
     }
 
+    /// The primary's disk was detached: from the next request on, this
+    /// node holds the only copy (see [`set_only_copy`]). In line, so that
+    /// every write read after it is marked. A failure closes the
+    /// connection: no write may be applied unmarked.
+    async fn disk_failed(&self, hdr: &Header) -> Result<(), LinkError> {
+        let res = set_only_copy(self.ctx, true).await;
+        match res {
+            Ok(()) => {
+                self.only_copy.set(true);
+                self.replies.status(Kind::Done, hdr.seq, 0).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.replies.status(Kind::Done, hdr.seq, errno_of(&e)).await;
+                Err(LinkError::disk("generation update", None, e))
+            }
+        }
+    }
+
     /// Marks this node inconsistent before any synchronisation data lands:
     /// a promotion must know this node is mid-sync.
     async fn sync_start(&self, hdr: &Header) {
@@ -701,8 +798,38 @@ impl Session<'_> {
     }
 }
 
-fn errno_of(e: &std::io::Error) -> u32 {
-    e.raw_os_error()
-        .map(|n| n as u32)
-        .unwrap_or(libc::EIO as u32)
+/// The errno a failed request is answered with: the OS's own when the
+/// error carries one (ENOSPC stays ENOSPC), else the closest to its kind,
+/// else EIO.
+pub fn errno_of(e: &std::io::Error) -> u32 {
+    use std::io::ErrorKind as K;
+    if let Some(n) = e.raw_os_error() {
+        return n as u32;
+    }
+    let n = match e.kind() {
+        K::StorageFull => libc::ENOSPC,
+        K::InvalidInput => libc::EINVAL,
+        K::PermissionDenied => libc::EACCES,
+        K::ReadOnlyFilesystem => libc::EROFS,
+        K::FileTooLarge => libc::EFBIG,
+        K::OutOfMemory => libc::ENOMEM,
+        K::Unsupported => libc::EOPNOTSUPP,
+        _ => libc::EIO,
+    };
+    n as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_is_kept_or_derived_from_the_kind() {
+        let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(errno_of(&e), libc::ENOSPC as u32);
+        let e = std::io::Error::new(std::io::ErrorKind::StorageFull, "full");
+        assert_eq!(errno_of(&e), libc::ENOSPC as u32);
+        let e = std::io::Error::other(crate::local::Detached("x".into()));
+        assert_eq!(errno_of(&e), libc::EIO as u32);
+    }
 }

@@ -40,6 +40,10 @@ pub mod hello_flags {
     /// The sender's dirty map is empty: it changed no extent the peer
     /// lacks (used by the `splitbrain auto` policy).
     pub const CLEAN: u64 = 8;
+    /// Hello only: the primary's disk is detached (after its errors): the
+    /// secondary will hold the only copy of what is written, and records
+    /// so before it accepts (as for the `DiskFailed` request).
+    pub const DISK_FAILED: u64 = 16;
 }
 
 /// Highest protocol version in both ranges, `None` when they do not
@@ -305,11 +309,14 @@ pub enum Refusal {
     /// Any other reason (see the message); also what an unknown code
     /// received from a newer peer decodes as.
     Refused = 9,
+    /// The secondary's disk is detached after its errors: it takes no
+    /// primary until it is attached again (see the message).
+    DiskFailed = 10,
 }
 
 impl Refusal {
     /// Every refusal, in code order.
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::UnknownResource,
         Refusal::NotSecondary,
         Refusal::GeometryMismatch,
@@ -319,6 +326,7 @@ impl Refusal {
         Refusal::Busy,
         Refusal::InconsistentCounters,
         Refusal::Refused,
+        Refusal::DiskFailed,
     ];
 
     /// Wire code.
@@ -338,6 +346,7 @@ impl Refusal {
             7 => Refusal::Busy,
             8 => Refusal::InconsistentCounters,
             9 => Refusal::Refused,
+            10 => Refusal::DiskFailed,
             _ => return None,
         })
     }
@@ -365,6 +374,7 @@ impl Refusal {
             Refusal::Busy => "resource already connected to a primary",
             Refusal::InconsistentCounters => "generation counters are inconsistent",
             Refusal::Refused => "refused",
+            Refusal::DiskFailed => "the secondary's disk failed",
         }
     }
 }
@@ -834,7 +844,7 @@ mod tests {
             assert!(!r.to_string().is_empty());
         }
         assert_eq!(Refusal::from_code(0), None);
-        assert_eq!(Refusal::from_code(10), None);
+        assert_eq!(Refusal::from_code(11), None);
         use crate::generation::Decision;
         assert_eq!(
             Refusal::from_decision(&Decision::SplitBrain),

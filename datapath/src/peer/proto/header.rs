@@ -64,6 +64,11 @@ pub enum Kind {
     SyncComplete = 16,
     /// Orderly close (role change, shutdown); no reply.
     Bye = 17,
+    /// The primary's disk was detached after its errors: from now on the
+    /// secondary holds the only copy. It records so (a new generation,
+    /// and every later write of the connection marked), durably, and
+    /// replies Done.
+    DiskFailed = 18,
     /// memsync: the payload of request `seq` was received; the write is not
     /// yet done.
     Received = 20,
@@ -77,7 +82,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Hello,
         Kind::HelloReply,
         Kind::Write,
@@ -88,6 +93,7 @@ impl Kind {
         Kind::SyncStart,
         Kind::SyncComplete,
         Kind::Bye,
+        Kind::DiskFailed,
         Kind::Received,
         Kind::Done,
         Kind::ReadReply,
@@ -107,6 +113,7 @@ impl Kind {
             15 => Kind::SyncStart,
             16 => Kind::SyncComplete,
             17 => Kind::Bye,
+            18 => Kind::DiskFailed,
             20 => Kind::Received,
             21 => Kind::Done,
             22 => Kind::ReadReply,
@@ -134,6 +141,7 @@ impl Kind {
                 | Kind::SyncStart
                 | Kind::SyncComplete
                 | Kind::Bye
+                | Kind::DiskFailed
         )
     }
 
@@ -165,6 +173,7 @@ impl Kind {
             Kind::SyncStart => "SyncStart",
             Kind::SyncComplete => "SyncComplete",
             Kind::Bye => "Bye",
+            Kind::DiskFailed => "DiskFailed",
             Kind::Received => "Received",
             Kind::Done => "Done",
             Kind::ReadReply => "ReadReply",
@@ -615,7 +624,7 @@ mod tests {
                 None => assert!(!Kind::ALL.iter().any(|k| k.code() == code)),
             }
         }
-        assert_eq!(Kind::ALL.len(), 14);
+        assert_eq!(Kind::ALL.len(), 15);
         let requests: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.is_request()).collect();
         assert_eq!(
             requests,
@@ -628,7 +637,8 @@ mod tests {
                 Kind::Keepalive,
                 Kind::SyncStart,
                 Kind::SyncComplete,
-                Kind::Bye
+                Kind::Bye,
+                Kind::DiskFailed
             ]
         );
         let data: Vec<Kind> = Kind::ALL
@@ -690,7 +700,7 @@ mod tests {
     #[test]
     fn unknown_kind() {
         let (h, _) = sample_write();
-        for code in [0u8, 3, 9, 18, 19, 24, 255] {
+        for code in [0u8, 3, 9, 19, 24, 255] {
             let b = edited(h, |b| b[4] = code);
             assert_eq!(Header::decode(&b), Err(FrameError::UnknownKind(code)));
         }
@@ -805,6 +815,7 @@ mod tests {
             Kind::Keepalive,
             Kind::SyncStart,
             Kind::Bye,
+            Kind::DiskFailed,
             Kind::Received,
             Kind::Done,
             Kind::KeepaliveReply,
