@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::io::DmaBuffer;
-use hast_datapath::events::EventSink;
+use hast_datapath::events::{EventSink, PeerEvent, PeerEventKind};
 use hast_datapath::export::{BlockBackend, WriteFlags};
 use hast_datapath::local::LocalDisk;
 use hast_datapath::metadata::{Metadata, Role};
@@ -89,6 +89,12 @@ pub struct Pair {
     pub secondary: Rc<Secondary>,
     /// Cuts the current connection.
     pub wire: Rc<RefCell<Option<Cutter>>>,
+    /// Events of A (the primary) and B (the secondary), disk detaches
+    /// included.
+    pub events_a: flume::Receiver<PeerEvent>,
+    pub events_b: flume::Receiver<PeerEvent>,
+    /// Connection attempts of A so far.
+    pub attempts: Rc<Cell<u32>>,
 }
 
 fn peer_addr() -> SocketAddr {
@@ -98,22 +104,31 @@ fn peer_addr() -> SocketAddr {
 impl Pair {
     /// Both nodes open, B secondary, A primary in `mode`, connected.
     pub async fn start(a: NodeDisk, b: NodeDisk, mode: ReplicationMode) -> Pair {
+        let (tx_a, events_a) = flume::bounded(1024);
+        let (tx_b, events_b) = flume::bounded(1024);
+        let (sink_a, sink_b) = (
+            EventSink::new("r0", Some(tx_a)),
+            EventSink::new("r0", Some(tx_b)),
+        );
         let bdisk = b.open(Role::Secondary).await;
+        bdisk.set_events(sink_b.clone());
         let secondary = Secondary::new(SecondaryCtx {
             resource: "r0".into(),
             node: "b".into(),
             disk: bdisk,
             stats: b.stats.clone(),
-            events: EventSink::new("r0", None),
+            events: sink_b,
             timeout: Duration::from_secs(5),
             splitbrain_auto: false,
             max_requests: 1024,
             max_bytes: 64 << 20,
         });
         let wire: Rc<RefCell<Option<Cutter>>> = Rc::new(RefCell::new(None));
+        let attempts = Rc::new(Cell::new(0u32));
         let connector: Connector = {
-            let (secondary, wire) = (secondary.clone(), wire.clone());
+            let (secondary, wire, attempts) = (secondary.clone(), wire.clone(), attempts.clone());
             Box::new(move || {
+                attempts.set(attempts.get() + 1);
                 let (ours, mut theirs) = pipe(256 << 10);
                 *wire.borrow_mut() = Some(ours.cutter());
                 let secondary = secondary.clone();
@@ -127,6 +142,7 @@ impl Pair {
             })
         };
         let adisk = a.open(Role::Primary).await;
+        adisk.set_events(sink_a.clone());
         let remote = Remote::start_with(
             RemoteConfig {
                 resource: "r0".into(),
@@ -145,7 +161,7 @@ impl Pair {
             connector,
             adisk.clone(),
             a.stats.clone(),
-            EventSink::new("r0", None),
+            sink_a,
         );
         assert!(
             remote.first_attempt(Duration::from_secs(5)).await,
@@ -159,7 +175,16 @@ impl Pair {
             remote,
             secondary,
             wire,
+            events_a,
+            events_b,
+            attempts,
         }
+    }
+
+    /// The events of A (`a`) or B so far, without waiting.
+    pub fn events(&self, a: bool) -> Vec<PeerEventKind> {
+        let rx = if a { &self.events_a } else { &self.events_b };
+        rx.try_iter().map(|e| e.kind).collect()
     }
 
     /// Waits until A is connected, nothing is dirty or in flight and no

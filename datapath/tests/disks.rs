@@ -1,0 +1,485 @@
+//! Failing disks, in process: the real primary and secondary over
+//! in-memory disks that inject faults (`MemFaults`: read, write, flush
+//! errors, bad sectors, a full filesystem under a sparse provider, a
+//! provider truncated under hastd). Each test checks a row of
+//! docs/failover.md, "What each fault does": what the client sees, which
+//! leg serves, what is marked, what is reported, and that the legs end
+//! identical once the fault is gone.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{pattern, run, NodeDisk, Pair};
+use hast_datapath::events::{Leg, PeerEventKind};
+use hast_datapath::export::{BlockBackend, WriteFlags};
+use hast_datapath::health::FAIL_AFTER;
+use hast_datapath::metadata::Role;
+use hast_datapath::peer::remote::ReplicationMode;
+use hast_datapath::primary::Primary;
+use hast_datapath::stats::ResourceStats;
+use hast_datapath::storage::MemFaults;
+
+const SIZE: usize = 16 << 20;
+const EXTENT: u64 = 1 << 20;
+
+fn disk() -> NodeDisk {
+    NodeDisk::create(SIZE, EXTENT as u32, 4, false)
+}
+
+/// The same disk, for a restart of its node.
+fn reopen(d: &NodeDisk) -> NodeDisk {
+    NodeDisk {
+        mem: d.mem.clone(),
+        stats: Arc::new(ResourceStats::default()),
+        md: d.md.clone(),
+    }
+}
+
+async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Byte `pos` of the provider of the data area's `offset`.
+fn at(d: &NodeDisk, offset: u64) -> u64 {
+    d.md.localoff + offset
+}
+
+fn count(events: &[PeerEventKind], kind: PeerEventKind) -> usize {
+    events.iter().filter(|&&k| k == kind).count()
+}
+
+async fn try_write(p: &Primary, offset: u64, data: &[u8]) -> bool {
+    let mut buf = p.alloc_buffer(data.len());
+    buf.as_bytes_mut().copy_from_slice(data);
+    p.write(offset, buf, WriteFlags::default()).await.is_ok()
+}
+
+/// The secondary holds the only copy: it started a new generation and
+/// said so.
+fn b_holds_the_only_copy(pair: &Pair) {
+    let md = pair.secondary.disk().metadata();
+    assert_eq!(
+        md.localcnt,
+        md.remotecnt + 1,
+        "the secondary started a generation of its own: {md:?}"
+    );
+    assert!(pair.b.stats.peer_disk_failed.load(Relaxed));
+}
+
+#[test]
+fn a_local_read_error_is_served_by_the_secondary() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        let data = pattern(1, 64 << 10);
+        pair.write(3 * EXTENT, &data).await;
+        pair.primary.flush().await.expect("flush");
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        // Bad sectors on the primary under the data.
+        let bad = at(&pair.a, 3 * EXTENT);
+        pair.a.mem.borrow_mut().faults.bad = Some((bad, bad + 4096));
+        assert_eq!(pair.read(3 * EXTENT, 64 << 10).await, data);
+        let s = &pair.a.stats;
+        assert_eq!(s.read_errors.load(Relaxed), 1);
+        assert_eq!(s.reads_from_peer.load(Relaxed), 1);
+        // One bad read does not detach the disk; good sectors are read
+        // locally.
+        assert!(!pair.primary.disk().failed());
+        let before = pair.a.mem.borrow().counts.reads;
+        assert_eq!(pair.read(3 * EXTENT + 8192, 4096).await, data[8192..12288]);
+        assert_eq!(pair.a.mem.borrow().counts.reads, before + 1);
+        assert!(!pair
+            .events(true)
+            .iter()
+            .any(|k| matches!(k, PeerEventKind::DiskFailed(_))));
+        pair.stop().await;
+    });
+}
+
+#[test]
+fn repeated_read_errors_detach_the_disk_and_the_secondary_serves_everything() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        let data = pattern(2, 128 << 10);
+        pair.write(EXTENT, &data).await;
+        pair.primary.flush().await.expect("flush");
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        pair.a.mem.borrow_mut().faults.read_error = true;
+        for i in 0..FAIL_AFTER + 4 {
+            let off = u64::from(i % 4) * 32768;
+            let got = pair.read(EXTENT + off, 32768).await;
+            assert_eq!(got, data[off as usize..off as usize + 32768], "read {i}");
+        }
+        assert!(
+            pair.primary.disk().failed(),
+            "detached after {FAIL_AFTER} errors"
+        );
+        assert_eq!(
+            pair.a.stats.read_errors.load(Relaxed),
+            u64::from(FAIL_AFTER)
+        );
+        let why = pair.a.stats.disk_error.lock().unwrap().clone();
+        assert!(why.contains("failed operations in a row"), "{why}");
+        // Detached: nothing touches the disk any more.
+        let before = pair.a.mem.borrow().counts;
+        assert_eq!(pair.read(EXTENT, 4096).await, data[..4096]);
+        let w = pattern(3, 8192);
+        pair.write(5 * EXTENT, &w).await;
+        assert_eq!(pair.read(5 * EXTENT, 8192).await, w);
+        pair.primary
+            .flush()
+            .await
+            .expect("a flush with the disk detached");
+        assert_eq!(pair.a.mem.borrow().counts, before);
+        // The write is on the secondary only, which knows and marked it.
+        let b = pair.b.data();
+        assert_eq!(&b[5 * EXTENT as usize..5 * EXTENT as usize + 8192], &w[..]);
+        b_holds_the_only_copy(&pair);
+        assert!(pair.b.stats.dirty_bytes.load(Relaxed) >= EXTENT);
+        let (ea, eb) = (pair.events(true), pair.events(false));
+        assert_eq!(
+            count(&ea, PeerEventKind::DiskFailed(Leg::Local)),
+            1,
+            "{ea:?}"
+        );
+        assert_eq!(
+            count(&eb, PeerEventKind::DiskFailed(Leg::Remote)),
+            1,
+            "{eb:?}"
+        );
+        pair.stop().await;
+    });
+}
+
+#[test]
+fn a_local_write_error_the_secondary_covers_is_acknowledged_and_detaches() {
+    for mode in [
+        ReplicationMode::FullSync,
+        ReplicationMode::MemSync,
+        ReplicationMode::Async,
+    ] {
+        // Bad sectors under the data, or a disk that fails every write
+        // (the activemap mark fails first).
+        for whole_disk in [false, true] {
+            run(move || async move {
+                let pair = Pair::start(disk(), disk(), mode).await;
+                pair.wait_in_sync(Duration::from_secs(10)).await;
+                let old = pattern(4, 64 << 10);
+                pair.write(2 * EXTENT, &old).await;
+                {
+                    let mut m = pair.a.mem.borrow_mut();
+                    if whole_disk {
+                        m.faults.write_error = true;
+                    } else {
+                        let bad = pair.a.md.localoff + 2 * EXTENT;
+                        m.faults.bad = Some((bad, bad + (64 << 10)));
+                    }
+                }
+                let new = pattern(5, 64 << 10);
+                assert!(
+                    try_write(&pair.primary, 2 * EXTENT, &new).await,
+                    "{mode:?}: the secondary has it: acknowledged"
+                );
+                assert!(
+                    pair.primary.disk().failed(),
+                    "{mode:?}: the stale disk is detached"
+                );
+                b_holds_the_only_copy(&pair);
+                // Never the stale local copy.
+                assert_eq!(pair.read(2 * EXTENT, 64 << 10).await, new, "{mode:?}");
+                let b = pair.b.data();
+                let e = 2 * EXTENT as usize;
+                assert_eq!(&b[e..e + (64 << 10)], &new[..], "{mode:?}");
+                let ea = pair.events(true);
+                assert_eq!(
+                    count(&ea, PeerEventKind::DiskFailed(Leg::Local)),
+                    1,
+                    "{ea:?}"
+                );
+                pair.stop().await;
+            });
+        }
+    }
+}
+
+#[test]
+fn without_the_secondary_a_write_error_reaches_the_client() {
+    run(|| async {
+        let a = disk();
+        let local = a.open(Role::Primary).await;
+        let p = Primary::new(local.clone(), a.stats.clone(), None);
+        let bad = a.md.localoff + EXTENT;
+        a.mem.borrow_mut().faults.bad = Some((bad, bad + 4096));
+        assert!(
+            !try_write(&p, EXTENT, &pattern(6, 4096)).await,
+            "no leg took it"
+        );
+        assert_eq!(a.stats.write_errors.load(Relaxed), 1);
+        // Marked: the next synchronisation makes the legs agree on it.
+        assert!(local.dirty_bytes() >= EXTENT);
+        assert!(!local.failed(), "one error does not detach");
+        assert!(try_write(&p, 3 * EXTENT, &pattern(7, 4096)).await);
+        // Failures in a row detach it; then nothing is served.
+        for _ in 0..FAIL_AFTER {
+            assert!(!try_write(&p, EXTENT, &pattern(8, 4096)).await);
+        }
+        assert!(local.failed());
+        assert!(!try_write(&p, 3 * EXTENT, &pattern(9, 4096)).await);
+        assert!(p.read(3 * EXTENT, 4096).await.is_err());
+        assert!(p.flush().await.is_err());
+    });
+}
+
+#[test]
+fn a_write_error_on_the_secondary_marks_the_extent_and_the_primary_keeps_serving() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::FullSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        let bad = at(&pair.b, 4 * EXTENT);
+        pair.b.mem.borrow_mut().faults.bad = Some((bad, bad + 4096));
+        let data = pattern(10, 16384);
+        pair.write(4 * EXTENT, &data).await;
+        assert_eq!(pair.read(4 * EXTENT, 16384).await, data);
+        let s = &pair.a.stats;
+        assert!(s.remote_errors.load(Relaxed) >= 1);
+        wait_for(Duration::from_secs(5), "the cause reported", || {
+            s.last_error
+                .lock()
+                .unwrap()
+                .contains("Input/output error (os error 5)")
+        })
+        .await;
+        // One bad sector does not detach the secondary's disk: the extent
+        // stays marked and is retried, with a growing pause.
+        assert!(s.dirty_bytes.load(Relaxed) >= EXTENT);
+        assert!(!pair.secondary.disk().failed());
+        pair.b.mem.borrow_mut().faults = MemFaults::default();
+        pair.wait_in_sync(Duration::from_secs(30)).await;
+        assert!(pair.a.data() == pair.b.data(), "the legs differ");
+        pair.stop().await;
+    });
+}
+
+#[test]
+fn enospc_on_the_secondary_is_reported_as_such_and_retried_slowly() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        // The filesystem under the secondary's sparse provider is full.
+        pair.b.mem.borrow_mut().faults.no_space = true;
+        let mut written = Vec::new();
+        for i in 0..4u64 {
+            let d = pattern(20 + i, 8192);
+            pair.write(i * 3 * EXTENT, &d).await;
+            written.push((i * 3 * EXTENT, d));
+        }
+        let s = &pair.a.stats;
+        // Every write and every synchronisation write fails there: the
+        // secondary detaches its disk and refuses the primary, saying why.
+        wait_for(
+            Duration::from_secs(10),
+            "the secondary's disk reported",
+            || s.peer_disk_failed.load(Relaxed),
+        )
+        .await;
+        let why = s.last_error.lock().unwrap().clone();
+        assert!(
+            why.contains("No space left on device (os error 28)"),
+            "the real cause: {why}"
+        );
+        // Without a growing pause this would be ~150 attempts (20 ms).
+        let first = pair.attempts.get();
+        glommio::timer::sleep(Duration::from_secs(3)).await;
+        let more = pair.attempts.get() - first;
+        assert!(more <= 12, "{more} connection attempts in 3 s");
+        // Nothing acknowledged is lost: the primary has it all, marked.
+        for (off, d) in &written {
+            assert_eq!(&pair.read(*off, 8192).await, d);
+        }
+        assert_eq!(s.dirty_bytes.load(Relaxed), 4 * EXTENT);
+        // Space freed and the secondary's disk attached again (its role
+        // changed): caught up, identical.
+        let (a, b) = (reopen(&pair.a), reopen(&pair.b));
+        pair.stop().await;
+        b.mem.borrow_mut().faults = MemFaults::default();
+        let pair = Pair::start(a, b, ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(20)).await;
+        assert!(pair.a.data() == pair.b.data(), "the legs differ");
+        pair.stop().await;
+    });
+}
+
+#[test]
+fn enospc_on_the_primary_is_covered_by_the_secondary() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        pair.a.mem.borrow_mut().faults.no_space = true;
+        let d = pattern(30, 65536);
+        assert!(try_write(&pair.primary, 6 * EXTENT, &d).await);
+        assert!(pair.primary.disk().failed());
+        let why = pair.a.stats.disk_error.lock().unwrap().clone();
+        assert!(why.contains("No space left on device"), "{why}");
+        b_holds_the_only_copy(&pair);
+        assert_eq!(pair.read(6 * EXTENT, 65536).await, d);
+        pair.stop().await;
+    });
+}
+
+#[test]
+fn a_failing_secondary_disk_is_detached_and_the_primary_runs_degraded() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        {
+            let mut m = pair.b.mem.borrow_mut();
+            m.faults.write_error = true;
+            m.faults.read_error = true;
+            m.faults.flush_error = true;
+        }
+        let mut written = Vec::new();
+        for i in 0..(FAIL_AFTER as u64 + 4) {
+            let d = pattern(40 + i, 4096);
+            pair.write(i * EXTENT, &d).await;
+            written.push((i * EXTENT, d));
+        }
+        let s = &pair.a.stats;
+        wait_for(
+            Duration::from_secs(10),
+            "the secondary's disk reported",
+            || s.peer_disk_failed.load(Relaxed),
+        )
+        .await;
+        assert!(pair.secondary.disk().failed());
+        assert!(!s.connected.load(Relaxed));
+        // Several refused attempts: reported once on each side.
+        glommio::timer::sleep(Duration::from_millis(300)).await;
+        let (ea, eb) = (pair.events(true), pair.events(false));
+        assert_eq!(
+            count(&ea, PeerEventKind::DiskFailed(Leg::Remote)),
+            1,
+            "{ea:?}"
+        );
+        assert_eq!(
+            count(&eb, PeerEventKind::DiskFailed(Leg::Local)),
+            1,
+            "{eb:?}"
+        );
+        assert!(s.last_error.lock().unwrap().contains("disk"));
+        // The primary serves on alone, everything marked.
+        let d = pattern(60, 4096);
+        pair.write(15 * EXTENT, &d).await;
+        written.push((15 * EXTENT, d));
+        for (off, d) in &written {
+            assert_eq!(&pair.read(*off, 4096).await, d);
+        }
+        // Every written extent (the last one is short).
+        let dirty = s.dirty_bytes.load(Relaxed);
+        let last = pair.a.md.datasize - 15 * EXTENT;
+        assert_eq!(dirty, 12 * EXTENT + last);
+        pair.stop().await;
+    });
+}
+
+#[test]
+fn a_provider_truncated_under_the_primary_is_detached_and_served_from_the_secondary() {
+    // Read past the new end (a short read), or not read at all (found by
+    // the size check); in the second case a write past the end makes a
+    // hole that would read as zeros.
+    for read_first in [true, false] {
+        run(move || async move {
+            let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+            pair.wait_in_sync(Duration::from_secs(10)).await;
+            // Extents 6 to 13 hold data; the provider is cut at extent 8.
+            let data: Vec<u8> = (0..8)
+                .flat_map(|i| pattern(70 + i, EXTENT as usize))
+                .collect();
+            let of = |e: u64| ((e - 6) * EXTENT) as usize;
+            for e in 6..14u64 {
+                pair.write(e * EXTENT, &data[of(e)..of(e) + EXTENT as usize])
+                    .await;
+            }
+            pair.primary.flush().await.expect("flush");
+            pair.wait_in_sync(Duration::from_secs(10)).await;
+            pair.primary.disk().watch_size();
+            let cut = at(&pair.a, 8 * EXTENT) as usize;
+            pair.a.mem.borrow_mut().truncate(cut);
+            if read_first {
+                let got = pair.read(12 * EXTENT, 65536).await;
+                assert_eq!(got, data[of(12)..of(12) + 65536]);
+                assert!(pair.primary.disk().failed());
+            } else {
+                let w = pattern(90, 4096);
+                pair.write(13 * EXTENT, &w).await;
+                wait_for(Duration::from_secs(5), "the size check", || {
+                    pair.primary.disk().failed()
+                })
+                .await;
+                // The hole between the new end and that write.
+                let got = pair.read(10 * EXTENT, 65536).await;
+                assert_eq!(got, data[of(10)..of(10) + 65536]);
+                assert_eq!(pair.read(13 * EXTENT, 4096).await, w);
+            }
+            let why = pair.a.stats.disk_error.lock().unwrap().clone();
+            assert!(why.contains("shrank"), "{why}");
+            b_holds_the_only_copy(&pair);
+            pair.stop().await;
+        });
+    }
+}
+
+#[test]
+fn after_a_detach_the_data_is_recovered_from_the_secondary() {
+    // Promote the secondary (failover), or attach the repaired disk
+    // again (a new role change on the same node): either way the node
+    // that missed the writes is synchronised from the other.
+    for failover in [true, false] {
+        run(move || async move {
+            let pair = Pair::start(disk(), disk(), ReplicationMode::FullSync).await;
+            pair.wait_in_sync(Duration::from_secs(10)).await;
+            for i in 0..6u64 {
+                pair.write(i * 2 * EXTENT, &pattern(100 + i, 65536)).await;
+            }
+            pair.primary.flush().await.expect("flush");
+            pair.wait_in_sync(Duration::from_secs(10)).await;
+            let bad = at(&pair.a, 4 * EXTENT);
+            pair.a.mem.borrow_mut().faults.bad = Some((bad, bad + 65536));
+            // The first write detaches A; the others go to B only.
+            for i in 0..6u64 {
+                pair.write(i * 2 * EXTENT + 4096, &pattern(200 + i, 65536))
+                    .await;
+            }
+            pair.write(2 * EXTENT, &pattern(300, 4096)).await;
+            assert!(pair.primary.disk().failed());
+            let expect = pair.b.data();
+            let (a, b) = (reopen(&pair.a), reopen(&pair.b));
+            pair.stop().await;
+            a.mem.borrow_mut().faults = MemFaults::default();
+            let (p, s) = if failover { (b, a) } else { (a, b) };
+            let pair = Pair::start(p, s, ReplicationMode::FullSync).await;
+            pair.wait_in_sync(Duration::from_secs(20)).await;
+            assert!(
+                pair.a.data() == expect,
+                "failover {failover}: the new primary's data"
+            );
+            assert!(
+                pair.b.data() == expect,
+                "failover {failover}: the secondary's data"
+            );
+            let synced = pair.a.stats.sync_bytes_total.load(Relaxed);
+            assert!(
+                synced <= 10 * EXTENT,
+                "only the extents written since the detach: {synced} bytes"
+            );
+            pair.stop().await;
+        });
+    }
+}
