@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 pub mod cluster;
 pub mod failover;
+pub mod faulty;
 pub mod nbd;
 pub mod proxy;
 
