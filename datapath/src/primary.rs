@@ -317,7 +317,7 @@ impl Primary {
             if marked {
                 self.disk.write_complete(offset, len, Settled::NeedsSync);
             }
-            return local.map_err(|_| BackendError::Io);
+            return local.map_err(|e| client_error(&e, None));
         };
         let leg = RemoteLeg {
             disk: self.disk.clone(),
@@ -335,15 +335,13 @@ impl Primary {
         let acked = match (self.mode(), fua || !local_ok) {
             (ReplicationMode::FullSync, _) | (_, true) => {
                 let done = pending.done().await.map(|_| ());
-                let remote_ok = done.is_ok();
+                let remote_err = done.as_ref().err().cloned();
                 let link = leg.link.clone();
                 leg.settle(done);
-                match &local {
-                    Ok(()) => Ok(()),
-                    Err(e) if remote_ok => {
-                        self.covered_by_peer(&remote, &link, offset, len, e).await
-                    }
-                    Err(_) => Err(BackendError::Io),
+                match (&local, remote_err) {
+                    (Ok(()), _) => Ok(()),
+                    (Err(e), None) => self.covered_by_peer(&remote, &link, offset, len, e).await,
+                    (Err(e), Some(r)) => Err(client_error(e, Some(&r))),
                 }
             }
             (ReplicationMode::MemSync, false) => {
@@ -506,6 +504,20 @@ impl RemoteLeg {
             self.settle(remote);
             self.stats.remote_inflight.dec();
         });
+    }
+}
+
+/// What the client is told when no leg took a write: ENOSPC when a leg
+/// ran out of space (the filesystem under a sparse provider is full),
+/// else EIO.
+fn client_error(local: &io::Error, remote: Option<&LinkError>) -> BackendError {
+    let enospc = libc::ENOSPC as u32;
+    let local_full =
+        local.raw_os_error() == Some(libc::ENOSPC) || local.kind() == io::ErrorKind::StorageFull;
+    if local_full || matches!(remote, Some(LinkError::Remote(n)) if *n == enospc) {
+        BackendError::NoSpace
+    } else {
+        BackendError::Io
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{pattern, run, NodeDisk, Pair};
 use hast_datapath::events::{Leg, PeerEventKind};
-use hast_datapath::export::{BlockBackend, WriteFlags};
+use hast_datapath::export::{BackendError, BlockBackend, WriteFlags};
 use hast_datapath::health::FAIL_AFTER;
 use hast_datapath::metadata::Role;
 use hast_datapath::peer::remote::ReplicationMode;
@@ -235,6 +235,26 @@ fn without_the_secondary_a_write_error_reaches_the_client() {
         assert!(!try_write(&p, 3 * EXTENT, &pattern(9, 4096)).await);
         assert!(p.read(3 * EXTENT, 4096).await.is_err());
         assert!(p.flush().await.is_err());
+    });
+}
+
+#[test]
+fn without_the_secondary_enospc_reaches_the_client_as_enospc() {
+    run(|| async {
+        let a = disk();
+        let local = a.open(Role::Primary).await;
+        let p = Primary::new(local.clone(), a.stats.clone(), None);
+        assert!(try_write(&p, 0, &pattern(10, 8192)).await);
+        // The filesystem under the sparse provider is full: new blocks
+        // fail, allocated ones can be rewritten.
+        a.mem.borrow_mut().faults.no_space = true;
+        let mut buf = p.alloc_buffer(4096);
+        buf.as_bytes_mut().fill(7);
+        let r = p.write(5 * EXTENT, buf, WriteFlags::default()).await;
+        assert_eq!(r, Err(BackendError::NoSpace));
+        assert!(try_write(&p, 0, &pattern(11, 8192)).await, "a rewrite");
+        assert_eq!(p.read(0, 8192).await.unwrap().to_vec(), pattern(11, 8192));
+        assert!(!local.failed());
     });
 }
 

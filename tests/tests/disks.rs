@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hast_tests::cluster::{Cluster, ClusterOptions};
 use hast_tests::faulty::{FaultyDisk, FaultyOptions, SmallFs};
@@ -283,7 +283,14 @@ fn repeated_errors_detach_the_primary_disk_once_and_the_secondary_serves() {
         Some(0),
         "the disk is not used: {l}"
     );
-    // Reported once on each node, whatever followed.
+    // Reported once on each node, whatever followed: wait for the
+    // reports (events and hooks run asynchronously), then give duplicates
+    // time to show.
+    wait_until(LONG, "the disk-failed events and hooks", || {
+        !ev_a.disk_failed().is_empty()
+            && !ev_b.disk_failed().is_empty()
+            && std::fs::read_to_string(&log).is_ok_and(|h| h.matches("disk-failed").count() >= 2)
+    });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(ev_a.disk_failed(), ["local"]);
     assert_eq!(ev_b.disk_failed(), ["remote"]);
@@ -446,6 +453,27 @@ fn enospc_on_a_sparse_primary_provider_is_covered_by_the_secondary() {
     c.b.wait_list("r1", LONG, |j| j["peer_disk"] == "failed");
     drop(c);
     drop(fs);
+    // Alone, the client is told ENOSPC for the writes that need new
+    // blocks, and the disk stays in use for the others.
+    let Some(fs) = SmallFs::new(24 * MIB) else {
+        return;
+    };
+    let mut node = TestNode::standalone(vec![ResourceDef::file("r1", 64 * MIB)]);
+    node.resources[0].path = Some(fs.sparse_file("r1.img", 64 * MIB));
+    node.write_conf();
+    node.create_all();
+    node.start();
+    node.role("primary", "r1");
+    let uri = node.uri("r1");
+    qemu_io(&uri, &["write -P 0x70 0 1M", "flush"]);
+    let (ok, out) = qemu_io_result(&uri, &["write -P 0x71 8M 32M"]);
+    assert!(!ok && out.contains("No space left on device"), "{out}");
+    qemu_io(&uri, &["write -P 0x72 0 1M", "read -P 0x72 0 1M"]);
+    let l = node.list("r1");
+    assert_eq!(l["disk"], "ok", "{l}");
+    assert!(l["local_errors"]["write"].as_u64() >= Some(1), "{l}");
+    drop(node);
+    drop(fs);
 }
 
 #[test]
@@ -459,14 +487,12 @@ fn a_provider_truncated_under_the_primary_is_detected_and_served_from_the_second
     let uri = c.a.uri("r1");
     qemu_io(&uri, &["write -P 0x77 16M 32M", "flush"]);
     c.a.wait_in_sync("r1", LONG);
-    let started = Instant::now();
     run(Command::new("truncate")
         .args(["-s", "32M"])
         .arg(c.a.provider("r1")));
-    // Found without any I/O, by the size check.
-    let l =
-        c.a.wait_list("r1", Duration::from_secs(10), |j| j["disk"] == "failed");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // Found without any I/O, by the size check (nothing reads or
+    // writes the resource until it is reported).
+    let l = c.a.wait_list("r1", LONG, |j| j["disk"] == "failed");
     assert_eq!(l["status"], "degraded", "{l}");
     let why = l["disk_error"].as_str().unwrap_or_default();
     assert!(
@@ -486,7 +512,7 @@ fn a_provider_truncated_under_the_primary_is_detected_and_served_from_the_second
     );
     let b = c.b.read_provider_data("r1", 60 * MIB, MIB as usize);
     assert!(b.iter().all(|&x| x == 0x78));
-    wait_until(Duration::from_secs(10), "the hook", || {
+    wait_until(LONG, "the hook", || {
         std::fs::read_to_string(&log).is_ok_and(|h| h.contains("nodeA disk-failed r1 local"))
     });
     drop(c);

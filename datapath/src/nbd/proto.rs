@@ -272,7 +272,9 @@ impl Errno {
             Errno::Io => "input/output error",
             Errno::NoMem => "cannot allocate memory",
             Errno::Inval => "invalid argument",
-            Errno::NoSpc => "no space left on device (beyond the end of the export)",
+            Errno::NoSpc => {
+                "no space left on device (beyond the end of the export, or the disk is full)"
+            }
             Errno::Overflow => "request too large",
             Errno::NotSup => "operation not supported",
             Errno::Shutdown => "server is shutting down",
