@@ -1085,13 +1085,13 @@ mod tests {
             rows: vec![
                 with_usage(
                     row(&hastd("async"), w, 1.0, 1.0, 1.0),
-                    vec![proc_usage("A", 1.0, 0, 40), proc_usage("B", 1.0, 0, 90)],
+                    vec![proc_usage("A", 1.0, 0, 40), proc_usage("B", 1.0, 0, 50)],
                     1,
                 ),
                 // Two resources: twice the budgets.
                 with_usage(
                     row(&hastd("async"), &fio::SEQWRITE_1M, 1.0, 1.0, 1.0),
-                    vec![proc_usage("A", 1.0, 0, 200), proc_usage("B", 1.0, 0, 30)],
+                    vec![proc_usage("A", 1.0, 0, 150), proc_usage("B", 1.0, 0, 30)],
                     2,
                 ),
             ],
@@ -1104,11 +1104,11 @@ mod tests {
         };
         let c = r.checks();
         let peak = find(&c, "peak RSS / memory bound");
-        assert_eq!(peak.achieved, Some(200.0 * MIB as f64 / m.bound(2) as f64));
+        assert_eq!(peak.achieved, Some(150.0 * MIB as f64 / m.bound(2) as f64));
         assert_eq!(peak.verdict(), "PASS");
         assert!(peak
             .detail
-            .starts_with("highest: A 200 MiB in hastd async 1M seq write QD8"));
+            .starts_with("highest: A 150 MiB in hastd async 1M seq write QD8"));
         assert!(peak
             .detail
             .ends_with("idle after start: 16 MiB with 1 resource (allowed 20)"));

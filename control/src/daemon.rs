@@ -28,11 +28,11 @@ use crate::reload::{self, Plan};
 /// Requests in flight per NBD connection.
 pub const MAX_INFLIGHT: usize = 128;
 /// Write payload bytes buffered per export.
-pub const BUFFER_BUDGET: usize = 64 << 20;
+pub const BUFFER_BUDGET: usize = 32 << 20;
 /// Payload bytes of the replicated requests not yet written by the
 /// secondary, per resource (with the request count, the replication window:
 /// how far behind an async secondary can be, docs/failover.md).
-pub const WINDOW_BYTES: usize = 64 << 20;
+pub const WINDOW_BYTES: usize = 32 << 20;
 /// Events from the data path queued for the hooks and the event stream.
 const EVENT_QUEUE: usize = 4096;
 /// How long hooks still running at shutdown are waited for.

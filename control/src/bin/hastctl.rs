@@ -48,8 +48,8 @@ enum Command {
         /// Extent size: bytes covered by one activemap bit.
         #[arg(short = 'e', value_name = "SIZE", default_value = "2M")]
         extentsize: String,
-        /// Extents kept marked while idle.
-        #[arg(short = 'k', value_name = "COUNT", default_value = "64")]
+        /// Extents kept marked while idle (the original's default is 64).
+        #[arg(short = 'k', value_name = "COUNT", default_value = "1024")]
         keepdirty: String,
         /// Bytes of the provider to use [default: all of it].
         #[arg(short = 'm', value_name = "SIZE")]
