@@ -9,6 +9,7 @@
 
 pub mod activemap;
 pub mod batch;
+pub mod digest;
 pub mod events;
 pub mod export;
 pub mod generation;

@@ -3,6 +3,7 @@
 //!
 //! See `docs/protocol.md`.
 
+pub mod compress;
 pub mod durability;
 pub mod frame;
 pub mod handshake;
