@@ -174,7 +174,7 @@ pub fn list(resources: &[ResourceReport]) -> String {
 
 /// `hastctl dump`: the metadata read from disk, plus what the on-disk
 /// activemap marks (the extents a restart would resynchronise).
-pub fn dump(md: &Metadata, ondisk_extents: u64) -> String {
+pub fn dump(md: &Metadata, ondisk_extents: u64, written: Option<u64>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "resource: {}", md.resource);
     let _ = writeln!(out, "    datasize: {}", with_human(md.datasize));
@@ -195,6 +195,15 @@ pub fn dump(md: &Metadata, ondisk_extents: u64) -> String {
         "    dirty: {ondisk_extents} extents, {}",
         with_human(bytes)
     );
+    match written {
+        Some(w) => {
+            let bytes = (w * u64::from(md.extentsize)).min(md.datasize);
+            let _ = writeln!(out, "    written: {w} extents, {}", with_human(bytes));
+        }
+        None => {
+            let _ = writeln!(out, "    written: all (format 1 metadata: no written map)");
+        }
+    }
     out
 }
 

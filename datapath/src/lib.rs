@@ -26,3 +26,4 @@ pub mod semaphore;
 pub mod signal;
 pub mod stats;
 pub mod storage;
+pub mod writtenmap;

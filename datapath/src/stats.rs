@@ -35,6 +35,11 @@ pub struct ResourceStats {
     pub dirty_bytes: AtomicU64,
     /// Extents marked in the on-disk activemap.
     pub ondisk_extents: AtomicU64,
+    /// Extents written since `hastctl create` (the written map; 0 for a
+    /// format 1 provider, which has none).
+    pub written_extents: AtomicU64,
+    /// Written-map sector writes.
+    pub written_map_updates: AtomicU64,
     /// Application requests being served: the load the synchronisation's
     /// rate control yields to.
     pub local_queue: Gauge,

@@ -357,12 +357,16 @@ fn dump(cfg: &Config, json: bool, names: &[String]) -> i32 {
     let mut out = Vec::new();
     for res in selected(cfg, &all_if_empty(names)) {
         match offline::read(res) {
-            Ok((md, marked)) if json => {
+            Ok((md, counts)) if json => {
                 let mut v = serde_json::to_value(&md).unwrap_or_default();
-                v["ondisk_dirty_extents"] = marked.into();
+                v["ondisk_dirty_extents"] = counts.marked.into();
+                v["written_extents"] = counts.written.into();
                 out.push(v);
             }
-            Ok((md, marked)) => print!("{}", report::dump(&md, marked)),
+            Ok((md, counts)) => print!(
+                "{}",
+                report::dump(&md, counts.marked, counts.written)
+            ),
             Err(e) => {
                 eprintln!("hastctl: {e}");
                 code = ex::NOINPUT;
