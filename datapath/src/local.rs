@@ -525,6 +525,12 @@ impl LocalDisk {
         }
     }
 
+    /// The written map as a bitmap of exactly `ceil(extents / 8)` bytes
+    /// (LSB first); None for a format 1 provider.
+    pub fn written_bitmap(&self) -> Option<Vec<u8>> {
+        self.written.borrow().as_ref().map(WrittenMap::bitmap)
+    }
+
     /// Does the provider keep a written map (format 2)?
     pub fn has_written_map(&self) -> bool {
         self.written.borrow().is_some()
@@ -841,6 +847,16 @@ impl LocalDisk {
     pub async fn merge_peer_map(&self, bitmap: &[u8]) -> io::Result<()> {
         let need = self.map.borrow_mut().merge(bitmap);
         self.after_marking(need).await
+    }
+
+    /// Marks the extents of `[offset, offset + len)` as needing
+    /// synchronisation, durably (a verify found them different); the
+    /// remote leg is woken to copy them.
+    pub async fn mark_for_sync(&self, offset: u64, len: u64) -> io::Result<()> {
+        let need = self.map.borrow_mut().need_sync(offset, len);
+        self.after_marking(need).await?;
+        self.marked.notify_all();
+        Ok(())
     }
 
     /// Marks every extent as needing synchronisation, durably (full sync).

@@ -125,6 +125,19 @@ impl WrittenMap {
         self.count = n;
     }
 
+    /// The bits as a bitmap of exactly `ceil(extents / 8)` bytes, LSB
+    /// first, bits past the last extent zero.
+    pub fn bitmap(&self) -> Vec<u8> {
+        let n = self.bits.len();
+        let mut out = self.bits.as_raw_slice()[..n.div_ceil(8)].to_vec();
+        if n % 8 != 0 {
+            if let Some(last) = out.last_mut() {
+                *last &= (1u8 << (n % 8)) - 1;
+            }
+        }
+        out
+    }
+
     /// Is anything waiting to be written?
     pub fn has_changes(&self) -> bool {
         self.changed.any()
@@ -205,6 +218,8 @@ mod tests {
         w.failed(&s);
         assert_eq!(w.take(), s, "retried");
         assert_eq!(w.written(), 3);
+        assert_eq!(w.bitmap().len(), 1250);
+        assert_eq!(w.bitmap()[0], 0b0110_0000);
         assert_eq!(w.next_written(0), Some(5));
         assert_eq!(w.next_written(7), Some(5000));
         assert_eq!(w.next_written(5001), None);

@@ -3,6 +3,7 @@
 //!
 //! See `docs/protocol.md`.
 
+pub mod checksum;
 pub mod compress;
 pub mod durability;
 pub mod frame;
@@ -13,3 +14,4 @@ pub mod proto;
 pub mod remote;
 pub mod secondary;
 pub mod sync;
+pub mod verify;

@@ -109,6 +109,7 @@ impl Pair {
             splitbrain_auto: false,
             max_requests: 1024,
             max_bytes: 64 << 20,
+            compression: Default::default(),
         });
         let wire: Rc<RefCell<Option<Cutter>>> = Rc::new(RefCell::new(None));
         let connector: Connector = {
@@ -141,6 +142,8 @@ impl Pair {
                 sync_chunk: 1 << 20,
                 retry: Duration::from_millis(20),
                 splitbrain_auto: false,
+                compression: Default::default(),
+                syncmode: Default::default(),
             },
             connector,
             adisk.clone(),

@@ -91,11 +91,18 @@ pub enum Kind {
     /// Answer to Checksums: one digest per block, in order, or `status`
     /// ≠ 0 and no payload.
     ChecksumsReply = 24,
+    /// Protocol 2: the secondary's written map (the extents written since
+    /// its `hastctl create`); answered by WrittenMapReply.
+    WrittenMap = 19,
+    /// Answer to WrittenMap: the bitmap (as in a HelloReply), or `status`
+    /// `ENODATA` and no payload when the provider has no written map
+    /// (metadata format 1).
+    WrittenMapReply = 25,
 }
 
 impl Kind {
     /// Every kind, in declaration order (new kinds are added at the end).
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Hello,
         Kind::HelloReply,
         Kind::Write,
@@ -112,6 +119,8 @@ impl Kind {
         Kind::KeepaliveReply,
         Kind::Checksums,
         Kind::ChecksumsReply,
+        Kind::WrittenMap,
+        Kind::WrittenMapReply,
     ];
 
     /// Kind from its wire code.
@@ -133,6 +142,8 @@ impl Kind {
             23 => Kind::KeepaliveReply,
             18 => Kind::Checksums,
             24 => Kind::ChecksumsReply,
+            19 => Kind::WrittenMap,
+            25 => Kind::WrittenMapReply,
             _ => return None,
         })
     }
@@ -157,6 +168,7 @@ impl Kind {
                 | Kind::SyncComplete
                 | Kind::Bye
                 | Kind::Checksums
+                | Kind::WrittenMap
         )
     }
 
@@ -169,7 +181,7 @@ impl Kind {
     pub const fn max_payload(self) -> u32 {
         match self {
             Kind::Write | Kind::ReadReply => MAX_DATA,
-            Kind::Hello | Kind::HelloReply => MAX_CONTROL_PAYLOAD,
+            Kind::Hello | Kind::HelloReply | Kind::WrittenMapReply => MAX_CONTROL_PAYLOAD,
             Kind::SyncComplete => SYNC_COMPLETE_LEN as u32,
             Kind::Checksums => CHECKSUMS_REQUEST_LEN as u32,
             Kind::ChecksumsReply => MAX_DIGESTS_PAYLOAD,
@@ -196,6 +208,8 @@ impl Kind {
             Kind::KeepaliveReply => "KeepaliveReply",
             Kind::Checksums => "Checksums",
             Kind::ChecksumsReply => "ChecksumsReply",
+            Kind::WrittenMap => "WrittenMap",
+            Kind::WrittenMapReply => "WrittenMapReply",
         }
     }
 }
@@ -486,7 +500,7 @@ impl Header {
         if self.payload_len > max {
             return bad(match self.kind {
                 Kind::Write | Kind::ReadReply => "payload exceeds the 32 MiB data limit",
-                Kind::Hello | Kind::HelloReply => {
+                Kind::Hello | Kind::HelloReply | Kind::WrittenMapReply => {
                     "payload exceeds the 16 MiB control payload limit"
                 }
                 Kind::SyncComplete => "a SyncComplete payload is exactly 16 bytes",
@@ -522,8 +536,10 @@ impl Header {
             Kind::Checksums if self.payload_len as usize != CHECKSUMS_REQUEST_LEN => {
                 bad("a Checksums payload is exactly 8 bytes")
             }
-            Kind::ChecksumsReply if self.status != 0 && self.payload_len != 0 => {
-                bad("a failed ChecksumsReply carries no digests")
+            Kind::ChecksumsReply | Kind::WrittenMapReply
+                if self.status != 0 && self.payload_len != 0 =>
+            {
+                bad("a failed reply carries no payload")
             }
             Kind::SyncComplete if self.payload_len as usize != SYNC_COMPLETE_LEN => {
                 bad("a SyncComplete payload is exactly 16 bytes")
@@ -675,7 +691,7 @@ mod tests {
                 None => assert!(!Kind::ALL.iter().any(|k| k.code() == code)),
             }
         }
-        assert_eq!(Kind::ALL.len(), 16);
+        assert_eq!(Kind::ALL.len(), 18);
         let requests: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.is_request()).collect();
         assert_eq!(
             requests,
@@ -689,7 +705,8 @@ mod tests {
                 Kind::SyncStart,
                 Kind::SyncComplete,
                 Kind::Bye,
-                Kind::Checksums
+                Kind::Checksums,
+                Kind::WrittenMap
             ]
         );
         let data: Vec<Kind> = Kind::ALL
@@ -751,7 +768,7 @@ mod tests {
     #[test]
     fn unknown_kind() {
         let (h, _) = sample_write();
-        for code in [0u8, 3, 9, 19, 25, 255] {
+        for code in [0u8, 3, 9, 26, 255] {
             let b = edited(h, |b| b[4] = code);
             assert_eq!(Header::decode(&b), Err(FrameError::UnknownKind(code)));
         }
@@ -1031,7 +1048,11 @@ mod tests {
                         h.payload_len = CHECKSUMS_REQUEST_LEN as u32;
                     }
                     Kind::SyncComplete => h.payload_len = SYNC_COMPLETE_LEN as u32,
-                    Kind::ReadReply | Kind::ChecksumsReply if h.status != 0 => h.payload_len = 0,
+                    Kind::ReadReply | Kind::ChecksumsReply | Kind::WrittenMapReply
+                        if h.status != 0 =>
+                    {
+                        h.payload_len = 0
+                    }
                     _ => {}
                 }
                 if matches!(kind, Kind::Write | Kind::Zero | Kind::Read | Kind::Checksums) {
