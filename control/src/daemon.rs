@@ -15,8 +15,8 @@ use hast_datapath::events::{PeerEvent, PeerEventKind};
 use hast_datapath::metadata::Role;
 use hast_datapath::node::{Applied, CpuPlacement, Node, NodeError, NodeOptions, ResourceSpec};
 use hast_datapath::peer::compress::Compression as WireCompression;
-use hast_datapath::peer::sync::SyncMode as DataSyncMode;
 use hast_datapath::peer::remote::ReplicationMode;
+use hast_datapath::peer::sync::SyncMode as DataSyncMode;
 
 use crate::config::{
     self, Compression, Config, NodeIdentity, PeerAddr, Replication, ResourceConfig, SyncMode,

@@ -315,7 +315,10 @@ impl Inner {
             }
             _ => {}
         }
-        if matches!(ev.kind, StreamKind::Verifydone { .. } | StreamKind::Role { .. }) {
+        if matches!(
+            ev.kind,
+            StreamKind::Verifydone { .. } | StreamKind::Role { .. }
+        ) {
             self.verifying.remove(&ev.resource);
         }
         self.subs.retain(|s| {
@@ -561,7 +564,7 @@ fn progress_of(stats: &ResourceStats) -> Option<StreamKind> {
 fn verify_progress_of(stats: &ResourceStats) -> Option<StreamKind> {
     let g = stats.verify.lock().ok()?;
     let v = g.as_ref()?;
-    (v.state == hast_datapath::stats::VerifyState::Running).then(|| StreamKind::VerifyProgress {
+    (v.state == hast_datapath::stats::VerifyState::Running).then_some(StreamKind::VerifyProgress {
         done: v.done,
         total: v.length,
         different: v.blocks_different,

@@ -130,9 +130,8 @@ pub fn read(res: &ResourceConfig) -> Result<(Metadata, MapCounts), String> {
     let written = if md.datamapoff == 0 {
         None
     } else {
-        file.read_exact_at(&mut map, md.datamapoff).map_err(|e| {
-            ctx(format!("{}: cannot read written map: {e}", path.display()))
-        })?;
+        file.read_exact_at(&mut map, md.datamapoff)
+            .map_err(|e| ctx(format!("{}: cannot read written map: {e}", path.display())))?;
         Some(count_bits(&map, extents))
     };
     Ok((md, MapCounts { marked, written }))

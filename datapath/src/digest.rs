@@ -49,7 +49,7 @@ impl Algo {
     }
 
     /// Bytes of one digest.
-    pub const fn len(self) -> usize {
+    pub const fn digest_len(self) -> usize {
         match self {
             Algo::Xxh3 => 8,
             Algo::Sha256 => 32,
@@ -67,9 +67,7 @@ impl Algo {
     /// Appends the digest of `block` to `out`.
     pub fn digest_into(self, block: &[u8], out: &mut Vec<u8>) {
         match self {
-            Algo::Xxh3 => {
-                out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(block).to_le_bytes())
-            }
+            Algo::Xxh3 => out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(block).to_le_bytes()),
             Algo::Sha256 => out.extend_from_slice(&Sha256::digest(block)),
         }
     }
@@ -106,7 +104,7 @@ pub fn digest_blocks(algo: Algo, data: &[u8], block: u32, out: &mut Vec<u8>) {
 
 /// The digest of `len` zero bytes (a hole is digested without reading it).
 pub fn zero_digest(algo: Algo, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(algo.len());
+    let mut out = Vec::with_capacity(algo.digest_len());
     algo.digest_into(&vec![0u8; len], &mut out);
     out
 }
@@ -224,7 +222,10 @@ mod tests {
         // XXH3_64bits of the empty input, from the reference implementation.
         assert_eq!(x, 0x2D06_8005_38D3_94C2u64.to_le_bytes());
         assert_eq!("sha256".parse::<Algo>(), Ok(Algo::Sha256));
-        assert!("md5".parse::<Algo>().unwrap_err().contains("xxh3 or sha256"));
+        assert!("md5"
+            .parse::<Algo>()
+            .unwrap_err()
+            .contains("xxh3 or sha256"));
         for a in Algo::ALL {
             assert_eq!(Algo::from_code(a.code()), Some(a));
         }

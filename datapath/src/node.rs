@@ -20,13 +20,13 @@ use crate::events::{EventSink, PeerEvent};
 use crate::local::LocalDisk;
 use crate::metadata::Role;
 use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
+use crate::peer::compress::Compression;
 use crate::peer::listener::{self, Listener, Route};
 use crate::peer::proto::Refusal;
-use crate::peer::compress::Compression;
 use crate::peer::remote::{Remote, RemoteConfig, ReplicationMode};
+use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
 use crate::peer::sync::SyncMode;
 use crate::peer::verify::VerifyParams;
-use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
 use crate::primary::Primary;
 use crate::stats::ResourceStats;
 

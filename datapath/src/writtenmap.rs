@@ -130,7 +130,7 @@ impl WrittenMap {
     pub fn bitmap(&self) -> Vec<u8> {
         let n = self.bits.len();
         let mut out = self.bits.as_raw_slice()[..n.div_ceil(8)].to_vec();
-        if n % 8 != 0 {
+        if !n.is_multiple_of(8) {
             if let Some(last) = out.last_mut() {
                 *last &= (1u8 << (n % 8)) - 1;
             }

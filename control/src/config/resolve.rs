@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use super::addr::parse_control;
 use super::parser::{Block, Key, Level, Section, Setting, Word};
-use super::{SplitBrainPolicy, SyncMode};
 use super::{
     Checksum, Compression, Config, Diag, NodeIdentity, PeerAddr, Pos, Replication, ResourceConfig,
     Scheme, ALL_RESOURCES, DEFAULT_CONTROL, DEFAULT_EXPORTDIR, DEFAULT_PIDFILE, DEFAULT_PORT,
     DEFAULT_TIMEOUT, MAX_TIMEOUT_SECS,
 };
+use super::{SplitBrainPolicy, SyncMode};
 
 /// A converted value and the position of its statement.
 #[derive(Debug, Clone)]

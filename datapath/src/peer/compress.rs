@@ -200,7 +200,10 @@ mod tests {
         // A reply cannot become a Zero request; it compresses instead.
         assert!(matches!(
             encode(Compression::Lz4, &zeros, false),
-            Wire::Compressed { flag: flags::LZ4, .. }
+            Wire::Compressed {
+                flag: flags::LZ4,
+                ..
+            }
         ));
         assert_eq!(encode(Compression::Hole, &text(4096), true), Wire::AsIs);
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -213,7 +216,10 @@ mod tests {
             })
             .collect();
         for c in [Compression::Lz4, Compression::Lzf] {
-            assert!(encode(c, &random, true) == Wire::AsIs, "{c}: random data sent as is");
+            assert!(
+                encode(c, &random, true) == Wire::AsIs,
+                "{c}: random data sent as is"
+            );
             let t = text(1 << 20);
             let Wire::Compressed { flag, bytes } = encode(c, &t, true) else {
                 panic!("{c}: text compresses");

@@ -569,8 +569,7 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
             if hdr.payload_len > 0 {
                 // A compressed ReadReply is decompressed into its buffer.
                 let mut buf = (link.inner.alloc)(hdr.data_len() as usize);
-                if let Err(e) = frame::read_data_payload(&mut r, &hdr, buf.as_bytes_mut()).await
-                {
+                if let Err(e) = frame::read_data_payload(&mut r, &hdr, buf.as_bytes_mut()).await {
                     break e;
                 }
                 data = Some(buf);

@@ -21,12 +21,12 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::Task;
 
+use super::compress::Compression;
 use super::frame::{self, LinkError};
 use super::handshake::{self, Agreement};
-use super::compress::Compression;
 use super::link::{LinkLimits, PeerLink};
-use super::sync::SyncMode;
 use super::proto::{Header, HelloReply, Kind, Refusal};
+use super::sync::SyncMode;
 use crate::events::{EventSink, PeerEventKind};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;

@@ -278,10 +278,7 @@ impl Remote {
         if !self.disk.has_written_map() {
             return Ok(None);
         }
-        match link
-            .call(Kind::WrittenMap, 0, 0, 0, Payload::None)
-            .await
-        {
+        match link.call(Kind::WrittenMap, 0, 0, 0, Payload::None).await {
             Ok(Some(buf)) => Ok(Some(BitVec::from_slice(buf.as_bytes()))),
             Ok(None) => Ok(Some(BitVec::new())),
             Err(LinkError::Remote(e)) if e == libc::ENODATA as u32 => Ok(None),
@@ -367,9 +364,7 @@ impl Remote {
                             Ok(out) => {
                                 stats.sync_done.fetch_add(u64::from(len), Relaxed);
                                 stats.sync_bytes_total.fetch_add(u64::from(len), Relaxed);
-                                stats
-                                    .sync_identical_bytes
-                                    .fetch_add(out.identical, Relaxed);
+                                stats.sync_identical_bytes.fetch_add(out.identical, Relaxed);
                             }
                             Err(e) => {
                                 ok.set(false);
@@ -517,9 +512,10 @@ async fn copy_chunk(
                     ours = dg.finish();
                 }
             }
-            let theirs = theirs.done().await?.ok_or_else(|| {
-                LinkError::Protocol("ChecksumsReply without digests".into())
-            })?;
+            let theirs = theirs
+                .done()
+                .await?
+                .ok_or_else(|| LinkError::Protocol("ChecksumsReply without digests".into()))?;
             if theirs.len() != ours.len() {
                 return Err(LinkError::Protocol(format!(
                     "ChecksumsReply with {} bytes of digests, expected {}",
@@ -527,7 +523,7 @@ async fn copy_chunk(
                     ours.len()
                 )));
             }
-            let runs = differing_runs(&ours, theirs.as_bytes(), algo.len());
+            let runs = differing_runs(&ours, theirs.as_bytes(), algo.digest_len());
             let mut moved = 0u64;
             let mut pending = Vec::with_capacity(runs.len());
             for r in runs {
@@ -549,8 +545,7 @@ async fn copy_chunk(
                         let piece = d
                             .slice(from as usize, (to - from) as usize)
                             .ok_or_else(|| LinkError::Protocol("short chunk".into()))?;
-                        send_data(link, off + from, Payload::Read(piece), opts.compression)
-                            .await?
+                        send_data(link, off + from, Payload::Read(piece), opts.compression).await?
                     }
                 };
                 pending.push(p);
@@ -561,7 +556,7 @@ async fn copy_chunk(
         (SyncDirection::FromSecondary, algo) => {
             // The runs to fetch: the whole chunk, or what differs.
             let runs = match algo {
-                None => vec![0..u64::from(len)],
+                None => std::iter::once(0..u64::from(len)).collect(),
                 Some(algo) => {
                     let req = ChecksumsRequest {
                         block: DIGEST_BLOCK,
@@ -582,7 +577,7 @@ async fn copy_chunk(
                     let theirs = theirs.done().await?.ok_or_else(|| {
                         LinkError::Protocol("ChecksumsReply without digests".into())
                     })?;
-                    let runs: Vec<_> = differing_runs(&ours, theirs.as_bytes(), algo.len())
+                    let runs: Vec<_> = differing_runs(&ours, theirs.as_bytes(), algo.digest_len())
                         .into_iter()
                         .map(|r| r.start * block..(r.end * block).min(u64::from(len)))
                         .collect();

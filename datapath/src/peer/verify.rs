@@ -149,13 +149,10 @@ impl Remote {
         self.events.emit(PeerEventKind::VerifyStart);
         let me = self.clone();
         glommio::spawn_local(async move {
-            let r = futures_lite::future::or(
-                me.verify_range(&link, start, end, params),
-                async {
-                    stop.wait().await;
-                    Err(LinkError::Stopping)
-                },
-            )
+            let r = futures_lite::future::or(me.verify_range(&link, start, end, params), async {
+                stop.wait().await;
+                Err(LinkError::Stopping)
+            })
             .await;
             me.verify_finished(r);
             done.fire();
@@ -238,7 +235,8 @@ impl Remote {
         let mut pos = start;
         let mut index = 0u64;
         while pos < end {
-            if let Some(e) = failed.borrow_mut().take() {
+            let failure = failed.borrow_mut().take();
+            if let Some(e) = failure {
                 let _ = gate.close().await;
                 return Err(e);
             }
@@ -299,9 +297,11 @@ impl Remote {
                                 if let Err(e) = disk.mark_for_sync(o, l).await {
                                     tracing::error!(resource = %resource, error = %e,
                                         "verify: cannot mark differing extents for synchronisation");
-                                    failed
-                                        .borrow_mut()
-                                        .get_or_insert(LinkError::disk("activemap update", Some(o), e));
+                                    failed.borrow_mut().get_or_insert(LinkError::disk(
+                                        "activemap update",
+                                        Some(o),
+                                        e,
+                                    ));
                                 }
                             }
                         }
@@ -315,9 +315,7 @@ impl Remote {
                 finished.notify_all();
                 drop(permit);
             };
-            gate.spawn(fut)
-                .map_err(|_| LinkError::Stopping)?
-                .detach();
+            gate.spawn(fut).map_err(|_| LinkError::Stopping)?.detach();
         }
         let _ = gate.close().await;
         if let Some(e) = failed.borrow_mut().take() {
@@ -410,7 +408,7 @@ async fn verify_chunk(
         )));
     }
     let block = u64::from(DIGEST_BLOCK);
-    let ranges = differing_runs(&ours, theirs.as_bytes(), algo.len())
+    let ranges = differing_runs(&ours, theirs.as_bytes(), algo.digest_len())
         .into_iter()
         .map(|r| {
             let from = r.start * block;

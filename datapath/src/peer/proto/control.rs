@@ -634,7 +634,7 @@ impl ChecksumsRequest {
 
     /// Bytes of the reply's digests for `length` bytes.
     pub fn reply_len(&self, length: u32) -> usize {
-        crate::digest::block_count(u64::from(length), self.block) as usize * self.algo.len()
+        crate::digest::block_count(u64::from(length), self.block) as usize * self.algo.digest_len()
     }
 }
 

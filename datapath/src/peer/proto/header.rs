@@ -1055,7 +1055,10 @@ mod tests {
                     }
                     _ => {}
                 }
-                if matches!(kind, Kind::Write | Kind::Zero | Kind::Read | Kind::Checksums) {
+                if matches!(
+                    kind,
+                    Kind::Write | Kind::Zero | Kind::Read | Kind::Checksums
+                ) {
                     h.offset = h.offset.min(u64::MAX - u64::from(h.length));
                 }
                 if h.payload_len == 0 {
