@@ -426,6 +426,8 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
         sync_skipped_bytes: g(&stats.sync_skipped_bytes),
         sync_identical_bytes: g(&stats.sync_identical_bytes),
         written_extents: g(&stats.written_extents),
+        net_sent_bytes: g(&stats.net_sent_bytes),
+        net_received_bytes: g(&stats.net_received_bytes),
         compression: r.compression.to_string(),
         syncmode: r.syncmode.to_string(),
         verify: verify_summary(&stats),

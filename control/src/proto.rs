@@ -212,6 +212,12 @@ pub struct ResourceReport {
     /// Extents written since `hastctl create` (the written map).
     #[serde(default)]
     pub written_extents: u64,
+    /// Bytes sent to the peer since hastd started (frames and payloads).
+    #[serde(default)]
+    pub net_sent_bytes: u64,
+    /// Bytes received from the peer since hastd started.
+    #[serde(default)]
+    pub net_received_bytes: u64,
     /// `compression` in force.
     #[serde(default)]
     pub compression: String,
