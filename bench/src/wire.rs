@@ -59,8 +59,19 @@ fn resync_once(size: u64, syncmode: &str) -> serde_json::Value {
     let mut c = pair(size, &format!("syncmode {syncmode}"));
     let uri = c.a.uri("r1");
     let sz = size.to_string();
-    let mut w = fio(&uri, &["--rw=write", "--bs=1M", "--iodepth=8", &format!("--size={sz}")]);
-    assert!(wait_child(&mut w, Duration::from_secs(600)).success(), "fill");
+    let mut w = fio(
+        &uri,
+        &[
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            &format!("--size={sz}"),
+        ],
+    );
+    assert!(
+        wait_child(&mut w, Duration::from_secs(600)).success(),
+        "fill"
+    );
     c.a.wait_in_sync("r1", Duration::from_secs(300));
     let mut load = fio(
         &uri,
@@ -171,7 +182,10 @@ pub fn compression(cfg: &Config, res: &mut Results) {
                     "--buffer_compress_chunk=4k",
                 ],
             );
-            assert!(wait_child(&mut w, Duration::from_secs(600)).success(), "fio");
+            assert!(
+                wait_child(&mut w, Duration::from_secs(600)).success(),
+                "fio"
+            );
             let secs = t0.elapsed().as_secs_f64();
             let after = c.a.wait_in_sync("r1", Duration::from_secs(300));
             let sent = counter(&after, "net_sent_bytes") - counter(&before, "net_sent_bytes");
@@ -201,9 +215,6 @@ pub fn compression(cfg: &Config, res: &mut Results) {
         ));
     }
     eprintln!("{t}");
-    res.extra.push((
-        "Wire compression".into(),
-        t,
-        json!({ "rows": rows }),
-    ));
+    res.extra
+        .push(("Wire compression".into(), t, json!({ "rows": rows })));
 }

@@ -107,7 +107,12 @@ fn full_sync_of_a_sparse_15_tib_resource_copies_only_the_data() {
     use std::os::unix::fs::MetadataExt;
     for n in [&c.a, &c.b] {
         let m = std::fs::metadata(n.provider("big")).unwrap();
-        assert!(m.blocks() * 512 < 3 * GIB, "{}: {} bytes allocated", n.name, m.blocks() * 512);
+        assert!(
+            m.blocks() * 512 < 3 * GIB,
+            "{}: {} bytes allocated",
+            n.name,
+            m.blocks() * 512
+        );
     }
     c.stop();
 }

@@ -100,7 +100,12 @@ fn verify_reports_exactly_the_corrupted_ranges_and_repair_fixes_them() {
     let out = c.a.hastctl_output(&["verify", "--json", "r1"]);
     let code = out.status.code();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(code, Some(1), "differences found: exit 1\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        code,
+        Some(1),
+        "differences found: exit 1\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     let rep = &v[0]["verify"];
     assert_eq!(rep["state"], "done", "{rep}");
@@ -118,7 +123,10 @@ fn verify_reports_exactly_the_corrupted_ranges_and_repair_fixes_them() {
     let list = c.a.hastctl(&["list", "r1"]);
     assert!(list.contains("verify: done (xxh3)"), "{list}");
     assert!(list.contains("different: 7"), "{list}");
-    assert!(list.contains("differ at: 4096+4096, 10498048+12288"), "{list}");
+    assert!(
+        list.contains("differ at: 4096+4096, 10498048+12288"),
+        "{list}"
+    );
     // Not on the secondary.
     let refused = c.b.hastctl_output(&["verify", "r1"]);
     assert!(!refused.status.success());
@@ -129,16 +137,22 @@ fn verify_reports_exactly_the_corrupted_ranges_and_repair_fixes_them() {
     );
     // --repair (sha256): marked and synchronised from the primary; the
     // writes go on.
-    let out = c.a.hastctl_output(&["verify", "--repair", "--algorithm", "sha256", "r1"]);
+    let out =
+        c.a.hastctl_output(&["verify", "--repair", "--algorithm", "sha256", "r1"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "repaired: exit 0\n{text}");
     assert!(text.contains("7 differ"), "{text}");
     assert!(text.contains("repaired"), "{text}");
     let _ = wait_child(&mut load, Duration::from_secs(60));
     c.a.wait_in_sync("r1", LIMIT);
-    assert_eq!(c.data_diff("r1"), None, "legs byte-identical after --repair");
+    assert_eq!(
+        c.data_diff("r1"),
+        None,
+        "legs byte-identical after --repair"
+    );
     // And a last verify of a range finds nothing.
-    let out = c.a.hastctl_output(&["verify", "--offset", "8M", "--length", "16M", "r1"]);
+    let out =
+        c.a.hastctl_output(&["verify", "--offset", "8M", "--length", "16M", "r1"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("verified 16MB at 8388608"), "{text}");

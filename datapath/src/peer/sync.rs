@@ -286,6 +286,35 @@ impl Remote {
         }
     }
 
+    /// Skips the run of dirty extents from `from` that neither node wrote
+    /// since `hastctl create` (at most [`SKIP_BATCH`] × 16 at once): they
+    /// are done without a copy. Returns the bytes skipped and where to go
+    /// on. No await between the test and the skip: a write sets its
+    /// extent's written bit when it is marked, before it is sent, so one
+    /// that starts later is replicated on its own.
+    fn skip_unwritten(&self, from: u32, peer: &BitVec<u8, Lsb0>) -> (u64, u32) {
+        let disk = &self.disk;
+        disk.with_map(|m| {
+            let mut e = from;
+            let mut bytes = 0;
+            let limit = from.saturating_add(SKIP_BATCH * 16).min(m.extents());
+            while e < limit {
+                if !m.needs_sync(e) {
+                    e = m.next_dirty(e).unwrap_or(limit).min(limit);
+                    continue;
+                }
+                if peer.get(e as usize).is_some_and(|b| *b) || disk.extent_written(e) {
+                    break;
+                }
+                m.sync_begin(e);
+                m.sync_finish(e);
+                bytes += m.extent_bytes(e);
+                e += 1;
+            }
+            (bytes, e)
+        })
+    }
+
     /// Copies every dirty extent, `sync_window` chunks in flight, until
     /// none is left. Extents marked again meanwhile are copied again.
     pub(super) async fn copy_dirty(
@@ -323,19 +352,12 @@ impl Remote {
                 let start = u64::from(ext) * es;
                 let bytes = self.disk.with_map(|m| m.extent_bytes(ext));
                 if let Some(peer) = &peer_written {
-                    let theirs = peer.get(ext as usize).is_some_and(|b| *b);
-                    if !theirs && !self.disk.extent_written(ext) {
-                        // No await between the test and the skip: a write
-                        // sets the extent's written bit when it is marked,
-                        // before it is sent, so one that starts later is
-                        // replicated on its own.
-                        self.disk.with_map(|m| {
-                            m.sync_begin(ext);
-                            m.sync_finish(ext)
-                        });
-                        self.stats.sync_done.fetch_add(bytes, Relaxed);
-                        self.stats.sync_skipped_bytes.fetch_add(bytes, Relaxed);
-                        next = self.disk.with_map(|m| m.next_dirty(ext + 1));
+                    let (skipped, resume) = self.skip_unwritten(ext, peer);
+                    if skipped > 0 {
+                        self.stats.sync_done.fetch_add(skipped, Relaxed);
+                        self.stats.sync_skipped_bytes.fetch_add(skipped, Relaxed);
+                        glommio::yield_if_needed().await;
+                        next = self.disk.with_map(|m| m.next_dirty(resume));
                         continue;
                     }
                 }
