@@ -290,6 +290,16 @@ fn verify(
     tracing::info!(resources = ?names, offset = params.offset, length = ?params.length,
         algorithm = %params.algo, repair = params.repair, "verify requested");
     let results = daemon.node().verify(&names, params);
+    reports_with_errors(cfg, selected, results, daemon)
+}
+
+/// The reports of `selected`, each with the error of its result.
+fn reports_with_errors(
+    cfg: &Config,
+    selected: Vec<&ResourceConfig>,
+    results: Vec<(String, Result<(), NodeError>)>,
+    daemon: &Daemon,
+) -> Vec<ResourceReport> {
     selected
         .into_iter()
         .zip(results)
@@ -315,18 +325,7 @@ fn split_brain(
         let _one = daemon.admin();
         daemon.node().discard(&names)
     };
-    selected
-        .into_iter()
-        .zip(results)
-        .map(|(r, (_, res))| {
-            let mut rep = report(cfg, r, daemon);
-            if let Err(e) = res {
-                rep.error_kind = Some(error_kind(&e));
-                rep.error = Some(e.to_string());
-            }
-            rep
-        })
-        .collect()
+    reports_with_errors(cfg, selected, results, daemon)
 }
 
 fn set_roles(

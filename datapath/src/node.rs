@@ -677,20 +677,7 @@ impl Node {
     /// peer's data over the extents either side changed. The node must
     /// not be primary.
     pub fn discard(&self, names: &[String]) -> Vec<(String, Result<(), NodeError>)> {
-        let asked: Vec<_> = names
-            .iter()
-            .map(|n| {
-                let name = n.clone();
-                (n.clone(), self.ask(n, |reply| Cmd::Discard { name, reply }))
-            })
-            .collect();
-        asked
-            .into_iter()
-            .map(|(n, rx)| {
-                let r = Self::wait(&n, rx);
-                (n, r)
-            })
-            .collect()
+        self.each(names, |name, reply| Cmd::Discard { name, reply })
     }
 
     /// Starts `hastctl verify` on each named resource (which must be
@@ -701,19 +688,23 @@ impl Node {
         names: &[String],
         params: VerifyParams,
     ) -> Vec<(String, Result<(), NodeError>)> {
+        self.each(names, |name, reply| Cmd::Verify {
+            name,
+            params,
+            reply,
+        })
+    }
+
+    /// Sends the command `make` builds to each named resource (all at
+    /// once, across shards) and collects the answers in order.
+    fn each<T>(
+        &self,
+        names: &[String],
+        make: impl Fn(String, Reply<T>) -> Cmd,
+    ) -> Vec<(String, Result<T, NodeError>)> {
         let asked: Vec<_> = names
             .iter()
-            .map(|n| {
-                let name = n.clone();
-                (
-                    n.clone(),
-                    self.ask(n, |reply| Cmd::Verify {
-                        name,
-                        params,
-                        reply,
-                    }),
-                )
-            })
+            .map(|n| (n.clone(), self.ask(n, |reply| make(n.clone(), reply))))
             .collect();
         asked
             .into_iter()

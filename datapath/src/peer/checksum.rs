@@ -5,11 +5,13 @@
 
 use std::io;
 
-use crate::digest::BlockDigester;
+use crate::digest::{differing_runs, Algo, BlockDigester, DIGEST_BLOCK};
 use crate::local::LocalDisk;
 use crate::provider::Allocation;
 
-use super::proto::ChecksumsRequest;
+use super::frame::LinkError;
+use super::link::{Payload, PeerLink, Pending};
+use super::proto::{ChecksumsRequest, Kind};
 
 /// Segments asked of the allocation map at once.
 const SEGMENTS: usize = 64;
@@ -46,4 +48,59 @@ pub async fn digest_range(
         }
     }
     Ok(d.finish())
+}
+
+/// Asks the secondary for the digests of `[off, off + len)` in
+/// [`DIGEST_BLOCK`] blocks (`flags`: `SYNC` for a synchronisation, which
+/// makes it mark the range); the answer comes with [`differences`].
+pub async fn ask(
+    link: &PeerLink,
+    flags: u8,
+    off: u64,
+    len: u32,
+    algo: Algo,
+) -> Result<Pending, LinkError> {
+    let req = ChecksumsRequest {
+        block: DIGEST_BLOCK,
+        algo,
+    };
+    link.request(
+        Kind::Checksums,
+        flags,
+        off,
+        len,
+        Payload::Bytes(req.encode().to_vec()),
+    )
+    .await
+}
+
+/// Waits for the secondary's digests and compares them with `ours`:
+/// returns the differing ranges of `[off, off + len)`, `(offset,
+/// length)` in data-area bytes, merged and in order.
+pub async fn differences(
+    theirs: Pending,
+    ours: &[u8],
+    algo: Algo,
+    off: u64,
+    len: u64,
+) -> Result<Vec<(u64, u64)>, LinkError> {
+    let theirs = theirs
+        .done()
+        .await?
+        .ok_or_else(|| LinkError::Protocol("ChecksumsReply without digests".into()))?;
+    if theirs.len() != ours.len() {
+        return Err(LinkError::Protocol(format!(
+            "ChecksumsReply with {} bytes of digests, expected {}",
+            theirs.len(),
+            ours.len()
+        )));
+    }
+    let block = u64::from(DIGEST_BLOCK);
+    Ok(differing_runs(ours, theirs.as_bytes(), algo.digest_len())
+        .into_iter()
+        .map(|r| {
+            let from = r.start * block;
+            (off + from, (r.end * block).min(len) - from)
+        })
+        .collect())
 }

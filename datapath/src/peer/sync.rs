@@ -38,13 +38,13 @@ use std::str::FromStr;
 
 use bitvec::prelude::*;
 
-use super::checksum::digest_range;
+use super::checksum::{self, digest_range};
 use super::compress::{self, Compression, Wire};
 use super::frame::{self, LinkError};
 use super::link::{Payload, PeerLink, Pending};
 use super::proto::{flags, ChecksumsRequest, Kind, SyncComplete};
 use super::remote::Remote;
-use crate::digest::{differing_runs, Algo, DIGEST_BLOCK};
+use crate::digest::{Algo, DIGEST_BLOCK};
 use crate::events::PeerEventKind;
 use crate::generation::{Gen, SyncDirection};
 use crate::local::LocalDisk;
@@ -142,7 +142,7 @@ struct ChunkOutcome {
 /// extents nobody wrote (a 15 TiB resource has millions of them).
 const SKIP_BATCH: u32 = 4096;
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -491,7 +491,6 @@ async fn copy_chunk(
 ) -> Result<ChunkOutcome, LinkError> {
     let _guard = disk.lock_range(off, u64::from(len)).await;
     let rerr = |e| LinkError::disk("read", Some(off), e);
-    let block = u64::from(DIGEST_BLOCK);
     let mut out = ChunkOutcome::default();
     match (dir, opts.checksums) {
         (SyncDirection::ToSecondary, None) => {
@@ -506,19 +505,7 @@ async fn copy_chunk(
         }
         (SyncDirection::ToSecondary, Some(algo)) => {
             // Ask first: the secondary digests while we read and digest.
-            let req = ChecksumsRequest {
-                block: DIGEST_BLOCK,
-                algo,
-            };
-            let theirs = link
-                .request(
-                    Kind::Checksums,
-                    flags::SYNC,
-                    off,
-                    len,
-                    Payload::Bytes(req.encode().to_vec()),
-                )
-                .await?;
+            let theirs = checksum::ask(link, flags::SYNC, off, len, algo).await?;
             let hole = is_hole(disk, off, u64::from(len));
             let data = if hole {
                 None
@@ -534,40 +521,21 @@ async fn copy_chunk(
                     ours = dg.finish();
                 }
             }
-            let theirs = theirs
-                .done()
-                .await?
-                .ok_or_else(|| LinkError::Protocol("ChecksumsReply without digests".into()))?;
-            if theirs.len() != ours.len() {
-                return Err(LinkError::Protocol(format!(
-                    "ChecksumsReply with {} bytes of digests, expected {}",
-                    theirs.len(),
-                    ours.len()
-                )));
-            }
-            let runs = differing_runs(&ours, theirs.as_bytes(), algo.digest_len());
+            let runs = checksum::differences(theirs, &ours, algo, off, u64::from(len)).await?;
             let mut moved = 0u64;
             let mut pending = Vec::with_capacity(runs.len());
-            for r in runs {
-                let from = r.start * block;
-                let to = (r.end * block).min(u64::from(len));
-                moved += to - from;
+            for (at, n) in runs {
+                moved += n;
                 let p = match &data {
                     None => {
-                        link.request(
-                            Kind::Zero,
-                            flags::SYNC,
-                            off + from,
-                            (to - from) as u32,
-                            Payload::None,
-                        )
-                        .await?
+                        link.request(Kind::Zero, flags::SYNC, at, n as u32, Payload::None)
+                            .await?
                     }
                     Some(d) => {
                         let piece = d
-                            .slice(from as usize, (to - from) as usize)
+                            .slice((at - off) as usize, n as usize)
                             .ok_or_else(|| LinkError::Protocol("short chunk".into()))?;
-                        send_data(link, off + from, Payload::Read(piece), opts.compression).await?
+                        send_data(link, at, Payload::Read(piece), opts.compression).await?
                     }
                 };
                 pending.push(p);
@@ -578,38 +546,25 @@ async fn copy_chunk(
         (SyncDirection::FromSecondary, algo) => {
             // The runs to fetch: the whole chunk, or what differs.
             let runs = match algo {
-                None => std::iter::once(0..u64::from(len)).collect(),
+                None => vec![(off, u64::from(len))],
                 Some(algo) => {
+                    let theirs = checksum::ask(link, 0, off, len, algo).await?;
                     let req = ChecksumsRequest {
                         block: DIGEST_BLOCK,
                         algo,
                     };
-                    let theirs = link
-                        .request(
-                            Kind::Checksums,
-                            0,
-                            off,
-                            len,
-                            Payload::Bytes(req.encode().to_vec()),
-                        )
-                        .await?;
                     let ours = digest_range(disk, off, u64::from(len), req)
                         .await
                         .map_err(rerr)?;
-                    let theirs = theirs.done().await?.ok_or_else(|| {
-                        LinkError::Protocol("ChecksumsReply without digests".into())
-                    })?;
-                    let runs: Vec<_> = differing_runs(&ours, theirs.as_bytes(), algo.digest_len())
-                        .into_iter()
-                        .map(|r| r.start * block..(r.end * block).min(u64::from(len)))
-                        .collect();
-                    let moved: u64 = runs.iter().map(|r| r.end - r.start).sum();
+                    let runs =
+                        checksum::differences(theirs, &ours, algo, off, u64::from(len)).await?;
+                    let moved: u64 = runs.iter().map(|r| r.1).sum();
                     out.identical = u64::from(len) - moved;
                     runs
                 }
             };
-            for r in runs {
-                let (at, n) = (off + r.start, (r.end - r.start) as u32);
+            for (at, n) in runs {
+                let n = n as u32;
                 let data = link
                     .call(Kind::Read, flags::SYNC, at, n, Payload::None)
                     .await?

@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use glommio::sync::Gate;
 
-use super::checksum::digest_range;
+use super::checksum::{self, digest_range};
 use super::frame::LinkError;
-use super::link::{Payload, PeerLink};
-use super::proto::{ChecksumsRequest, Kind};
+use super::link::PeerLink;
+use super::proto::ChecksumsRequest;
 use super::remote::Remote;
-use crate::digest::{differing_runs, Algo, DIGEST_BLOCK};
+use super::sync::now_ms;
+use crate::digest::{Algo, DIGEST_BLOCK};
 use crate::events::PeerEventKind;
 use crate::metadata::{round_down, round_up};
 use crate::semaphore::Semaphore;
@@ -380,52 +381,18 @@ async fn verify_chunk(
             ..Default::default()
         });
     }
+    let theirs = checksum::ask(link, 0, off, len as u32, algo).await?;
     let req = ChecksumsRequest {
         block: DIGEST_BLOCK,
         algo,
     };
-    let theirs = link
-        .request(
-            Kind::Checksums,
-            0,
-            off,
-            len as u32,
-            Payload::Bytes(req.encode().to_vec()),
-        )
-        .await?;
     let ours = digest_range(disk, off, len, req)
         .await
         .map_err(|e| LinkError::disk("read", Some(off), e))?;
-    let theirs = theirs
-        .done()
-        .await?
-        .ok_or_else(|| LinkError::Protocol("ChecksumsReply without digests".into()))?;
-    if theirs.len() != ours.len() {
-        return Err(LinkError::Protocol(format!(
-            "ChecksumsReply with {} bytes of digests, expected {}",
-            theirs.len(),
-            ours.len()
-        )));
-    }
-    let block = u64::from(DIGEST_BLOCK);
-    let ranges = differing_runs(&ours, theirs.as_bytes(), algo.digest_len())
-        .into_iter()
-        .map(|r| {
-            let from = r.start * block;
-            let to = (r.end * block).min(len);
-            (off + from, to - from)
-        })
-        .collect();
+    let ranges = checksum::differences(theirs, &ours, algo, off, len).await?;
     Ok(ChunkResult {
         compared: len,
         skipped: 0,
         ranges,
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
