@@ -230,6 +230,9 @@ pub struct Results {
     pub syscalls_unavailable: Option<String>,
     /// Charts written for the docs (path relative to the docs file).
     pub charts: Vec<ChartRef>,
+    /// Parts measured outside the job table (`resync`, `compression`):
+    /// title, text table, JSON.
+    pub extra: Vec<(String, String, serde_json::Value)>,
 }
 
 /// Resident memory of the hastd nodes of a part, idle after start.
@@ -562,6 +565,9 @@ impl Results {
     /// The printed report: table, sync, targets, CPU by thread.
     pub fn text(&self) -> String {
         let mut o = String::new();
+        for (title, table, _) in &self.extra {
+            let _ = writeln!(o, "{title}\n{table}");
+        }
         let _ = writeln!(o, "hast-bench {} — {}", self.date, self.machine.line());
         let _ = writeln!(
             o,
@@ -668,6 +674,7 @@ impl Results {
     /// JSON form.
     pub fn to_json(&self) -> serde_json::Value {
         json!({
+            "extra": self.extra.iter().map(|(t, _, j)| json!({"part": t, "results": j})).collect::<Vec<_>>(),
             "date": self.date,
             "command": self.command,
             "machine": self.machine.to_json(),

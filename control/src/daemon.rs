@@ -14,9 +14,13 @@ use std::time::Duration;
 use hast_datapath::events::{PeerEvent, PeerEventKind};
 use hast_datapath::metadata::Role;
 use hast_datapath::node::{Applied, CpuPlacement, Node, NodeError, NodeOptions, ResourceSpec};
+use hast_datapath::peer::compress::Compression as WireCompression;
 use hast_datapath::peer::remote::ReplicationMode;
+use hast_datapath::peer::sync::SyncMode as DataSyncMode;
 
-use crate::config::{self, Config, NodeIdentity, PeerAddr, Replication, ResourceConfig};
+use crate::config::{
+    self, Compression, Config, NodeIdentity, PeerAddr, Replication, ResourceConfig, SyncMode,
+};
 use crate::control::{self, ControlServer};
 use crate::events::{Broadcaster, Notifier};
 use crate::exit;
@@ -635,6 +639,25 @@ fn event_kind(k: PeerEventKind) -> EventKind {
         PeerEventKind::SyncDone => EventKind::Syncdone,
         PeerEventKind::SyncIntr => EventKind::Syncintr,
         PeerEventKind::SplitBrain => EventKind::SplitBrain,
+        PeerEventKind::VerifyStart => EventKind::Verifystart,
+        PeerEventKind::VerifyDone {
+            ok,
+            compared,
+            different,
+        } => EventKind::Verifydone {
+            ok,
+            compared,
+            different,
+        },
+        PeerEventKind::OutOfSync {
+            blocks,
+            bytes,
+            ranges,
+        } => EventKind::OutOfSync {
+            blocks,
+            bytes,
+            ranges,
+        },
     }
 }
 
@@ -694,6 +717,17 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, DaemonError
         timeout: r.timeout,
         window_bytes: WINDOW_BYTES,
         splitbrain_auto: r.splitbrain == crate::config::SplitBrainPolicy::Auto,
+        compression: match r.compression {
+            Compression::None => WireCompression::None,
+            Compression::Hole => WireCompression::Hole,
+            Compression::Lzf => WireCompression::Lzf,
+            Compression::Lz4 => WireCompression::Lz4,
+        },
+        syncmode: match r.syncmode {
+            SyncMode::Auto => DataSyncMode::Auto,
+            SyncMode::Full => DataSyncMode::Full,
+            SyncMode::Checksum => DataSyncMode::Checksum,
+        },
     })
 }
 
