@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! <exec> <event> <resource>                      connect, disconnect, syncstart,
-//!                                                syncdone, syncintr, split-brain
+//!                                                syncdone, syncintr, split-brain,
+//!                                                verifystart, verifydone, out-of-sync
 //! <exec> role <resource> <oldrole> <newrole>     role changes
 //! <exec> disk-failed <resource> local|remote     a disk was detached (extension)
 //! ```
@@ -110,6 +111,27 @@ pub enum EventKind {
         /// New role.
         new: String,
     },
+    /// `hastctl verify` started (our extension).
+    Verifystart,
+    /// A verify ended (our extension); `ok` false: stopped early.
+    Verifydone {
+        /// It covered its whole range.
+        ok: bool,
+        /// Blocks compared.
+        compared: u64,
+        /// Blocks that differ.
+        different: u64,
+    },
+    /// A verify found blocks that differ between the nodes (our
+    /// extension; `hastctl list` shows the ranges).
+    OutOfSync {
+        /// Blocks that differ.
+        blocks: u64,
+        /// Their bytes.
+        bytes: u64,
+        /// Differing ranges.
+        ranges: u64,
+    },
 }
 
 impl EventKind {
@@ -124,6 +146,9 @@ impl EventKind {
             EventKind::SplitBrain => "split-brain",
             EventKind::DiskFailed { .. } => "disk-failed",
             EventKind::Role { .. } => "role",
+            EventKind::Verifystart => "verifystart",
+            EventKind::Verifydone { .. } => "verifydone",
+            EventKind::OutOfSync { .. } => "out-of-sync",
         }
     }
 
@@ -570,8 +595,26 @@ impl Runner {
         };
         match &event.kind {
             EventKind::DiskFailed { leg } => cmd.env("HAST_LEG", leg),
-            _ => cmd.env_remove("HAST_LEG"),
+            EventKind::Verifydone {
+                compared,
+                different,
+                ..
+            } => cmd
+                .env("HAST_BLOCKS_COMPARED", compared.to_string())
+                .env("HAST_BLOCKS_DIFFERENT", different.to_string()),
+            EventKind::OutOfSync {
+                blocks,
+                bytes,
+                ranges,
+            } => cmd
+                .env("HAST_BLOCKS_DIFFERENT", blocks.to_string())
+                .env("HAST_BYTES_DIFFERENT", bytes.to_string())
+                .env("HAST_RANGES_DIFFERENT", ranges.to_string()),
+            _ => &mut cmd,
         };
+        if !matches!(event.kind, EventKind::DiskFailed { .. }) {
+            cmd.env_remove("HAST_LEG");
+        }
         match output {
             Some((w1, w2)) => cmd.stdout(w1).stderr(w2),
             None => cmd.stdout(Stdio::null()).stderr(Stdio::null()),

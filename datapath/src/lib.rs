@@ -9,6 +9,7 @@
 
 pub mod activemap;
 pub mod batch;
+pub mod digest;
 pub mod events;
 pub mod export;
 pub mod generation;
@@ -26,3 +27,4 @@ pub mod semaphore;
 pub mod signal;
 pub mod stats;
 pub mod storage;
+pub mod writtenmap;

@@ -3,6 +3,8 @@
 //!
 //! See `docs/protocol.md`.
 
+pub mod checksum;
+pub mod compress;
 pub mod detach;
 pub mod durability;
 pub mod frame;
@@ -13,3 +15,4 @@ pub mod proto;
 pub mod remote;
 pub mod secondary;
 pub mod sync;
+pub mod verify;
