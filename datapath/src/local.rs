@@ -315,11 +315,26 @@ impl LocalDisk {
     /// it.
     fn note<T>(&self, op: &str, pos: Option<u64>, r: io::Result<T>) -> io::Result<T> {
         match &r {
-            Ok(_) => self.health.borrow_mut().success(),
+            // Only the data area tells whether the disk still works: the
+            // metadata and map sectors are rewritten in place (allocated
+            // even under a full sparse provider), their success proves
+            // nothing about the data.
+            Ok(_)
+                if !matches!(
+                    op,
+                    "metadata write" | "activemap write" | "written map write" | "flush"
+                ) =>
+            {
+                self.health.borrow_mut().success(op == "read")
+            }
+            Ok(_) => {}
             Err(e) if is_detached(e) => {}
             Err(e) => {
                 let at = pos.map(|p| format!(" at {p}")).unwrap_or_default();
-                let why = self.health.borrow_mut().error(&format!("{op}{at}: {e}"));
+                let why = self
+                    .health
+                    .borrow_mut()
+                    .error(&format!("{op}{at}: {e}"), op == "read");
                 if let Some(why) = why {
                     self.detach(why);
                 }
@@ -620,15 +635,7 @@ impl LocalDisk {
                 buf.as_bytes_mut()[k * ss..(k + 1) * ss].copy_from_slice(img);
             }
             let pos = off + (sectors[i].0 * ss) as u64;
-            let res = match self.usable() {
-                Ok(()) => {
-                    let r = self.store.write(pos, buf).await;
-                    let r = r.and_then(|n| check_len(n, ((j - i) * ss) as u64));
-                    self.note("written map write", Some(pos), r)
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = res {
+            if let Err(e) = self.write_noted("written map write", pos, buf).await {
                 self.written_failed(sectors);
                 if !is_detached(&e) {
                     tracing::error!(path = %self.path.display(), error = %e, "written map update failed");
@@ -730,15 +737,7 @@ impl LocalDisk {
                 buf.as_bytes_mut()[k * ss..(k + 1) * ss].copy_from_slice(img);
             }
             let pos = mapoff + (batch.sectors[i].0 * ss) as u64;
-            let r = match self.usable() {
-                Ok(()) => {
-                    let n = self.store.write(pos, buf).await;
-                    let r = n.and_then(|n| check_len(n, ((j - i) * ss) as u64));
-                    self.note("activemap write", Some(pos), r)
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
+            if let Err(e) = self.write_noted("activemap write", pos, buf).await {
                 // The written-map bits go with the next batch.
                 self.written_failed(&written);
                 return Err(e);
@@ -790,10 +789,16 @@ impl LocalDisk {
 
     /// Writes whole sectors of the provider.
     async fn write_sectors_at(&self, pos: u64, buf: DmaBuffer) -> io::Result<()> {
+        self.write_noted("write", pos, buf).await
+    }
+
+    /// Writes `buf` at `pos` of the provider, unless it is detached; the
+    /// outcome counts towards a detach (`op` names it in the message).
+    async fn write_noted(&self, op: &str, pos: u64, buf: DmaBuffer) -> io::Result<()> {
         self.usable()?;
         let len = buf.len() as u64;
         let r = self.store.write(pos, buf).await;
-        self.note("write", Some(pos), r.and_then(|n| check_len(n, len)))
+        self.note(op, Some(pos), r.and_then(|n| check_len(n, len)))
     }
 
     /// Starts a new generation before the first write made without the

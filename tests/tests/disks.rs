@@ -120,6 +120,19 @@ fn qemu_io_result(uri: &str, cmds: &[&str]) -> (bool, String) {
     (ok, text)
 }
 
+/// qemu-io `op`s (`write` or `read`) of six 8 MiB runs from 0, the run at
+/// `i * 8M` with the pattern `base + i` (48 MiB: more than a 24 MiB
+/// filesystem holds).
+fn eight_mib_runs(op: &str, base: u32) -> Vec<String> {
+    (0..6)
+        .map(|i| format!("{op} -P {} {}M 8M", base + i, i * 8))
+        .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn have(tools: &[&str]) -> bool {
     tools.iter().all(|t| require_tool(t))
 }
@@ -247,7 +260,7 @@ fn repeated_errors_detach_the_primary_disk_once_and_the_secondary_serves() {
     let l = c.a.wait_list("r1", LONG, |j| j["disk"] == "failed");
     assert_eq!(l["status"], "degraded", "{l}");
     let why = l["disk_error"].as_str().unwrap_or_default();
-    assert!(why.contains("failed operations in a row"), "{why}");
+    assert!(why.contains("8 failed reads in a row"), "{why}");
     assert_eq!(l["local_errors"]["read"].as_u64(), Some(8), "{l}");
     // The secondary knows it holds the only copy.
     let lb = c.b.wait_list("r1", LONG, |j| j["peer_disk"] == "failed");
@@ -383,12 +396,9 @@ fn enospc_on_a_sparse_secondary_provider_is_reported_and_retried_slowly() {
     let uri = c.a.uri("r1");
     // More than the secondary's filesystem holds: every write is
     // acknowledged (the primary has it).
-    let writes: Vec<String> = (0..6)
-        .map(|i| format!("write -P {} {}M 8M", 0x40 + i, i * 8))
-        .collect();
-    let mut cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
-    cmds.push("flush");
-    qemu_io(&uri, &cmds);
+    let mut cmds = eight_mib_runs("write", 0x40);
+    cmds.push("flush".into());
+    qemu_io(&uri, &strs(&cmds));
     let l = c.a.wait_list("r1", LONG, |j| j["peer_disk"] == "failed");
     assert_eq!(l["status"], "degraded", "{l}");
     let why = l["last_error"].as_str().unwrap_or_default();
@@ -414,11 +424,7 @@ fn enospc_on_a_sparse_secondary_provider_is_reported_and_retried_slowly() {
     assert!(during <= 4, "{during} connection attempts in 12 s");
     // No crash, nothing acknowledged lost, everything still marked.
     c.b.hastctl(&["status"]);
-    let reads: Vec<String> = (0..6)
-        .map(|i| format!("read -P {} {}M 8M", 0x40 + i, i * 8))
-        .collect();
-    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
-    qemu_io(&uri, &reads);
+    qemu_io(&uri, &strs(&eight_mib_runs("read", 0x40)));
     let l = c.a.list("r1");
     assert!(l["dirty"].as_u64() >= Some(24 * MIB), "{l}");
     drop(c);
@@ -436,20 +442,13 @@ fn enospc_on_a_sparse_primary_provider_is_covered_by_the_secondary() {
     let a_path = fs.sparse_file("r1.img", 64 * MIB);
     let c = pair(64 * MIB, Some(a_path), None, None);
     let uri = c.a.uri("r1");
-    let writes: Vec<String> = (0..6)
-        .map(|i| format!("write -P {} {}M 8M", 0x60 + i, i * 8))
-        .collect();
-    let mut cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
-    cmds.push("flush");
-    qemu_io(&uri, &cmds);
+    let mut cmds = eight_mib_runs("write", 0x60);
+    cmds.push("flush".into());
+    qemu_io(&uri, &strs(&cmds));
     let l = c.a.wait_list("r1", LONG, |j| j["disk"] == "failed");
     let why = l["disk_error"].as_str().unwrap_or_default();
     assert!(why.contains("No space left on device"), "{why}");
-    let reads: Vec<String> = (0..6)
-        .map(|i| format!("read -P {} {}M 8M", 0x60 + i, i * 8))
-        .collect();
-    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
-    qemu_io(&uri, &reads);
+    qemu_io(&uri, &strs(&eight_mib_runs("read", 0x60)));
     c.b.wait_list("r1", LONG, |j| j["peer_disk"] == "failed");
     drop(c);
     drop(fs);
