@@ -16,7 +16,11 @@ use crate::semaphore::Semaphore;
 use glommio::io::DmaBuffer;
 
 use crate::activemap::{ActiveMap, PersistBatch};
-use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METADATA_SIZE};
+use crate::generation::{bump_before_write, Writer};
+use crate::metadata::{
+    round_down, round_up, Metadata, MetadataError, Role, FLAG_INCONSISTENT, METADATA_SIZE,
+};
+use crate::peer::handshake;
 use crate::provider::{self, Allocation, ProviderError, ProviderInfo, Segment};
 use crate::rangelock::{Acquire, RangeLock};
 use crate::signal::Notify;
@@ -102,6 +106,9 @@ pub struct LocalDisk {
     held_bound: Cell<usize>,
     /// Whether the last hole punch worked (None: none tried yet).
     punch_works: Cell<Option<bool>>,
+    /// This disconnected epoch has its own generation (see
+    /// [`bump_before_write`]).
+    epoch_bumped: Cell<bool>,
 }
 
 fn closing(_: crate::semaphore::Closed) -> io::Error {
@@ -204,6 +211,7 @@ impl LocalDisk {
             held: Notify::new(),
             held_bound: Cell::new(usize::MAX),
             punch_works: Cell::new(None),
+            epoch_bumped: Cell::new(false),
         }))
     }
 
@@ -456,23 +464,42 @@ impl LocalDisk {
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short read"))
     }
 
-    /// Starts a new generation before the first write made without the
-    /// peer (`localcnt` is bumped once per disconnected epoch, durably,
-    /// before the data write), so that a reconnect tells who wrote.
-    pub async fn bump_generation_if_needed(&self) -> io::Result<()> {
+    /// Starts a new generation before a write that needs one (see
+    /// [`bump_before_write`]: the first write of each disconnected epoch
+    /// when `alone`, the first write ever when linked), durably, before
+    /// the data write, so that a reconnect tells who wrote.
+    pub async fn bump_generation_if_needed(&self, alone: bool) -> io::Result<()> {
+        let writer = |md: &Metadata| Writer {
+            alone,
+            epoch_bumped: self.epoch_bumped.get(),
+            inconsistent: md.flags & FLAG_INCONSISTENT != 0,
+        };
         let needed = {
             let md = self.md.borrow();
-            md.localcnt == md.remotecnt
+            bump_before_write(&mut handshake::gen_of(&md), writer(&md))
         };
         if !needed {
             return Ok(());
         }
+        let mut bumped = false;
         self.update_metadata(|md| {
-            if md.localcnt == md.remotecnt {
-                md.localcnt += 1;
+            let mut gen = handshake::gen_of(md);
+            if bump_before_write(&mut gen, writer(md)) {
+                md.localcnt = gen.localcnt;
+                bumped = true;
             }
         })
-        .await
+        .await?;
+        if bumped {
+            self.epoch_bumped.set(true);
+        }
+        Ok(())
+    }
+
+    /// A new disconnected epoch begins (the link to the peer was lost):
+    /// the next write made alone starts a new generation.
+    pub fn new_epoch(&self) {
+        self.epoch_bumped.set(false);
     }
 
     /// Writes a shared buffer at `offset` (the same buffer is being sent to

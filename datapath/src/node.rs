@@ -1071,6 +1071,16 @@ impl Res {
                     .into(),
             );
         }
+        // A secondary that adopted its peer's resource ID and never
+        // completed a synchronisation (counters still 0) holds none of the
+        // peer's data.
+        let never_synced = md.resuid != 0 && md.localcnt == 0 && md.remotecnt == 0;
+        if self.spec.remote.is_some() && never_synced && md.prevrole == Role::Secondary {
+            return Some(
+                "it is a new secondary that never completed its first synchronisation from the peer"
+                    .into(),
+            );
+        }
         None
     }
 

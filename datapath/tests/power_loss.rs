@@ -577,7 +577,7 @@ impl World {
             (&mb, &ma)
         };
         if matches!(
-            decide(&gen(p), &gen(s), false),
+            decide(&gen(p), &gen(s), false, s.flags & FLAG_INCONSISTENT != 0),
             Decision::ToSecondary { full: true }
         ) {
             return Ok(());

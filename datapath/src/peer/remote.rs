@@ -350,6 +350,7 @@ impl Remote {
         if let Err(e) = self.prepare(&agreement.decision, &reply).await {
             let e = LinkError::disk("activemap update", None, e);
             link.kill(e.clone());
+            self.disk.new_epoch();
             return Err(e);
         }
         let initial = (dir == SyncDirection::FromSecondary).then_some(dir);
@@ -382,6 +383,8 @@ impl Remote {
         self.serve(&link).await;
         drop(_flusher);
         self.set_conn(Conn::Down);
+        // Writes from now on are alone: a new epoch, a new generation.
+        self.disk.new_epoch();
         if self.stop.is_fired() {
             // stop() flushes the secondary, then records what is left.
             return Ok(());

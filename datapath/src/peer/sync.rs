@@ -113,7 +113,13 @@ impl Remote {
         // Everything copied: both legs are identical. The destination
         // records the new generation first (after flushing the copied
         // data), then the source: a crash in between is recognised at the
-        // next handshake (see generation::decide).
+        // next handshake (see generation::decide). A generation this node
+        // started meanwhile (a write before the link carried writes, the
+        // first write ever) is part of what was copied: never record less.
+        let target = match dir {
+            SyncDirection::ToSecondary => target.max(self.disk.metadata().localcnt),
+            SyncDirection::FromSecondary => target,
+        };
         let body = SyncComplete { generation: target }.encode();
         let record_here = async {
             self.disk.flush().await?;
