@@ -25,6 +25,7 @@ use crate::peer::proto::Refusal;
 use crate::peer::remote::{Remote, RemoteConfig, ReplicationMode};
 use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
 use crate::primary::Primary;
+use crate::provider::ProviderLock;
 use crate::stats::ResourceStats;
 
 /// How long a new primary waits for its peer before exposing its export
@@ -719,6 +720,11 @@ struct Res {
     events: EventSink,
     role: Role,
     active: Active,
+    /// The exclusive claim on the provider: taken when the resource
+    /// leaves role init, kept across changes between primary and
+    /// secondary (no other process can take the provider in between),
+    /// released in role init (and when the resource goes away).
+    lock: Option<ProviderLock>,
 }
 
 enum Active {
@@ -746,6 +752,7 @@ async fn shard_main(
             stats,
             role: Role::Init,
             active: Active::Idle,
+            lock: None,
         }
     };
     let mut state: HashMap<String, Res> = resources
@@ -861,9 +868,16 @@ impl Res {
         self.role = Role::Init;
         self.stats.set_role(Role::Init);
         let active = match role {
-            Role::Init => Active::Idle,
-            Role::Primary => self.activate_primary().await?,
-            Role::Secondary => self.activate_secondary().await?,
+            Role::Init => Ok(Active::Idle),
+            Role::Primary => self.activate_primary().await,
+            Role::Secondary => self.activate_secondary().await,
+        };
+        let active = match active {
+            Ok(Active::Idle) | Err(_) => {
+                self.lock = None;
+                active?
+            }
+            Ok(a) => a,
         };
         self.active = active;
         self.role = role;
@@ -921,6 +935,18 @@ impl Res {
         tracing::info!(resource = %self.spec.name, "configuration applied to the running primary");
     }
 
+    /// Claims the provider for this resource unless it holds it already
+    /// (see [`Res::lock`]); refused when another process (another hastd,
+    /// `hastctl create`) or another resource uses it.
+    fn claim(&mut self) -> Result<(), NodeError> {
+        if self.lock.is_none() {
+            let lock = ProviderLock::acquire(&self.spec.localpath)
+                .map_err(|e| self.error(NodeErrorKind::Provider, "cannot claim the provider", e))?;
+            self.lock = Some(lock);
+        }
+        Ok(())
+    }
+
     /// Opens the resource's provider (errors name the resource).
     async fn open_provider(&self) -> Result<Rc<LocalDisk>, NodeError> {
         LocalDisk::open(
@@ -965,6 +991,9 @@ impl Res {
                 Ok(())
             }
             Active::Idle => {
+                let _claim = ProviderLock::acquire(&self.spec.localpath).map_err(|e| {
+                    self.error(NodeErrorKind::Provider, "cannot claim the provider", e)
+                })?;
                 let disk = self.open_provider().await?;
                 let res = disk.update_metadata(flag).await.map_err(fail);
                 let prev = disk.metadata().prevrole;
@@ -1046,6 +1075,7 @@ impl Res {
     }
 
     async fn activate_primary(&mut self) -> Result<Active, NodeError> {
+        self.claim()?;
         let disk = self.open_disk(Role::Primary).await?;
         let remote = self.start_remote(&disk);
         let primary = Rc::new(Primary::new(disk.clone(), self.stats.clone(), remote));
@@ -1085,6 +1115,7 @@ impl Res {
     }
 
     async fn activate_secondary(&mut self) -> Result<Active, NodeError> {
+        self.claim()?;
         let disk = self.open_disk(Role::Secondary).await?;
         let secondary = Secondary::new(SecondaryCtx {
             resource: self.spec.name.clone(),

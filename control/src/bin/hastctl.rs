@@ -54,6 +54,10 @@ enum Command {
         /// Bytes of the provider to use [default: all of it].
         #[arg(short = 'm', value_name = "SIZE")]
         mediasize: Option<String>,
+        /// Overwrite a provider that holds another resource's metadata
+        /// (destroys that resource's data on this node).
+        #[arg(short = 'f', long)]
+        force: bool,
         /// Resources.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
@@ -263,12 +267,14 @@ fn main() {
             extentsize,
             keepdirty,
             mediasize,
+            force,
             names,
         } => {
             let params = CreateParams {
                 extentsize: size_arg("extent size", Some(extentsize)),
                 keepdirty: size_arg("keepdirty", Some(keepdirty)),
                 mediasize: size_arg("media size", mediasize.as_deref()),
+                force: *force,
             };
             create(&cfg, params, names, cli.debug)
         }
