@@ -27,7 +27,7 @@ use super::handshake::{self, Agreement};
 use super::link::{LinkLimits, PeerLink};
 use super::proto::{Header, HelloReply, Kind, Refusal};
 use super::sync::SyncMode;
-use crate::events::{EventSink, PeerEventKind};
+use crate::events::{EventKind, EventSink};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;
 use crate::semaphore::Semaphore;
@@ -400,7 +400,7 @@ impl Remote {
         self.set_error(String::new());
         tracing::info!(resource = %self.cfg.resource, decision = %agreement.decision,
             "connected to the secondary");
-        self.events.emit(PeerEventKind::Connect);
+        self.events.emit(EventKind::Connect);
         self.first.fire();
 
         let target = if agreement.resolved_split {
@@ -429,7 +429,7 @@ impl Remote {
         self.disk.with_map(|m| m.peer_lost());
         let why = link.death_reason().unwrap_or(LinkError::Closed);
         tracing::warn!(resource = %self.cfg.resource, reason = %why, "disconnected from the secondary");
-        self.events.emit(PeerEventKind::Disconnect);
+        self.events.emit(EventKind::Disconnect);
         Err(LinkError::Lost(Box::new(why)))
     }
 
@@ -541,7 +541,7 @@ impl Remote {
         if !self.split_brain_reported.replace(true) {
             tracing::error!(resource = %self.cfg.resource, primary = %p, secondary = %s,
                 "split-brain: both nodes wrote since they last agreed; not synchronising");
-            self.events.emit(PeerEventKind::SplitBrain);
+            self.events.emit(EventKind::SplitBrain);
         }
     }
 }
