@@ -11,12 +11,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use hast_datapath::events::{PeerEvent, PeerEventKind};
 use hast_datapath::metadata::Role;
 use hast_datapath::node::{Applied, CpuPlacement, Node, NodeError, NodeOptions, ResourceSpec};
+use hast_datapath::peer::compress::Compression as WireCompression;
 use hast_datapath::peer::remote::ReplicationMode;
+use hast_datapath::peer::sync::SyncMode as DataSyncMode;
 
-use crate::config::{self, Config, NodeIdentity, PeerAddr, Replication, ResourceConfig};
+use crate::config::{
+    self, Compression, Config, NodeIdentity, PeerAddr, Replication, ResourceConfig, SyncMode,
+};
 use crate::control::{self, ControlServer};
 use crate::events::{Broadcaster, Notifier};
 use crate::exit;
@@ -28,11 +31,11 @@ use crate::reload::{self, Plan};
 /// Requests in flight per NBD connection.
 pub const MAX_INFLIGHT: usize = 128;
 /// Write payload bytes buffered per export.
-pub const BUFFER_BUDGET: usize = 64 << 20;
+pub const BUFFER_BUDGET: usize = 32 << 20;
 /// Payload bytes of the replicated requests not yet written by the
 /// secondary, per resource (with the request count, the replication window:
 /// how far behind an async secondary can be, docs/failover.md).
-pub const WINDOW_BYTES: usize = 64 << 20;
+pub const WINDOW_BYTES: usize = 32 << 20;
 /// Events from the data path queued for the hooks and the event stream.
 const EVENT_QUEUE: usize = 4096;
 /// How long hooks still running at shutdown are waited for.
@@ -598,13 +601,13 @@ fn node_options(
     listen: Vec<std::net::SocketAddr>,
     notifier: &Notifier,
 ) -> NodeOptions {
-    let (ev_tx, ev_rx) = flume::bounded::<PeerEvent>(EVENT_QUEUE);
+    let (ev_tx, ev_rx) = flume::bounded::<Event>(EVENT_QUEUE);
     let submit = notifier.clone();
     let spawned = std::thread::Builder::new()
         .name("hast-events".into())
         .spawn(move || {
             for ev in ev_rx.iter() {
-                submit.submit(Event::new(ev.resource, event_kind(ev.kind)));
+                submit.submit(ev);
             }
         });
     if let Err(e) = spawned {
@@ -624,17 +627,6 @@ fn node_options(
             .unwrap_or_default(),
         listen,
         events: Some(ev_tx),
-    }
-}
-
-fn event_kind(k: PeerEventKind) -> EventKind {
-    match k {
-        PeerEventKind::Connect => EventKind::Connect,
-        PeerEventKind::Disconnect => EventKind::Disconnect,
-        PeerEventKind::SyncStart => EventKind::Syncstart,
-        PeerEventKind::SyncDone => EventKind::Syncdone,
-        PeerEventKind::SyncIntr => EventKind::Syncintr,
-        PeerEventKind::SplitBrain => EventKind::SplitBrain,
     }
 }
 
@@ -694,6 +686,17 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, DaemonError
         timeout: r.timeout,
         window_bytes: WINDOW_BYTES,
         splitbrain_auto: r.splitbrain == crate::config::SplitBrainPolicy::Auto,
+        compression: match r.compression {
+            Compression::None => WireCompression::None,
+            Compression::Hole => WireCompression::Hole,
+            Compression::Lzf => WireCompression::Lzf,
+            Compression::Lz4 => WireCompression::Lz4,
+        },
+        syncmode: match r.syncmode {
+            SyncMode::Auto => DataSyncMode::Auto,
+            SyncMode::Full => DataSyncMode::Full,
+            SyncMode::Checksum => DataSyncMode::Checksum,
+        },
     })
 }
 

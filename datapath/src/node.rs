@@ -16,14 +16,17 @@ use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::events::{EventSink, PeerEvent};
+use crate::events::{Event, EventSink};
 use crate::local::LocalDisk;
 use crate::metadata::Role;
 use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
+use crate::peer::compress::Compression;
 use crate::peer::listener::{self, Listener, Route};
 use crate::peer::proto::Refusal;
 use crate::peer::remote::{Remote, RemoteConfig, ReplicationMode};
 use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
+use crate::peer::sync::SyncMode;
+use crate::peer::verify::VerifyParams;
 use crate::primary::Primary;
 use crate::provider::ProviderLock;
 use crate::stats::ResourceStats;
@@ -186,6 +189,10 @@ pub struct ResourceSpec {
     pub window_bytes: usize,
     /// `splitbrain auto` policy.
     pub splitbrain_auto: bool,
+    /// How data travels (`compression`).
+    pub compression: Compression,
+    /// How a synchronisation moves data (`syncmode`).
+    pub syncmode: SyncMode,
 }
 
 /// Node-wide settings.
@@ -199,7 +206,7 @@ pub struct NodeOptions {
     /// has a remote).
     pub listen: Vec<SocketAddr>,
     /// Where events go (hooks, event stream).
-    pub events: Option<flume::Sender<PeerEvent>>,
+    pub events: Option<flume::Sender<Event>>,
 }
 
 /// Executor placement.
@@ -225,6 +232,12 @@ enum Cmd {
     /// Mark the local changes since a split-brain for discarding.
     Discard {
         name: String,
+        reply: Reply<()>,
+    },
+    /// Start a verify (primary).
+    Verify {
+        name: String,
+        params: VerifyParams,
         reply: Reply<()>,
     },
     /// Phase 2: expose the export (primary).
@@ -665,12 +678,34 @@ impl Node {
     /// peer's data over the extents either side changed. The node must
     /// not be primary.
     pub fn discard(&self, names: &[String]) -> Vec<(String, Result<(), NodeError>)> {
+        self.each(names, |name, reply| Cmd::Discard { name, reply })
+    }
+
+    /// Starts `hastctl verify` on each named resource (which must be
+    /// primary and connected); it runs in the background, its progress and
+    /// result in the resource's counters (`ResourceStats::verify`).
+    pub fn verify(
+        &self,
+        names: &[String],
+        params: VerifyParams,
+    ) -> Vec<(String, Result<(), NodeError>)> {
+        self.each(names, |name, reply| Cmd::Verify {
+            name,
+            params,
+            reply,
+        })
+    }
+
+    /// Sends the command `make` builds to each named resource (all at
+    /// once, across shards) and collects the answers in order.
+    fn each<T>(
+        &self,
+        names: &[String],
+        make: impl Fn(String, Reply<T>) -> Cmd,
+    ) -> Vec<(String, Result<T, NodeError>)> {
         let asked: Vec<_> = names
             .iter()
-            .map(|n| {
-                let name = n.clone();
-                (n.clone(), self.ask(n, |reply| Cmd::Discard { name, reply }))
-            })
+            .map(|n| (n.clone(), self.ask(n, |reply| make(n.clone(), reply))))
             .collect();
         asked
             .into_iter()
@@ -742,7 +777,7 @@ enum Active {
 async fn shard_main(
     rx: flume::Receiver<Cmd>,
     resources: Vec<(ResourceSpec, Arc<ResourceStats>)>,
-    events: Option<flume::Sender<PeerEvent>>,
+    events: Option<flume::Sender<Event>>,
 ) {
     let new_res = |spec: ResourceSpec, stats: Arc<ResourceStats>| {
         stats.set_role(Role::Init);
@@ -776,6 +811,17 @@ async fn shard_main(
             Cmd::Discard { name, reply } => {
                 let res = match state.get_mut(&name) {
                     Some(r) => r.discard().await,
+                    None => Err(NodeError::unknown(&name)),
+                };
+                let _ = reply.send(res);
+            }
+            Cmd::Verify {
+                name,
+                params,
+                reply,
+            } => {
+                let res = match state.get_mut(&name) {
+                    Some(r) => r.verify(params),
                     None => Err(NodeError::unknown(&name)),
                 };
                 let _ = reply.send(res);
@@ -931,6 +977,8 @@ impl Res {
         } else if let Some(r) = primary.remote() {
             r.set_mode(self.spec.mode);
             r.set_timeout(self.spec.timeout);
+            r.set_compression(self.spec.compression);
+            r.set_syncmode(self.spec.syncmode);
         }
         tracing::info!(resource = %self.spec.name, "configuration applied to the running primary");
     }
@@ -1006,6 +1054,27 @@ impl Res {
         }
     }
 
+    /// Starts a verify (see [`Node::verify`]).
+    fn verify(&self, params: VerifyParams) -> Result<(), NodeError> {
+        let Active::Primary { primary, .. } = &self.active else {
+            return Err(self.error(
+                NodeErrorKind::WrongRole,
+                "cannot verify",
+                format!("this node is {}; run verify on the primary", self.role),
+            ));
+        };
+        let Some(remote) = primary.remote() else {
+            return Err(self.error(
+                NodeErrorKind::WrongRole,
+                "cannot verify",
+                "the resource has no peer (remote none)",
+            ));
+        };
+        remote
+            .start_verify(params)
+            .map_err(|e| self.error(NodeErrorKind::WrongRole, "cannot verify", e))
+    }
+
     /// Phase 2 of a role change: a primary's export appears.
     async fn commit_role(&mut self) -> Result<(), NodeError> {
         let name = self.spec.name.clone();
@@ -1067,6 +1136,8 @@ impl Res {
                 sync_chunk: SYNC_CHUNK,
                 retry: self.spec.timeout.min(RETRY_MAX),
                 splitbrain_auto: self.spec.splitbrain_auto,
+                compression: self.spec.compression,
+                syncmode: self.spec.syncmode,
             },
             disk.clone(),
             self.stats.clone(),
@@ -1127,6 +1198,7 @@ impl Res {
             splitbrain_auto: self.spec.splitbrain_auto,
             max_requests: WINDOW_REQUESTS,
             max_bytes: self.spec.window_bytes,
+            compression: self.spec.compression,
         });
         Ok(Active::Secondary { secondary })
     }

@@ -343,7 +343,10 @@ impl TestNode {
                     return Err(format!("hastd exited early ({st}):\n{}", self.log()));
                 }
             }
-            if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
+            // The socket accepts connections as soon as it is bound, before
+            // hastd has started its resources and listeners: ready means
+            // it answers a status request.
+            if answers_status(&ctl) {
                 return Ok(());
             }
             assert!(
@@ -654,4 +657,19 @@ pub fn alive(pid: u32) -> bool {
                 .is_some_and(|(_, rest)| !rest.starts_with('Z'))
         })
         .unwrap_or(false)
+}
+
+/// Does hastd answer a status request on its control socket?
+fn answers_status(ctl: &Path) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(ctl) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = b"{\"version\":1,\"cmd\":\"status\",\"resources\":[\"all\"]}\n";
+    if s.write_all(req).is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok_and(|n| n > 0)
 }

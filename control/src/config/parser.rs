@@ -55,6 +55,7 @@ pub(crate) enum Key {
     Replication,
     Checksum,
     Compression,
+    Syncmode,
     Timeout,
     Exec,
     Metaflush,
@@ -67,7 +68,7 @@ pub(crate) enum Key {
 }
 
 impl Key {
-    const ALL: [Key; 16] = [
+    const ALL: [Key; 17] = [
         Key::Control,
         Key::Pidfile,
         Key::Listen,
@@ -75,6 +76,7 @@ impl Key {
         Key::Replication,
         Key::Checksum,
         Key::Compression,
+        Key::Syncmode,
         Key::Timeout,
         Key::Exec,
         Key::Metaflush,
@@ -95,6 +97,7 @@ impl Key {
             Key::Replication => "replication",
             Key::Checksum => "checksum",
             Key::Compression => "compression",
+            Key::Syncmode => "syncmode",
             Key::Timeout => "timeout",
             Key::Exec => "exec",
             Key::Metaflush => "metaflush",
@@ -123,6 +126,7 @@ impl Key {
             Key::Replication
             | Key::Checksum
             | Key::Compression
+            | Key::Syncmode
             | Key::Timeout
             | Key::Exec
             | Key::Splitbrain => (

@@ -3,6 +3,8 @@
 //!
 //! See `docs/protocol.md`.
 
+pub mod checksum;
+pub mod compress;
 pub mod durability;
 pub mod frame;
 pub mod handshake;
@@ -12,3 +14,4 @@ pub mod proto;
 pub mod remote;
 pub mod secondary;
 pub mod sync;
+pub mod verify;

@@ -8,12 +8,15 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::header::FrameError;
+use crate::digest::Algo;
 use crate::generation::Gen;
 
-/// Highest protocol version this build speaks.
-pub const PROTO_VERSION: u16 = 1;
-/// Lowest protocol version this build accepts.
-pub const PROTO_VERSION_MIN: u16 = 1;
+/// Highest protocol version this build speaks. Version 2 added the
+/// Checksums / ChecksumsReply kinds and the compression flags.
+pub const PROTO_VERSION: u16 = 2;
+/// Lowest protocol version this build accepts (a version 1 peer would
+/// refuse the frames of version 2).
+pub const PROTO_VERSION_MIN: u16 = 2;
 /// Longest resource name in a Hello (bytes of UTF-8).
 pub const MAX_RESOURCE_LEN: usize = 127;
 /// Longest node name in a Hello (bytes of UTF-8).
@@ -22,6 +25,15 @@ pub const MAX_NODE_LEN: usize = 63;
 pub const MAX_MESSAGE_LEN: usize = 4096;
 /// Size of a SyncComplete payload.
 pub const SYNC_COMPLETE_LEN: usize = 16;
+/// Size of a Checksums payload.
+pub const CHECKSUMS_REQUEST_LEN: usize = 8;
+/// Largest ChecksumsReply payload: 32-byte digests of 512-byte blocks of
+/// a 32 MiB range.
+pub const MAX_DIGESTS_PAYLOAD: u32 = 2 << 20;
+/// Smallest block of a Checksums request.
+pub const MIN_DIGEST_BLOCK: u32 = 512;
+/// Largest block of a Checksums request.
+pub const MAX_DIGEST_BLOCK: u32 = 1 << 20;
 
 /// Flag bits of [`Hello::flags`] and [`HelloReply::flags`].
 pub mod hello_flags {
@@ -577,10 +589,79 @@ impl SyncComplete {
     }
 }
 
+/// Payload of a Checksums request: how to cut the range into blocks and
+/// which digest to take of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksumsRequest {
+    /// Bytes per block: a power of two from 512 to 1 MiB.
+    pub block: u32,
+    /// The digest algorithm.
+    pub algo: Algo,
+}
+
+impl ChecksumsRequest {
+    /// The 8 payload bytes: block (u32), algorithm code (u8), 3 reserved.
+    pub fn encode(&self) -> [u8; CHECKSUMS_REQUEST_LEN] {
+        let mut out = [0u8; CHECKSUMS_REQUEST_LEN];
+        out[..4].copy_from_slice(&self.block.to_le_bytes());
+        out[4] = self.algo.code();
+        out
+    }
+
+    /// Decodes a Checksums payload.
+    pub fn decode(payload: &[u8]) -> Result<ChecksumsRequest, FrameError> {
+        let b: [u8; CHECKSUMS_REQUEST_LEN] =
+            payload.try_into().map_err(|_| FrameError::Truncated {
+                what: "Checksums",
+                needed: CHECKSUMS_REQUEST_LEN,
+                actual: payload.len(),
+            })?;
+        let block = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if !block.is_power_of_two() || !(MIN_DIGEST_BLOCK..=MAX_DIGEST_BLOCK).contains(&block) {
+            return Err(FrameError::Malformed(format!(
+                "Checksums block size {block} is not a power of two from 512 to 1 MiB"
+            )));
+        }
+        let algo = Algo::from_code(b[4]).ok_or_else(|| {
+            FrameError::Malformed(format!("unknown checksum algorithm code {}", b[4]))
+        })?;
+        reserved_zero(
+            "Checksums bytes 5..8",
+            u64::from(b[5]) | u64::from(b[6]) << 8 | u64::from(b[7]) << 16,
+        )?;
+        Ok(ChecksumsRequest { block, algo })
+    }
+
+    /// Bytes of the reply's digests for `length` bytes.
+    pub fn reply_len(&self, length: u32) -> usize {
+        crate::digest::block_count(u64::from(length), self.block) as usize * self.algo.digest_len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn checksums_request() {
+        let r = ChecksumsRequest {
+            block: 4096,
+            algo: Algo::Sha256,
+        };
+        assert_eq!(r.encode(), [0, 0x10, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(ChecksumsRequest::decode(&r.encode()), Ok(r));
+        assert_eq!(r.reply_len(8193), 3 * 32);
+        for bad in [
+            [0u8, 0x10, 0, 0, 9, 0, 0, 0],
+            [0, 0x10, 0, 0, 1, 0, 1, 0],
+            [0, 0x11, 0, 0, 1, 0, 0, 0],
+            [0, 1, 0, 0, 1, 0, 0, 0],
+        ] {
+            assert!(ChecksumsRequest::decode(&bad).is_err(), "{bad:?}");
+        }
+        assert!(ChecksumsRequest::decode(&[0; 7]).is_err());
+    }
 
     #[test]
     fn negotiation() {
@@ -657,7 +738,7 @@ mod tests {
         let h = sample_hello();
         let b = h.encode();
         assert_eq!(b.len(), HELLO_FIXED_LEN + 2 + 6 + 2 + 5);
-        assert_eq!(&b[0..4], &[1, 0, 1, 0]);
+        assert_eq!(&b[0..4], &[2, 0, 2, 0]);
         assert_eq!(&b[8..16], &(1u64 << 30).to_le_bytes());
         assert_eq!(&b[16..20], &(2u32 << 20).to_le_bytes());
         assert_eq!(&b[24..32], &0xdead_beef_0bad_cafeu64.to_le_bytes());
@@ -668,7 +749,7 @@ mod tests {
         assert_eq!(&b[64..], b"\x05\x00alpha");
         assert_eq!(Hello::decode(&b).unwrap(), h);
         assert!(h.is_inconsistent());
-        assert_eq!(Hello::peek_versions(&b), Some((1, 1)));
+        assert_eq!(Hello::peek_versions(&b), Some((2, 2)));
         assert_eq!(Hello::peek_versions(&b[..3]), None);
     }
 
