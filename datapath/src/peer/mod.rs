@@ -3,6 +3,7 @@
 //!
 //! See `docs/protocol.md`.
 
+pub mod auth;
 pub mod durability;
 pub mod frame;
 pub mod handshake;
@@ -10,5 +11,6 @@ pub mod link;
 pub mod listener;
 pub mod proto;
 pub mod remote;
+pub mod seal;
 pub mod secondary;
 pub mod sync;

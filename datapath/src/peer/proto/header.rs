@@ -7,7 +7,7 @@ use std::fmt;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::control::SYNC_COMPLETE_LEN;
+use super::control::{MAX_CHALLENGE_LEN, PROOF_LEN, SYNC_COMPLETE_LEN};
 
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 48;
@@ -64,6 +64,14 @@ pub enum Kind {
     SyncComplete = 16,
     /// Orderly close (role change, shutdown); no reply.
     Bye = 17,
+    /// Secondary → primary, after the introduction (protocol 2): the
+    /// security modes, the secondary's node name and nonce
+    /// ([`Challenge`](super::Challenge) payload).
+    Challenge = 3,
+    /// Either side, after the Challenge when a secret is configured
+    /// (protocol 2): the proof of the secret ([`Proof`](super::Proof)
+    /// payload).
+    Proof = 4,
     /// memsync: the payload of request `seq` was received; the write is not
     /// yet done.
     Received = 20,
@@ -77,7 +85,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Hello,
         Kind::HelloReply,
         Kind::Write,
@@ -92,6 +100,8 @@ impl Kind {
         Kind::Done,
         Kind::ReadReply,
         Kind::KeepaliveReply,
+        Kind::Challenge,
+        Kind::Proof,
     ];
 
     /// Kind from its wire code.
@@ -111,6 +121,8 @@ impl Kind {
             21 => Kind::Done,
             22 => Kind::ReadReply,
             23 => Kind::KeepaliveReply,
+            3 => Kind::Challenge,
+            4 => Kind::Proof,
             _ => return None,
         })
     }
@@ -134,6 +146,7 @@ impl Kind {
                 | Kind::SyncStart
                 | Kind::SyncComplete
                 | Kind::Bye
+                | Kind::Proof
         )
     }
 
@@ -148,6 +161,8 @@ impl Kind {
             Kind::Write | Kind::ReadReply => MAX_DATA,
             Kind::Hello | Kind::HelloReply => MAX_CONTROL_PAYLOAD,
             Kind::SyncComplete => SYNC_COMPLETE_LEN as u32,
+            Kind::Challenge => MAX_CHALLENGE_LEN as u32,
+            Kind::Proof => PROOF_LEN as u32,
             _ => 0,
         }
     }
@@ -169,6 +184,8 @@ impl Kind {
             Kind::Done => "Done",
             Kind::ReadReply => "ReadReply",
             Kind::KeepaliveReply => "KeepaliveReply",
+            Kind::Challenge => "Challenge",
+            Kind::Proof => "Proof",
         }
     }
 }
@@ -463,6 +480,8 @@ impl Header {
                     "payload exceeds the 16 MiB control payload limit"
                 }
                 Kind::SyncComplete => "a SyncComplete payload is exactly 16 bytes",
+                Kind::Challenge => "a Challenge payload is at most 105 bytes",
+                Kind::Proof => "a Proof payload is exactly 64 bytes",
                 _ => "this kind carries no payload",
             });
         }
@@ -478,6 +497,9 @@ impl Header {
             }
             Kind::SyncComplete if self.payload_len as usize != SYNC_COMPLETE_LEN => {
                 bad("a SyncComplete payload is exactly 16 bytes")
+            }
+            Kind::Proof if self.payload_len as usize != PROOF_LEN => {
+                bad("a Proof payload is exactly 64 bytes")
             }
             Kind::ReadReply if self.status != 0 && self.payload_len != 0 => {
                 bad("a failed ReadReply carries no data")
@@ -615,7 +637,7 @@ mod tests {
                 None => assert!(!Kind::ALL.iter().any(|k| k.code() == code)),
             }
         }
-        assert_eq!(Kind::ALL.len(), 14);
+        assert_eq!(Kind::ALL.len(), 16);
         let requests: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.is_request()).collect();
         assert_eq!(
             requests,
@@ -628,7 +650,8 @@ mod tests {
                 Kind::Keepalive,
                 Kind::SyncStart,
                 Kind::SyncComplete,
-                Kind::Bye
+                Kind::Bye,
+                Kind::Proof
             ]
         );
         let data: Vec<Kind> = Kind::ALL
@@ -690,7 +713,7 @@ mod tests {
     #[test]
     fn unknown_kind() {
         let (h, _) = sample_write();
-        for code in [0u8, 3, 9, 18, 19, 24, 255] {
+        for code in [0u8, 5, 9, 18, 19, 24, 255] {
             let b = edited(h, |b| b[4] = code);
             assert_eq!(Header::decode(&b), Err(FrameError::UnknownKind(code)));
         }
@@ -963,6 +986,7 @@ mod tests {
                     }
                     Kind::Read => h.length %= MAX_DATA + 1,
                     Kind::SyncComplete => h.payload_len = SYNC_COMPLETE_LEN as u32,
+                    Kind::Proof => h.payload_len = PROOF_LEN as u32,
                     Kind::ReadReply if h.status != 0 => h.payload_len = 0,
                     _ => {}
                 }
