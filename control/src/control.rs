@@ -380,6 +380,7 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
         connected: stats.connected.load(Relaxed),
         window_waits: g(&stats.window_waits),
         split_brain: stats.split_brain.load(Relaxed),
+        auth_failures: g(&stats.auth_failures),
         last_error: stats
             .last_error
             .lock()

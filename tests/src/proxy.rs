@@ -114,6 +114,11 @@ struct State {
     handles: Vec<JoinHandle<()>>,
     accepted: u64,
     refused: u64,
+    /// Flip a bit in the next client -> target chunk of at least this
+    /// many bytes (see [`Proxy::corrupt_next`]).
+    corrupt: Option<usize>,
+    /// Chunks corrupted so far.
+    corrupted: u64,
 }
 
 struct Inner {
@@ -305,6 +310,8 @@ impl Proxy {
                 handles: Vec::new(),
                 accepted: 0,
                 refused: 0,
+                corrupt: None,
+                corrupted: 0,
             }),
             cv: Condvar::new(),
             source_ip,
@@ -381,6 +388,18 @@ impl Proxy {
     pub fn set_delay(&self, d: Duration) {
         self.inner.lock().delay = d;
         self.inner.cv.notify_all();
+    }
+
+    /// Alters data in flight: flips one bit in the middle of the next
+    /// chunk of at least `min_len` bytes forwarded from a client to the
+    /// target (once).
+    pub fn corrupt_next(&self, min_len: usize) {
+        self.inner.lock().corrupt = Some(min_len.max(1));
+    }
+
+    /// Chunks altered by [`Proxy::corrupt_next`] so far.
+    pub fn corrupted(&self) -> u64 {
+        self.inner.lock().corrupted
     }
 
     /// Counters so far.
@@ -628,6 +647,13 @@ fn reader(inner: &Inner, id: u64, dir: usize, mut src: TcpStream) {
                 break;
             }
             Ok(n) => {
+                let corrupt = dir == 0 && g.corrupt.is_some_and(|min| n >= min);
+                if corrupt {
+                    g.corrupt = None;
+                    g.corrupted += 1;
+                    buf[n / 2] ^= 0x10;
+                }
+                let Some(c) = g.conns.get_mut(&id) else { break };
                 let p = &mut c.pipes[dir];
                 p.queue
                     .push_back((Instant::now() + delay, buf[..n].to_vec()));

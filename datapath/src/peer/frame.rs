@@ -141,6 +141,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
             w.write_all(payload).await?;
         }
     }
+    // A buffering transport (TLS, the authenticated stream) sends now.
+    w.flush().await?;
     Ok(())
 }
 

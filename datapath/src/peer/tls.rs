@@ -235,7 +235,9 @@ pub fn handshake_blocking<T: Read + Write>(
     Ok(())
 }
 
-/// Sends `bytes` in the TLS session over a blocking stream.
+/// Sends `bytes` in the TLS session over a blocking stream. If the peer
+/// closed the connection, the alert it sent first (why it refused us) is
+/// the error rather than the broken pipe.
 pub fn send_blocking<T: Read + Write>(
     conn: &mut Connection,
     io: &mut T,
@@ -243,9 +245,26 @@ pub fn send_blocking<T: Read + Write>(
 ) -> io::Result<()> {
     conn.writer().write_all(bytes)?;
     while conn.wants_write() {
-        conn.write_tls(io)?;
+        if let Err(e) = conn.write_tls(io) {
+            return Err(pending_alert(conn, io).unwrap_or(e));
+        }
     }
     io.flush()
+}
+
+/// The error of what the peer sent before it closed, if it was one.
+fn pending_alert<T: Read>(conn: &mut Connection, io: &mut T) -> Option<io::Error> {
+    for _ in 0..4 {
+        match conn.read_tls(io) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {
+                if let Err(e) = conn.process_new_packets() {
+                    return Some(tls_error(e));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Reads exactly `buf.len()` plaintext bytes of the TLS session over a
@@ -558,6 +577,13 @@ mod tests {
             let r = r.and_then(|()| {
                 read_exact_blocking(&mut s, &mut b, &mut one).map_err(|e| explain_io(&e))
             });
+            if r.is_err() {
+                // As the listener does: let the client read our alert
+                // before the connection goes.
+                let _ = b.shutdown(std::net::Shutdown::Write);
+                let _ = b.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+                let _ = b.read_to_end(&mut Vec::new());
+            }
             r.map(|()| s)
         });
         let mut c = client.client(peer_name).unwrap();
