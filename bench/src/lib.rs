@@ -17,3 +17,4 @@ pub mod report;
 pub mod suite;
 pub mod syscalls;
 pub mod util;
+pub mod wire;

@@ -50,15 +50,15 @@ pub fn human_size(n: u64) -> String {
 
 /// Size of a provider whose data area is exactly `data` bytes with the
 /// `hastctl create` defaults (2 MiB extents, 512-byte sectors; see
-/// docs/format.md): metadata block, activemap, then the data area at a
-/// 4 KiB-aligned `localoff`.
+/// docs/format.md): metadata block, activemap, written map (as large as
+/// the activemap), then the data area at a 4 KiB-aligned `localoff`.
 pub fn provider_size(data: u64) -> u64 {
     const EXTENT: u64 = 2 * MIB;
     let mut media = data + 8192;
     loop {
         let extents = media.div_ceil(EXTENT);
         let mapsize = extents.div_ceil(8).next_multiple_of(512);
-        let localoff = (4096 + mapsize).next_multiple_of(4096);
+        let localoff = (4096 + 2 * mapsize).next_multiple_of(4096);
         let m = data + localoff;
         if m == media {
             return m;

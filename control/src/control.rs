@@ -25,8 +25,10 @@ use crate::daemon::{export_socket, Daemon, DaemonError, MAX_INFLIGHT};
 use crate::hooks::{Event, EventKind};
 use crate::proto::{
     ErrorKind, LocalErrors, Queues, Request, RequestEnvelope, ResourceReport, Response, Statistics,
-    SyncReport, CONTROL_VERSION, MAX_LINE,
+    SyncReport, VerifyState, VerifySummary, CONTROL_VERSION, MAX_LINE,
 };
+use hast_datapath::digest::Algo;
+use hast_datapath::peer::verify::VerifyParams;
 
 /// How long a client may take to send its request line.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -227,7 +229,8 @@ fn dispatch(req: Request, daemon: &Daemon) -> Response {
         Request::Status { resources }
         | Request::Role { resources, .. }
         | Request::Events { resources }
-        | Request::SplitBrain { resources, .. } => resources.clone(),
+        | Request::SplitBrain { resources, .. }
+        | Request::Verify { resources, .. } => resources.clone(),
         Request::Reload => Vec::new(),
     };
     let selected = match cfg.select(&names) {
@@ -250,12 +253,65 @@ fn dispatch(req: Request, daemon: &Daemon) -> Response {
             split_brain(&cfg, selected, daemon)
         }
         Request::Role { role, force, .. } => set_roles(&cfg, selected, role, force, daemon),
+        Request::Verify {
+            offset,
+            length,
+            algorithm,
+            repair,
+            ..
+        } => {
+            let algo = match algorithm.as_deref().unwrap_or("xxh3").parse::<Algo>() {
+                Ok(a) => a,
+                Err(e) => return Response::failure(ErrorKind::BadRequest, e),
+            };
+            let params = VerifyParams {
+                offset,
+                length,
+                algo,
+                repair,
+            };
+            verify(&cfg, selected, params, daemon)
+        }
     };
     Response {
         version: CONTROL_VERSION,
         resources,
         ..Default::default()
     }
+}
+
+fn verify(
+    cfg: &Config,
+    selected: Vec<&ResourceConfig>,
+    params: VerifyParams,
+    daemon: &Daemon,
+) -> Vec<ResourceReport> {
+    let names: Vec<String> = selected.iter().map(|r| r.name.clone()).collect();
+    tracing::info!(resources = ?names, offset = params.offset, length = ?params.length,
+        algorithm = %params.algo, repair = params.repair, "verify requested");
+    let results = daemon.node().verify(&names, params);
+    reports_with_errors(cfg, selected, results, daemon)
+}
+
+/// The reports of `selected`, each with the error of its result.
+fn reports_with_errors(
+    cfg: &Config,
+    selected: Vec<&ResourceConfig>,
+    results: Vec<(String, Result<(), NodeError>)>,
+    daemon: &Daemon,
+) -> Vec<ResourceReport> {
+    selected
+        .into_iter()
+        .zip(results)
+        .map(|(r, (_, res))| {
+            let mut rep = report(cfg, r, daemon);
+            if let Err(e) = res {
+                rep.error_kind = Some(error_kind(&e));
+                rep.error = Some(e.to_string());
+            }
+            rep
+        })
+        .collect()
 }
 
 fn split_brain(
@@ -269,18 +325,7 @@ fn split_brain(
         let _one = daemon.admin();
         daemon.node().discard(&names)
     };
-    selected
-        .into_iter()
-        .zip(results)
-        .map(|(r, (_, res))| {
-            let mut rep = report(cfg, r, daemon);
-            if let Err(e) = res {
-                rep.error_kind = Some(error_kind(&e));
-                rep.error = Some(e.to_string());
-            }
-            rep
-        })
-        .collect()
+    reports_with_errors(cfg, selected, results, daemon)
 }
 
 fn set_roles(
@@ -377,6 +422,14 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
         },
         sync: sync_report(&stats),
         synced_bytes: g(&stats.sync_bytes_total),
+        sync_skipped_bytes: g(&stats.sync_skipped_bytes),
+        sync_identical_bytes: g(&stats.sync_identical_bytes),
+        written_extents: g(&stats.written_extents),
+        net_sent_bytes: g(&stats.net_sent_bytes),
+        net_received_bytes: g(&stats.net_received_bytes),
+        compression: r.compression.to_string(),
+        syncmode: r.syncmode.to_string(),
+        verify: verify_summary(&stats),
         connected: stats.connected.load(Relaxed),
         window_waits: g(&stats.window_waits),
         split_brain: stats.split_brain.load(Relaxed),
@@ -402,6 +455,31 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
         error_kind: None,
         previous_role: None,
     }
+}
+
+fn verify_summary(stats: &ResourceStats) -> Option<VerifySummary> {
+    let report = stats.verify.lock().ok()?.clone()?;
+    let end = if report.finished_ms != 0 {
+        report.finished_ms
+    } else {
+        now_ms()
+    };
+    let secs = (end.saturating_sub(report.started_ms) as f64 / 1000.0).max(0.001);
+    let rate = (report.done as f64 / secs) as u64;
+    let eta_seconds = (report.state == VerifyState::Running && rate > 0)
+        .then(|| report.length.saturating_sub(report.done) / rate);
+    Some(VerifySummary {
+        report,
+        rate,
+        eta_seconds,
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn sync_report(stats: &ResourceStats) -> Option<SyncReport> {

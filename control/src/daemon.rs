@@ -14,9 +14,13 @@ use std::time::Duration;
 use hast_datapath::events::{PeerEvent, PeerEventKind};
 use hast_datapath::metadata::Role;
 use hast_datapath::node::{Applied, CpuPlacement, Node, NodeError, NodeOptions, ResourceSpec};
+use hast_datapath::peer::compress::Compression as WireCompression;
 use hast_datapath::peer::remote::ReplicationMode;
+use hast_datapath::peer::sync::SyncMode as DataSyncMode;
 
-use crate::config::{self, Config, NodeIdentity, PeerAddr, Replication, ResourceConfig};
+use crate::config::{
+    self, Compression, Config, NodeIdentity, PeerAddr, Replication, ResourceConfig, SyncMode,
+};
 use crate::control::{self, ControlServer};
 use crate::events::{Broadcaster, Notifier};
 use crate::exit;
@@ -28,11 +32,11 @@ use crate::reload::{self, Plan};
 /// Requests in flight per NBD connection.
 pub const MAX_INFLIGHT: usize = 128;
 /// Write payload bytes buffered per export.
-pub const BUFFER_BUDGET: usize = 64 << 20;
+pub const BUFFER_BUDGET: usize = 32 << 20;
 /// Payload bytes of the replicated requests not yet written by the
 /// secondary, per resource (with the request count, the replication window:
 /// how far behind an async secondary can be, docs/failover.md).
-pub const WINDOW_BYTES: usize = 64 << 20;
+pub const WINDOW_BYTES: usize = 32 << 20;
 /// Events from the data path queued for the hooks and the event stream.
 const EVENT_QUEUE: usize = 4096;
 /// How long hooks still running at shutdown are waited for.
@@ -643,6 +647,25 @@ fn event_kind(k: PeerEventKind) -> EventKind {
         PeerEventKind::SyncDone => EventKind::Syncdone,
         PeerEventKind::SyncIntr => EventKind::Syncintr,
         PeerEventKind::SplitBrain => EventKind::SplitBrain,
+        PeerEventKind::VerifyStart => EventKind::Verifystart,
+        PeerEventKind::VerifyDone {
+            ok,
+            compared,
+            different,
+        } => EventKind::Verifydone {
+            ok,
+            compared,
+            different,
+        },
+        PeerEventKind::OutOfSync {
+            blocks,
+            bytes,
+            ranges,
+        } => EventKind::OutOfSync {
+            blocks,
+            bytes,
+            ranges,
+        },
     }
 }
 
@@ -704,6 +727,17 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, DaemonError
         splitbrain_auto: r.splitbrain == crate::config::SplitBrainPolicy::Auto,
         security: crate::security::load(cfg, r)
             .map_err(|e| DaemonError::config(format!("[{}] secret or TLS files", r.name), e))?,
+        compression: match r.compression {
+            Compression::None => WireCompression::None,
+            Compression::Hole => WireCompression::Hole,
+            Compression::Lzf => WireCompression::Lzf,
+            Compression::Lz4 => WireCompression::Lz4,
+        },
+        syncmode: match r.syncmode {
+            SyncMode::Auto => DataSyncMode::Auto,
+            SyncMode::Full => DataSyncMode::Full,
+            SyncMode::Checksum => DataSyncMode::Checksum,
+        },
     })
 }
 

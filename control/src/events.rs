@@ -103,6 +103,35 @@ pub enum StreamKind {
         /// Bytes to copy when the pass started.
         total: u64,
     },
+    /// `hastctl verify` started.
+    Verifystart,
+    /// A verify ended.
+    Verifydone {
+        /// It covered its whole range.
+        ok: bool,
+        /// Blocks compared.
+        compared: u64,
+        /// Blocks that differ.
+        different: u64,
+    },
+    /// A verify found blocks that differ.
+    OutOfSync {
+        /// Blocks that differ.
+        blocks: u64,
+        /// Their bytes.
+        bytes: u64,
+        /// Differing ranges.
+        ranges: u64,
+    },
+    /// Verify progress (sampled every [`PROGRESS_INTERVAL`]).
+    VerifyProgress {
+        /// Bytes of the range dealt with.
+        done: u64,
+        /// Bytes of the range.
+        total: u64,
+        /// Blocks found different so far.
+        different: u64,
+    },
 }
 
 impl StreamKind {
@@ -117,6 +146,10 @@ impl StreamKind {
             StreamKind::SplitBrain => "split-brain",
             StreamKind::Role { .. } => "role",
             StreamKind::Progress { .. } => "progress",
+            StreamKind::Verifystart => "verifystart",
+            StreamKind::Verifydone { .. } => "verifydone",
+            StreamKind::OutOfSync { .. } => "out-of-sync",
+            StreamKind::VerifyProgress { .. } => "verify-progress",
         }
     }
 }
@@ -133,6 +166,25 @@ impl From<&Event> for StreamEvent {
             EventKind::Role { old, new } => StreamKind::Role {
                 old: old.clone(),
                 new: new.clone(),
+            },
+            EventKind::Verifystart => StreamKind::Verifystart,
+            &EventKind::Verifydone {
+                ok,
+                compared,
+                different,
+            } => StreamKind::Verifydone {
+                ok,
+                compared,
+                different,
+            },
+            &EventKind::OutOfSync {
+                blocks,
+                bytes,
+                ranges,
+            } => StreamKind::OutOfSync {
+                blocks,
+                bytes,
+                ranges,
             },
         };
         StreamEvent {
@@ -158,6 +210,31 @@ impl StreamEvent {
             StreamKind::Progress { done, total, .. } => {
                 format!("{head} sync {}/{}", size_1dp(*done), size_1dp(*total))
             }
+            StreamKind::VerifyProgress {
+                done,
+                total,
+                different,
+            } => format!(
+                "{head} verify {}/{} {different} blocks differ",
+                size_1dp(*done),
+                size_1dp(*total)
+            ),
+            StreamKind::Verifydone {
+                ok,
+                compared,
+                different,
+            } => format!(
+                "{head} verifydone {} {compared} blocks compared, {different} differ",
+                if *ok { "complete" } else { "stopped" }
+            ),
+            StreamKind::OutOfSync {
+                blocks,
+                bytes,
+                ranges,
+            } => format!(
+                "{head} out-of-sync {blocks} blocks ({}) in {ranges} ranges",
+                size_1dp(*bytes)
+            ),
             k => format!("{head} {}", k.name()),
         }
     }
@@ -217,6 +294,8 @@ struct Inner {
     /// Resources between syncstart and its end (progress is sampled for
     /// these only).
     syncing: HashSet<String>,
+    /// Resources between verifystart and verifydone.
+    verifying: HashSet<String>,
 }
 
 impl Inner {
@@ -231,7 +310,16 @@ impl Inner {
             | StreamKind::Role { .. } => {
                 self.syncing.remove(&ev.resource);
             }
+            StreamKind::Verifystart => {
+                self.verifying.insert(ev.resource.clone());
+            }
             _ => {}
+        }
+        if matches!(
+            ev.kind,
+            StreamKind::Verifydone { .. } | StreamKind::Role { .. }
+        ) {
+            self.verifying.remove(&ev.resource);
         }
         self.subs.retain(|s| {
             if !s.names.contains(&ev.resource) {
@@ -434,21 +522,27 @@ fn sample_progress(
         }
         let resources = resources();
         let mut g = lock(&inner);
-        if g.syncing.is_empty() {
+        if g.syncing.is_empty() && g.verifying.is_empty() {
             continue;
         }
         for (name, stats) in &resources {
-            if !g.syncing.contains(name) {
-                continue;
+            let sync = g
+                .syncing
+                .contains(name)
+                .then(|| progress_of(stats))
+                .flatten();
+            let verify = g
+                .verifying
+                .contains(name)
+                .then(|| verify_progress_of(stats))
+                .flatten();
+            for kind in sync.into_iter().chain(verify) {
+                g.publish(&StreamEvent {
+                    resource: name.clone(),
+                    kind,
+                    time_unix_ms: now_ms(),
+                });
             }
-            let Some(kind) = progress_of(stats) else {
-                continue;
-            };
-            g.publish(&StreamEvent {
-                resource: name.clone(),
-                kind,
-                time_unix_ms: now_ms(),
-            });
         }
     }
 }
@@ -463,6 +557,17 @@ fn progress_of(stats: &ResourceStats) -> Option<StreamKind> {
         direction: direction.into(),
         done,
         total,
+    })
+}
+
+/// The progress of a running verify; None when none runs.
+fn verify_progress_of(stats: &ResourceStats) -> Option<StreamKind> {
+    let g = stats.verify.lock().ok()?;
+    let v = g.as_ref()?;
+    (v.state == hast_datapath::stats::VerifyState::Running).then_some(StreamKind::VerifyProgress {
+        done: v.done,
+        total: v.length,
+        different: v.blocks_different,
     })
 }
 

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! <exec> <event> <resource>                      connect, disconnect, syncstart,
-//!                                                syncdone, syncintr, split-brain
+//!                                                syncdone, syncintr, split-brain,
+//!                                                verifystart, verifydone, out-of-sync
 //! <exec> role <resource> <oldrole> <newrole>     role changes
 //! ```
 //!
@@ -100,6 +101,27 @@ pub enum EventKind {
         /// New role.
         new: String,
     },
+    /// `hastctl verify` started (our extension).
+    Verifystart,
+    /// A verify ended (our extension); `ok` false: stopped early.
+    Verifydone {
+        /// It covered its whole range.
+        ok: bool,
+        /// Blocks compared.
+        compared: u64,
+        /// Blocks that differ.
+        different: u64,
+    },
+    /// A verify found blocks that differ between the nodes (our
+    /// extension; `hastctl list` shows the ranges).
+    OutOfSync {
+        /// Blocks that differ.
+        blocks: u64,
+        /// Their bytes.
+        bytes: u64,
+        /// Differing ranges.
+        ranges: u64,
+    },
 }
 
 impl EventKind {
@@ -113,6 +135,9 @@ impl EventKind {
             EventKind::Syncintr => "syncintr",
             EventKind::SplitBrain => "split-brain",
             EventKind::Role { .. } => "role",
+            EventKind::Verifystart => "verifystart",
+            EventKind::Verifydone { .. } => "verifydone",
+            EventKind::OutOfSync { .. } => "out-of-sync",
         }
     }
 
@@ -551,6 +576,24 @@ impl Runner {
         match &event.kind {
             EventKind::Role { old, new } => cmd.env("HAST_OLDROLE", old).env("HAST_NEWROLE", new),
             _ => cmd.env_remove("HAST_OLDROLE").env_remove("HAST_NEWROLE"),
+        };
+        match &event.kind {
+            EventKind::Verifydone {
+                compared,
+                different,
+                ..
+            } => cmd
+                .env("HAST_BLOCKS_COMPARED", compared.to_string())
+                .env("HAST_BLOCKS_DIFFERENT", different.to_string()),
+            EventKind::OutOfSync {
+                blocks,
+                bytes,
+                ranges,
+            } => cmd
+                .env("HAST_BLOCKS_DIFFERENT", blocks.to_string())
+                .env("HAST_BYTES_DIFFERENT", bytes.to_string())
+                .env("HAST_RANGES_DIFFERENT", ranges.to_string()),
+            _ => &mut cmd,
         };
         match output {
             Some((w1, w2)) => cmd.stdout(w1).stderr(w2),

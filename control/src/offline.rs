@@ -75,6 +75,10 @@ pub fn create(res: &ResourceConfig, params: CreateParams) -> Result<Metadata, St
     let zeros = vec![0u8; md.mapsize as usize];
     file.write_all_at(&zeros, md.mapoff)
         .map_err(|e| werr("activemap", e))?;
+    // Nothing written yet: a full synchronisation copies nothing until the
+    // application writes.
+    file.write_all_at(&zeros, md.datamapoff)
+        .map_err(|e| werr("written map", e))?;
     file.sync_data().map_err(|e| werr("activemap", e))?;
     file.write_all_at(&md.encode()[..], 0)
         .map_err(|e| werr("metadata", e))?;
@@ -82,9 +86,25 @@ pub fn create(res: &ResourceConfig, params: CreateParams) -> Result<Metadata, St
     Ok(md)
 }
 
+/// What `hastctl dump` shows besides the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapCounts {
+    /// Extents marked in the on-disk activemap.
+    pub marked: u64,
+    /// Extents written since `hastctl create` (None: a format 1 provider,
+    /// without a written map).
+    pub written: Option<u64>,
+}
+
+fn count_bits(map: &[u8], extents: u64) -> u64 {
+    (0..extents)
+        .filter(|&e| map[(e / 8) as usize] & (1 << (e % 8)) != 0)
+        .count() as u64
+}
+
 /// Reads the metadata and counts the extents marked in the on-disk
-/// activemap.
-pub fn read(res: &ResourceConfig) -> Result<(Metadata, u64), String> {
+/// activemap and written since create.
+pub fn read(res: &ResourceConfig) -> Result<(Metadata, MapCounts), String> {
     let path = &res.localpath;
     let ctx = |e: String| format!("[{}] {}", res.name, e);
     let file =
@@ -106,8 +126,13 @@ pub fn read(res: &ResourceConfig) -> Result<(Metadata, u64), String> {
     file.read_exact_at(&mut map, md.mapoff)
         .map_err(|e| ctx(format!("{}: cannot read activemap: {e}", path.display())))?;
     let extents = md.extents();
-    let marked = (0..extents)
-        .filter(|&e| map[(e / 8) as usize] & (1 << (e % 8)) != 0)
-        .count() as u64;
-    Ok((md, marked))
+    let marked = count_bits(&map, extents);
+    let written = if md.datamapoff == 0 {
+        None
+    } else {
+        file.read_exact_at(&mut map, md.datamapoff)
+            .map_err(|e| ctx(format!("{}: cannot read written map: {e}", path.display())))?;
+        Some(count_bits(&map, extents))
+    };
+    Ok((md, MapCounts { marked, written }))
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hast_datapath::metadata::Role;
+pub use hast_datapath::stats::{VerifyReport, VerifyState};
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; bumped on incompatible changes.
@@ -46,6 +47,24 @@ pub enum Request {
     /// Re-read hast.conf and apply the differences (`hastctl reload`,
     /// like SIGHUP); the reply's `reload` tells what changed.
     Reload,
+    /// Start an online verify on the primary (`hastctl verify`); the reply
+    /// comes once it started, progress and result in `status`.
+    Verify {
+        /// Resource names, or `["all"]`.
+        resources: Vec<String>,
+        /// Start of the range in the data area.
+        #[serde(default)]
+        offset: u64,
+        /// Bytes (None: to the end of the data area).
+        #[serde(default)]
+        length: Option<u64>,
+        /// `xxh3` (default) or `sha256`.
+        #[serde(default)]
+        algorithm: Option<String>,
+        /// Mark the differing extents for synchronisation.
+        #[serde(default)]
+        repair: bool,
+    },
     /// Resolve a split-brain on this node (`hastctl split-brain`).
     #[serde(rename = "split-brain")]
     SplitBrain {
@@ -125,6 +144,19 @@ pub struct SyncReport {
     pub eta_seconds: Option<u64>,
 }
 
+/// A verify as `hastctl list` shows it: the data path's report, plus its
+/// rate and estimated time left.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifySummary {
+    /// Progress and result.
+    #[serde(flatten)]
+    pub report: VerifyReport,
+    /// Bytes dealt with per second so far.
+    pub rate: u64,
+    /// Estimated seconds left (running only).
+    pub eta_seconds: Option<u64>,
+}
+
 /// Everything `hastctl status`/`list` shows about one resource.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceReport {
@@ -170,6 +202,31 @@ pub struct ResourceReport {
     pub sync: Option<SyncReport>,
     /// Bytes synchronised since hastd started (all passes).
     pub synced_bytes: u64,
+    /// Of those, bytes skipped because neither node wrote them since
+    /// `hastctl create`.
+    #[serde(default)]
+    pub sync_skipped_bytes: u64,
+    /// Of those, bytes a checksum-based synchronisation found identical.
+    #[serde(default)]
+    pub sync_identical_bytes: u64,
+    /// Extents written since `hastctl create` (the written map).
+    #[serde(default)]
+    pub written_extents: u64,
+    /// Bytes sent to the peer since hastd started (frames and payloads).
+    #[serde(default)]
+    pub net_sent_bytes: u64,
+    /// Bytes received from the peer since hastd started.
+    #[serde(default)]
+    pub net_received_bytes: u64,
+    /// `compression` in force.
+    #[serde(default)]
+    pub compression: String,
+    /// `syncmode` in force.
+    #[serde(default)]
+    pub syncmode: String,
+    /// The verify running or last run since hastd started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySummary>,
     /// The replication connection is up.
     pub connected: bool,
     /// Writes that waited for room in the replication window.

@@ -176,6 +176,7 @@ fn diff_resource(
         old.compression != new.compression,
         &mut other,
     );
+    note("syncmode", old.syncmode != new.syncmode, &mut other);
     note("timeout", old.timeout != new.timeout, &mut other);
     note("exec", old.exec != new.exec, &mut other);
     note("metaflush", old.metaflush != new.metaflush, &mut other);

@@ -7,7 +7,7 @@ use hast_datapath::metadata::Metadata;
 
 use console::Style;
 
-use crate::proto::{ReloadReport, ResourceReport};
+use crate::proto::{ReloadReport, ResourceReport, VerifyState, VerifySummary};
 use crate::size::with_human;
 
 /// `hastctl status`: the terse table.
@@ -114,6 +114,12 @@ pub fn list(resources: &[ResourceReport]) -> String {
             let _ = writeln!(out, "  sourceaddr: {s}");
         }
         let _ = writeln!(out, "  replication: {}", r.replication);
+        if !r.compression.is_empty() {
+            let _ = writeln!(out, "  compression: {}", r.compression);
+        }
+        if !r.syncmode.is_empty() {
+            let _ = writeln!(out, "  syncmode: {}", r.syncmode);
+        }
         if let Some(s) = &r.status {
             let _ = writeln!(out, "  status: {s}");
         }
@@ -135,6 +141,9 @@ pub fn list(resources: &[ResourceReport]) -> String {
                 crate::size::humanize(sy.total),
                 crate::size::humanize(sy.rate)
             );
+        }
+        if let Some(v) = &r.verify {
+            verify_lines(&mut out, v);
         }
         if r.split_brain {
             let _ = writeln!(out, "  split-brain: yes");
@@ -175,9 +184,62 @@ pub fn list(resources: &[ResourceReport]) -> String {
     out
 }
 
+/// Ranges of a verify shown in `hastctl list` (the JSON has up to 256).
+pub const LIST_RANGES: usize = 8;
+
+/// The `verify:` lines of `hastctl list`.
+fn verify_lines(out: &mut String, v: &VerifySummary) {
+    use crate::size::humanize;
+    let r = &v.report;
+    let state = match r.state {
+        VerifyState::Running => "running",
+        VerifyState::Done => "done",
+        VerifyState::Failed => "failed",
+    };
+    let pct = (r.done * 100).checked_div(r.length).unwrap_or(100);
+    let mut head = format!(
+        "  verify: {state} ({}{}), {} of {} ({pct}%), {}/s",
+        r.algorithm,
+        if r.repair { ", repair" } else { "" },
+        humanize(r.done),
+        humanize(r.length),
+        humanize(v.rate)
+    );
+    if let Some(eta) = v.eta_seconds {
+        let _ = write!(head, ", eta {eta}s");
+    }
+    let _ = writeln!(out, "{head}");
+    let _ = writeln!(
+        out,
+        "    blocks compared: {}, different: {} ({}) in {} ranges, skipped: {}",
+        r.blocks_compared,
+        r.blocks_different,
+        humanize(r.bytes_different),
+        r.ranges_total,
+        humanize(r.bytes_skipped)
+    );
+    if !r.ranges.is_empty() {
+        let shown: Vec<String> = r
+            .ranges
+            .iter()
+            .take(LIST_RANGES)
+            .map(|(o, l)| format!("{o}+{l}"))
+            .collect();
+        let more = if r.ranges_total as usize > shown.len() {
+            format!(" (and {} more)", r.ranges_total as usize - shown.len())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "    differ at: {}{more}", shown.join(", "));
+    }
+    if let Some(e) = &r.error {
+        let _ = writeln!(out, "    error: {e}");
+    }
+}
+
 /// `hastctl dump`: the metadata read from disk, plus what the on-disk
 /// activemap marks (the extents a restart would resynchronise).
-pub fn dump(md: &Metadata, ondisk_extents: u64) -> String {
+pub fn dump(md: &Metadata, ondisk_extents: u64, written: Option<u64>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "resource: {}", md.resource);
     let _ = writeln!(out, "    datasize: {}", with_human(md.datasize));
@@ -198,6 +260,15 @@ pub fn dump(md: &Metadata, ondisk_extents: u64) -> String {
         "    dirty: {ondisk_extents} extents, {}",
         with_human(bytes)
     );
+    match written {
+        Some(w) => {
+            let bytes = (w * u64::from(md.extentsize)).min(md.datasize);
+            let _ = writeln!(out, "    written: {w} extents, {}", with_human(bytes));
+        }
+        None => {
+            let _ = writeln!(out, "    written: all (format 1 metadata: no written map)");
+        }
+    }
     out
 }
 

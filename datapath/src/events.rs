@@ -17,6 +17,26 @@ pub enum PeerEventKind {
     SyncIntr,
     /// Split-brain detected at handshake.
     SplitBrain,
+    /// `hastctl verify` started.
+    VerifyStart,
+    /// A verify ended (`ok`: it covered its whole range).
+    VerifyDone {
+        /// It covered the whole range.
+        ok: bool,
+        /// Blocks compared.
+        compared: u64,
+        /// Blocks that differ.
+        different: u64,
+    },
+    /// A verify found blocks that differ between the nodes.
+    OutOfSync {
+        /// Blocks that differ.
+        blocks: u64,
+        /// Their bytes.
+        bytes: u64,
+        /// Differing ranges (merged).
+        ranges: u64,
+    },
 }
 
 /// An event of one resource.

@@ -9,6 +9,7 @@
 
 pub mod activemap;
 pub mod batch;
+pub mod digest;
 pub mod events;
 pub mod export;
 pub mod generation;
@@ -25,3 +26,4 @@ pub mod semaphore;
 pub mod signal;
 pub mod stats;
 pub mod storage;
+pub mod writtenmap;

@@ -22,6 +22,7 @@ use crate::rangelock::{Acquire, RangeLock};
 use crate::signal::Notify;
 use crate::stats::ResourceStats;
 use crate::storage::{DirectFile, ReadData, Storage};
+use crate::writtenmap::{Sectors, WrittenMap};
 
 /// Largest zero-fill write issued at once when zeroing without hole
 /// punching.
@@ -102,6 +103,9 @@ pub struct LocalDisk {
     held_bound: Cell<usize>,
     /// Whether the last hole punch worked (None: none tried yet).
     punch_works: Cell<Option<bool>>,
+    /// Extents written since `hastctl create` (format 2); None for a
+    /// format 1 provider (every extent counts as written).
+    written: RefCell<Option<WrittenMap>>,
 }
 
 fn closing(_: crate::semaphore::Closed) -> io::Error {
@@ -176,6 +180,24 @@ impl LocalDisk {
         }
         let mut map = ActiveMap::new(md.datasize, md.extentsize, md.keepdirty, md.sectorsize);
         map.load(&image);
+        let written = if md.datamapoff == 0 {
+            None
+        } else {
+            let image = store
+                .read(md.datamapoff, md.mapsize as usize)
+                .await
+                .map_err(|e| perr("read written map", e))?;
+            if image.len() as u64 != md.mapsize {
+                return Err(perr(
+                    "read written map",
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "short read"),
+                ));
+            }
+            let mut w = WrittenMap::new(md.datasize, md.extentsize, md.sectorsize);
+            w.load(&image);
+            stats.written_extents.store(w.written(), Relaxed);
+            Some(w)
+        };
         stats.extentsize.store(u64::from(md.extentsize), Relaxed);
         stats.keepdirty.store(u64::from(md.keepdirty), Relaxed);
         stats.datasize.store(md.datasize, Relaxed);
@@ -204,6 +226,7 @@ impl LocalDisk {
             held: Notify::new(),
             held_bound: Cell::new(usize::MAX),
             punch_works: Cell::new(None),
+            written: RefCell::new(written),
         }))
     }
 
@@ -294,6 +317,9 @@ impl LocalDisk {
     /// Marks the range in the activemap and waits until the mark is
     /// durable. On error the mark is undone and no data may be written.
     pub async fn write_start(self: &Rc<Self>, offset: u64, len: u64) -> io::Result<()> {
+        // The written map's bit goes with the activemap batch when one is
+        // due (the data write checks it is durable, see ensure_written).
+        self.want_written(offset, len);
         let (need, ahead) = {
             let mut map = self.map.borrow_mut();
             let need = map.write_start(offset, len);
@@ -385,6 +411,131 @@ impl LocalDisk {
         }
     }
 
+    /// Sets the written-map bits of the range in memory; true when some
+    /// are not on disk yet.
+    fn want_written(&self, offset: u64, len: u64) -> bool {
+        match &mut *self.written.borrow_mut() {
+            Some(w) => {
+                let pending = w.want(offset, len);
+                self.stats.written_extents.store(w.written(), Relaxed);
+                pending
+            }
+            None => false,
+        }
+    }
+
+    /// Makes the written-map bits of the range durable before data is
+    /// written there: nothing to do once an extent was written (the common
+    /// case: a bit test), else one sector write (and flush, with
+    /// metaflush) shared by the writers waiting meanwhile.
+    async fn ensure_written(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.want_written(offset, len) {
+            return Ok(());
+        }
+        let _p = self.persist.acquire_permit(1).await.map_err(closing)?;
+        loop {
+            let sectors = {
+                let w = self.written.borrow();
+                match &*w {
+                    Some(w) if !w.covers(offset, len) => {}
+                    _ => return Ok(()),
+                }
+                drop(w);
+                self.written
+                    .borrow_mut()
+                    .as_mut()
+                    .map(WrittenMap::take)
+                    .unwrap_or_default()
+            };
+            if sectors.is_empty() {
+                return Err(io::Error::other(
+                    "written map: bits wanted but no sector to write",
+                ));
+            }
+            self.write_written(&sectors).await?;
+            if self.metaflush.get() {
+                if let Err(e) = self.flush().await {
+                    self.written_failed(&sectors);
+                    return Err(e);
+                }
+            }
+            self.written_done(&sectors);
+        }
+    }
+
+    /// Writes sectors of the written map (coalescing adjacent ones); on
+    /// error they go with the next batch.
+    async fn write_written(&self, sectors: &Sectors) -> io::Result<()> {
+        let (off, ss) = {
+            let md = self.md.borrow();
+            (md.datamapoff, md.sectorsize as usize)
+        };
+        let mut i = 0;
+        while i < sectors.len() {
+            let mut j = i + 1;
+            while j < sectors.len() && sectors[j].0 == sectors[j - 1].0 + 1 {
+                j += 1;
+            }
+            let mut buf = self.store.alloc((j - i) * ss);
+            for (k, (_, img)) in sectors[i..j].iter().enumerate() {
+                buf.as_bytes_mut()[k * ss..(k + 1) * ss].copy_from_slice(img);
+            }
+            let pos = off + (sectors[i].0 * ss) as u64;
+            let res = self.store.write(pos, buf).await;
+            if let Err(e) = res.and_then(|n| check_len(n, ((j - i) * ss) as u64)) {
+                self.written_failed(sectors);
+                tracing::error!(path = %self.path.display(), error = %e, "written map update failed");
+                return Err(e);
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn written_failed(&self, sectors: &Sectors) {
+        if let Some(w) = &mut *self.written.borrow_mut() {
+            w.failed(sectors);
+        }
+    }
+
+    fn written_done(&self, sectors: &Sectors) {
+        if sectors.is_empty() {
+            return;
+        }
+        if let Some(w) = &mut *self.written.borrow_mut() {
+            w.persisted(sectors);
+        }
+        self.stats.written_map_updates.fetch_add(1, Relaxed);
+    }
+
+    /// Was extent `e` written since `hastctl create`? Always true for a
+    /// format 1 provider (no written map).
+    pub fn extent_written(&self, e: u32) -> bool {
+        match &*self.written.borrow() {
+            Some(w) => w.is_written(e),
+            None => true,
+        }
+    }
+
+    /// The first extent at or after `from` that was written since create.
+    pub fn next_written(&self, from: u32) -> Option<u32> {
+        match &*self.written.borrow() {
+            Some(w) => w.next_written(from),
+            None => (u64::from(from) < self.datasize().div_ceil(self.extentsize())).then_some(from),
+        }
+    }
+
+    /// The written map as a bitmap of exactly `ceil(extents / 8)` bytes
+    /// (LSB first); None for a format 1 provider.
+    pub fn written_bitmap(&self) -> Option<Vec<u8>> {
+        self.written.borrow().as_ref().map(WrittenMap::bitmap)
+    }
+
+    /// Does the provider keep a written map (format 2)?
+    pub fn has_written_map(&self) -> bool {
+        self.written.borrow().is_some()
+    }
+
     async fn write_batch(&self, batch: PersistBatch) -> io::Result<()> {
         let res = self.write_sectors(&batch).await;
         let mut map = self.map.borrow_mut();
@@ -412,6 +563,14 @@ impl LocalDisk {
             let md = self.md.borrow();
             (md.mapoff, md.sectorsize as usize)
         };
+        // Written-map bits wanted meanwhile share this batch's flush.
+        let written = self
+            .written
+            .borrow_mut()
+            .as_mut()
+            .map(WrittenMap::take)
+            .unwrap_or_default();
+        self.write_written(&written).await?;
         let mut i = 0;
         while i < batch.sectors.len() {
             let mut j = i + 1;
@@ -433,8 +592,12 @@ impl LocalDisk {
             i = j;
         }
         if self.metaflush.get() {
-            self.flush().await?;
+            if let Err(e) = self.flush().await {
+                self.written_failed(&written);
+                return Err(e);
+            }
         }
+        self.written_done(&written);
         Ok(())
     }
 
@@ -481,6 +644,7 @@ impl LocalDisk {
     pub async fn write_rc(&self, offset: u64, data: Rc<DmaBuffer>) -> io::Result<()> {
         let ss = self.sectorsize();
         let len = data.len() as u64;
+        self.ensure_written(offset, len).await?;
         if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
             let localoff = self.md.borrow().localoff;
             let n = self.store.write_rc(localoff + offset, data).await?;
@@ -494,6 +658,7 @@ impl LocalDisk {
     pub async fn write(&self, offset: u64, data: DmaBuffer) -> io::Result<()> {
         let ss = self.sectorsize();
         let len = data.len() as u64;
+        self.ensure_written(offset, len).await?;
         let localoff = self.md.borrow().localoff;
         if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
             let n = self.store.write(localoff + offset, data).await?;
@@ -529,6 +694,7 @@ impl LocalDisk {
     /// supported, by writing zeros. The caller holds the range lock and has
     /// marked the activemap.
     pub async fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.ensure_written(offset, len).await?;
         let ss = self.sectorsize();
         let end = offset + len;
         let a0 = round_up(offset, ss);
@@ -681,6 +847,16 @@ impl LocalDisk {
     pub async fn merge_peer_map(&self, bitmap: &[u8]) -> io::Result<()> {
         let need = self.map.borrow_mut().merge(bitmap);
         self.after_marking(need).await
+    }
+
+    /// Marks the extents of `[offset, offset + len)` as needing
+    /// synchronisation, durably (a verify found them different); the
+    /// remote leg is woken to copy them.
+    pub async fn mark_for_sync(&self, offset: u64, len: u64) -> io::Result<()> {
+        let need = self.map.borrow_mut().need_sync(offset, len);
+        self.after_marking(need).await?;
+        self.marked.notify_all();
+        Ok(())
     }
 
     /// Marks every extent as needing synchronisation, durably (full sync).

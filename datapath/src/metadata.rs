@@ -5,6 +5,8 @@
 //! ```text
 //! [0, 4096)                 metadata block (this module)
 //! [mapoff, mapoff+mapsize)  activemap bitmap, 1 bit per extent, LSB first
+//! [datamapoff, +mapsize)    written map (format 2): extents written since
+//!                           `hastctl create`, 1 bit per extent
 //! [localoff, +datasize)     data area, exported as the device
 //! ```
 //!
@@ -19,14 +21,25 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const METADATA_SIZE: usize = 4096;
 /// Magic at offset 0 of the metadata block.
 pub const MAGIC: [u8; 8] = *b"HASTRSMD";
-/// Current metadata format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current metadata format version: 2 added the written map
+/// (`datamapoff`). Version 1 providers are still read (without a written
+/// map: every extent counts as written).
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format version, still read.
+pub const FORMAT_VERSION_1: u32 = 1;
 /// Longest resource name stored in the metadata block (bytes, UTF-8).
 pub const MAX_NAME_LEN: usize = 127;
 /// Default extent size (`hastctl create -e`).
 pub const DEFAULT_EXTENT_SIZE: u32 = 2 * 1024 * 1024;
-/// Default number of extents kept dirty (`hastctl create -k`).
-pub const DEFAULT_KEEPDIRTY: u32 = 64;
+/// Default number of extents kept dirty (`hastctl create -k`): 1,024 × the
+/// default 2 MiB extent = a 2 GiB hot set, of the order of DRBD's default
+/// activity log (1,237 × 4 MiB). The original's 64 (128 MiB) makes random
+/// writes over any larger working set wait for a metadata write and flush
+/// nearly every time; the price of the larger set is what a crash of the
+/// primary resynchronises (at most the hot set plus what is held for the
+/// secondary's flush). `-k 64` gives the original's value. See
+/// docs/hast.conf.md ("keepdirty").
+pub const DEFAULT_KEEPDIRTY: u32 = 1024;
 /// Data area alignment: the data area starts on a 4 KiB boundary so that
 /// 4 KiB requests from clients map to 4 KiB-aligned provider I/O.
 pub const DATA_ALIGN: u64 = 4096;
@@ -124,7 +137,8 @@ pub struct RawMetadata {
     localcnt: U64,
     remotecnt: U64,
     flags: U64,
-    _reserved: [u8; 3872],
+    datamapoff: U64,
+    _reserved: [u8; 3864],
 }
 
 const _: () = assert!(core::mem::size_of::<RawMetadata>() == METADATA_SIZE);
@@ -160,6 +174,10 @@ pub struct Metadata {
     pub prevrole: Role,
     /// Flag bits ([`FLAG_INCONSISTENT`]).
     pub flags: u64,
+    /// Offset of the written map (`mapsize` bytes, one bit per extent: set
+    /// once the extent was written since `hastctl create`); 0 for a
+    /// format 1 provider, which has none.
+    pub datamapoff: u64,
 }
 
 /// Why a metadata block could not be used.
@@ -174,7 +192,7 @@ pub enum MetadataError {
         found: [u8; 8],
     },
     /// Written by a newer (or unknown) format version.
-    #[error("unsupported metadata format version {0} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported metadata format version {0} (this build reads versions {FORMAT_VERSION_1} and {FORMAT_VERSION})")]
     UnsupportedVersion(u32),
     /// The checksum does not match: the block is damaged.
     #[error("metadata checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the metadata block is damaged")]
@@ -199,6 +217,8 @@ pub struct Geometry {
     pub mapoff: u64,
     /// Bytes reserved for the bitmap.
     pub mapsize: u64,
+    /// Offset of the written map (as large as the activemap).
+    pub datamapoff: u64,
     /// Offset of the data area.
     pub localoff: u64,
     /// Size of the data area.
@@ -247,7 +267,8 @@ pub fn compute_geometry(
     // Size the bitmap for the whole medium (slightly more than the data
     // area needs), then give the rest to the data area.
     let mapsize = bitmap_size(mediasize, extentsize, sectorsize);
-    let localoff = round_up(mapoff + mapsize, align);
+    let datamapoff = mapoff + mapsize;
+    let localoff = round_up(datamapoff + mapsize, align);
     if mediasize <= localoff {
         return Err(MetadataError::InvalidParameters(format!(
             "media size {mediasize} is too small: metadata and activemap need {localoff} bytes"
@@ -262,6 +283,7 @@ pub fn compute_geometry(
     Ok(Geometry {
         mapoff,
         mapsize,
+        datamapoff,
         localoff,
         datasize,
     })
@@ -297,6 +319,7 @@ impl Metadata {
             remotecnt: 0,
             prevrole: Role::Init,
             flags: 0,
+            datamapoff: g.datamapoff,
         })
     }
 
@@ -311,7 +334,11 @@ impl Metadata {
         name[..self.resource.len()].copy_from_slice(self.resource.as_bytes());
         let raw = RawMetadata {
             magic: MAGIC,
-            version: U32::new(FORMAT_VERSION),
+            version: U32::new(if self.datamapoff == 0 {
+                FORMAT_VERSION_1
+            } else {
+                FORMAT_VERSION
+            }),
             crc: U32::new(0),
             name,
             datasize: U64::new(self.datasize),
@@ -327,7 +354,8 @@ impl Metadata {
             localcnt: U64::new(self.localcnt),
             remotecnt: U64::new(self.remotecnt),
             flags: U64::new(self.flags),
-            _reserved: [0; 3872],
+            datamapoff: U64::new(self.datamapoff),
+            _reserved: [0; 3864],
         };
         let mut out = Box::new([0u8; METADATA_SIZE]);
         out.copy_from_slice(raw.as_bytes());
@@ -350,8 +378,9 @@ impl Metadata {
         if raw.magic != MAGIC {
             return Err(MetadataError::BadMagic { found: raw.magic });
         }
-        if raw.version.get() != FORMAT_VERSION {
-            return Err(MetadataError::UnsupportedVersion(raw.version.get()));
+        let version = raw.version.get();
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
+            return Err(MetadataError::UnsupportedVersion(version));
         }
         let stored = raw.crc.get();
         let computed = checksum(&block[..METADATA_SIZE]);
@@ -379,7 +408,22 @@ impl Metadata {
             remotecnt: raw.remotecnt.get(),
             prevrole,
             flags: raw.flags.get(),
+            datamapoff: raw.datamapoff.get(),
         };
+        match (version, md.datamapoff) {
+            (FORMAT_VERSION_1, 0) => {}
+            (FORMAT_VERSION_1, off) => {
+                return Err(MetadataError::Inconsistent(format!(
+                    "format 1 metadata with a written map offset {off}"
+                )))
+            }
+            (_, 0) => {
+                return Err(MetadataError::Inconsistent(
+                    "format 2 metadata without a written map".into(),
+                ))
+            }
+            _ => {}
+        }
         md.check(mediasize)?;
         Ok(md)
     }
@@ -413,9 +457,20 @@ impl Metadata {
                 self.extents()
             ));
         }
-        if self.localoff < self.mapoff + self.mapsize
-            || !self.localoff.is_multiple_of(u64::from(self.sectorsize))
-        {
+        let maps_end = if self.datamapoff == 0 {
+            self.mapoff + self.mapsize
+        } else {
+            if self.datamapoff < self.mapoff + self.mapsize
+                || !self.datamapoff.is_multiple_of(u64::from(self.sectorsize))
+            {
+                return bad(format!(
+                    "written map offset {} overlaps the activemap",
+                    self.datamapoff
+                ));
+            }
+            self.datamapoff + self.mapsize
+        };
+        if self.localoff < maps_end || !self.localoff.is_multiple_of(u64::from(self.sectorsize)) {
             return bad(format!(
                 "data offset {} overlaps the activemap",
                 self.localoff
@@ -476,7 +531,8 @@ mod tests {
     fn layout_is_little_endian_and_fixed() {
         let block = sample().encode();
         assert_eq!(&block[0..8], b"HASTRSMD");
-        assert_eq!(&block[8..12], &1u32.to_le_bytes());
+        assert_eq!(&block[8..12], &2u32.to_le_bytes());
+        assert_eq!(&block[224..232], &4608u64.to_le_bytes());
         assert_eq!(&block[16..21], b"disk1");
         assert_eq!(&block[152..156], &DEFAULT_EXTENT_SIZE.to_le_bytes());
         assert_eq!(&block[192..200], &0x1122_3344_5566_7788u64.to_le_bytes());
@@ -486,9 +542,10 @@ mod tests {
     #[test]
     fn geometry_of_one_gib() {
         let md = Metadata::new("r", 1 << 30, DEFAULT_EXTENT_SIZE, 64, 512).unwrap();
-        // 512 extents -> 64 bytes of bitmap -> one sector.
+        // 512 extents -> 64 bytes of bitmap -> one sector, twice.
         assert_eq!(md.mapoff, 4096);
         assert_eq!(md.mapsize, 512);
+        assert_eq!(md.datamapoff, 4608);
         assert_eq!(md.localoff, 8192);
         assert_eq!(md.datasize, (1 << 30) - 8192);
         assert_eq!(md.extents(), 512);
@@ -516,11 +573,40 @@ mod tests {
     #[test]
     fn newer_version_is_refused() {
         let mut block = sample().encode();
-        block[8] = 2;
+        block[8] = 3;
         assert_eq!(
             Metadata::decode(&block[..], 1 << 30),
-            Err(MetadataError::UnsupportedVersion(2))
+            Err(MetadataError::UnsupportedVersion(3))
         );
+    }
+
+    /// A format 1 block (no written map) is still read, and written back
+    /// as format 1.
+    #[test]
+    fn format_1_is_still_read() {
+        let mut md = sample();
+        md.datamapoff = 0;
+        let block = md.encode();
+        assert_eq!(&block[8..12], &1u32.to_le_bytes());
+        assert_eq!(Metadata::decode(&block[..], 1 << 30).unwrap(), md);
+        // A format 1 block carrying a written map offset is damaged.
+        let mut raw = block.clone();
+        raw[224] = 1;
+        let crc = checksum(&raw[..]);
+        raw[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Metadata::decode(&raw[..], 1 << 30),
+            Err(MetadataError::Inconsistent(_))
+        ));
+        // Format 2 without one too.
+        let mut raw = sample().encode();
+        raw[224..232].fill(0);
+        let crc = checksum(&raw[..]);
+        raw[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Metadata::decode(&raw[..], 1 << 30),
+            Err(MetadataError::Inconsistent(_))
+        ));
     }
 
     #[test]

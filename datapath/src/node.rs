@@ -20,11 +20,14 @@ use crate::events::{EventSink, PeerEvent};
 use crate::local::LocalDisk;
 use crate::metadata::Role;
 use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
+use crate::peer::compress::Compression;
 use crate::peer::listener::{Listener, Route};
 use crate::peer::presession::PeerSecurity;
 use crate::peer::proto::Refusal;
 use crate::peer::remote::{Remote, RemoteConfig, ReplicationMode};
 use crate::peer::secondary::{refuse_incoming, Incoming, Secondary, SecondaryCtx};
+use crate::peer::sync::SyncMode;
+use crate::peer::verify::VerifyParams;
 use crate::primary::Primary;
 use crate::stats::ResourceStats;
 
@@ -188,6 +191,10 @@ pub struct ResourceSpec {
     pub splitbrain_auto: bool,
     /// How the replication connection is secured (secret, TLS).
     pub security: PeerSecurity,
+    /// How data travels (`compression`).
+    pub compression: Compression,
+    /// How a synchronisation moves data (`syncmode`).
+    pub syncmode: SyncMode,
 }
 
 /// Node-wide settings.
@@ -227,6 +234,12 @@ enum Cmd {
     /// Mark the local changes since a split-brain for discarding.
     Discard {
         name: String,
+        reply: Reply<()>,
+    },
+    /// Start a verify (primary).
+    Verify {
+        name: String,
+        params: VerifyParams,
         reply: Reply<()>,
     },
     /// Phase 2: expose the export (primary).
@@ -670,12 +683,34 @@ impl Node {
     /// peer's data over the extents either side changed. The node must
     /// not be primary.
     pub fn discard(&self, names: &[String]) -> Vec<(String, Result<(), NodeError>)> {
+        self.each(names, |name, reply| Cmd::Discard { name, reply })
+    }
+
+    /// Starts `hastctl verify` on each named resource (which must be
+    /// primary and connected); it runs in the background, its progress and
+    /// result in the resource's counters (`ResourceStats::verify`).
+    pub fn verify(
+        &self,
+        names: &[String],
+        params: VerifyParams,
+    ) -> Vec<(String, Result<(), NodeError>)> {
+        self.each(names, |name, reply| Cmd::Verify {
+            name,
+            params,
+            reply,
+        })
+    }
+
+    /// Sends the command `make` builds to each named resource (all at
+    /// once, across shards) and collects the answers in order.
+    fn each<T>(
+        &self,
+        names: &[String],
+        make: impl Fn(String, Reply<T>) -> Cmd,
+    ) -> Vec<(String, Result<T, NodeError>)> {
         let asked: Vec<_> = names
             .iter()
-            .map(|n| {
-                let name = n.clone();
-                (n.clone(), self.ask(n, |reply| Cmd::Discard { name, reply }))
-            })
+            .map(|n| (n.clone(), self.ask(n, |reply| make(n.clone(), reply))))
             .collect();
         asked
             .into_iter()
@@ -775,6 +810,17 @@ async fn shard_main(
             Cmd::Discard { name, reply } => {
                 let res = match state.get_mut(&name) {
                     Some(r) => r.discard().await,
+                    None => Err(NodeError::unknown(&name)),
+                };
+                let _ = reply.send(res);
+            }
+            Cmd::Verify {
+                name,
+                params,
+                reply,
+            } => {
+                let res = match state.get_mut(&name) {
+                    Some(r) => r.verify(params),
                     None => Err(NodeError::unknown(&name)),
                 };
                 let _ = reply.send(res);
@@ -925,6 +971,8 @@ impl Res {
         } else if let Some(r) = primary.remote() {
             r.set_mode(self.spec.mode);
             r.set_timeout(self.spec.timeout);
+            r.set_compression(self.spec.compression);
+            r.set_syncmode(self.spec.syncmode);
         }
         tracing::info!(resource = %self.spec.name, "configuration applied to the running primary");
     }
@@ -983,6 +1031,27 @@ impl Res {
                 Ok(())
             }
         }
+    }
+
+    /// Starts a verify (see [`Node::verify`]).
+    fn verify(&self, params: VerifyParams) -> Result<(), NodeError> {
+        let Active::Primary { primary, .. } = &self.active else {
+            return Err(self.error(
+                NodeErrorKind::WrongRole,
+                "cannot verify",
+                format!("this node is {}; run verify on the primary", self.role),
+            ));
+        };
+        let Some(remote) = primary.remote() else {
+            return Err(self.error(
+                NodeErrorKind::WrongRole,
+                "cannot verify",
+                "the resource has no peer (remote none)",
+            ));
+        };
+        remote
+            .start_verify(params)
+            .map_err(|e| self.error(NodeErrorKind::WrongRole, "cannot verify", e))
     }
 
     /// Phase 2 of a role change: a primary's export appears.
@@ -1046,6 +1115,8 @@ impl Res {
                 sync_chunk: SYNC_CHUNK,
                 retry: self.spec.timeout.min(RETRY_MAX),
                 splitbrain_auto: self.spec.splitbrain_auto,
+                compression: self.spec.compression,
+                syncmode: self.spec.syncmode,
             },
             self.spec.security.clone(),
             disk.clone(),
@@ -1095,6 +1166,7 @@ impl Res {
             splitbrain_auto: self.spec.splitbrain_auto,
             max_requests: WINDOW_REQUESTS,
             max_bytes: self.spec.window_bytes,
+            compression: self.spec.compression,
         });
         Ok(Active::Secondary { secondary })
     }

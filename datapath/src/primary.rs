@@ -23,7 +23,7 @@ use crate::export::{BackendError, BackendGeometry, BlockBackend, WriteFlags};
 use crate::local::{LocalDisk, Settled};
 use crate::metadata::round_down;
 use crate::peer::frame::LinkError;
-use crate::peer::link::{Payload, PeerLink, Pending};
+use crate::peer::link::{compressed, Payload, PeerLink, Pending};
 use crate::peer::proto::{flags, Kind};
 use crate::peer::remote::{Remote, ReplicationMode};
 use crate::provider::{push_segment, Allocation, Segment};
@@ -184,6 +184,9 @@ impl Primary {
             Change::Write(buf) => (Kind::Write, Payload::Dma(buf.clone())),
             Change::Zero => (Kind::Zero, Payload::None),
         };
+        // `compression` (none: returned as is, the buffer still shared).
+        let mode = self.remote().map(|r| r.compression()).unwrap_or_default();
+        let (kind, f, payload) = compressed(mode, kind, f, payload);
         // Every mode waits for room in the replication window: that is
         // what bounds how far behind the secondary an async primary can
         // be, so what a crash of the primary can lose (docs/failover.md).

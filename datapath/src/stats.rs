@@ -35,6 +35,11 @@ pub struct ResourceStats {
     pub dirty_bytes: AtomicU64,
     /// Extents marked in the on-disk activemap.
     pub ondisk_extents: AtomicU64,
+    /// Extents written since `hastctl create` (the written map; 0 for a
+    /// format 1 provider, which has none).
+    pub written_extents: AtomicU64,
+    /// Written-map sector writes.
+    pub written_map_updates: AtomicU64,
     /// Application requests being served: the load the synchronisation's
     /// rate control yields to.
     pub local_queue: Gauge,
@@ -61,8 +66,17 @@ pub struct ResourceStats {
     pub sync_started_ms: AtomicU64,
     /// Bytes synchronised since start-up (all passes).
     pub sync_bytes_total: AtomicU64,
+    /// Bytes of dirty extents a synchronisation skipped since start-up:
+    /// neither node wrote them since `hastctl create`.
+    pub sync_skipped_bytes: AtomicU64,
+    /// Bytes a checksum-based synchronisation found identical (and did
+    /// not move) since start-up.
+    pub sync_identical_bytes: AtomicU64,
     /// Synchronisation bytes received as the secondary.
     pub sync_received: AtomicU64,
+    /// Bytes digested for the peer's Checksums requests (as the
+    /// secondary).
+    pub checksummed_bytes: AtomicU64,
     /// Replicated writes acknowledged to the client and waiting for the
     /// secondary's Done.
     pub remote_inflight: Gauge,
@@ -85,6 +99,89 @@ pub struct ResourceStats {
     /// different security settings) or whose authenticated stream failed
     /// its MAC.
     pub auth_failures: AtomicU64,
+    /// The verify running or last run (`hastctl verify`), if any.
+    pub verify: std::sync::Mutex<Option<VerifyReport>>,
+}
+
+/// Differing ranges a verify keeps, at most (it counts all of them).
+pub const VERIFY_MAX_RANGES: usize = 256;
+
+/// Where a verify stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyState {
+    /// Comparing.
+    #[default]
+    Running,
+    /// Every block of the range was dealt with.
+    Done,
+    /// Stopped early: the connection was lost, the resource stopped, or a
+    /// disk failed (see `error`).
+    Failed,
+}
+
+/// Progress and result of `hastctl verify` on one resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    /// Running, done or failed.
+    pub state: VerifyState,
+    /// The digest algorithm (`xxh3`, `sha256`).
+    pub algorithm: String,
+    /// The range verified: its start in the data area.
+    pub offset: u64,
+    /// Its length.
+    pub length: u64,
+    /// Bytes of the range dealt with (compared or skipped).
+    pub done: u64,
+    /// When it started (Unix ms).
+    pub started_ms: u64,
+    /// When it ended (Unix ms; 0 while running).
+    pub finished_ms: u64,
+    /// Blocks compared on both nodes.
+    pub blocks_compared: u64,
+    /// Blocks whose digests differ.
+    pub blocks_different: u64,
+    /// Bytes of the differing blocks.
+    pub bytes_different: u64,
+    /// Bytes not compared: extents never written on the primary since
+    /// `hastctl create`, or already marked for synchronisation.
+    pub bytes_skipped: u64,
+    /// Block size of the comparison.
+    pub block: u32,
+    /// Differing ranges (offset, length) in the data area, merged, in
+    /// order, at most [`VERIFY_MAX_RANGES`].
+    pub ranges: Vec<(u64, u64)>,
+    /// How many differing ranges there were in all.
+    pub ranges_total: u64,
+    /// `--repair`: differing extents are marked and synchronised.
+    pub repair: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// End of the last differing range recorded (merging).
+    #[serde(skip)]
+    last_end: Option<u64>,
+}
+
+impl VerifyReport {
+    /// Records a differing range, merging it with the previous one when
+    /// they touch.
+    pub fn add_range(&mut self, offset: u64, len: u64) {
+        self.bytes_different += len;
+        let merge = self.last_end == Some(offset);
+        self.last_end = Some(offset + len);
+        if merge {
+            if let Some(last) = self.ranges.last_mut() {
+                if last.0 + last.1 == offset {
+                    last.1 += len;
+                }
+            }
+            return;
+        }
+        self.ranges_total += 1;
+        if self.ranges.len() < VERIFY_MAX_RANGES {
+            self.ranges.push((offset, len));
+        }
+    }
 }
 
 /// Upper bounds (inclusive, microseconds) of the write latency buckets; a

@@ -279,6 +279,7 @@ impl World {
             splitbrain_auto: false,
             max_requests: 1024,
             max_bytes: 64 << 20,
+            compression: Default::default(),
         });
         *self.target.borrow_mut() = Some(sec.clone());
         self.running[h] = Some(Running::Secondary(sec));
@@ -319,6 +320,8 @@ impl World {
                 sync_chunk: 32 << 10,
                 retry: Duration::from_millis(2),
                 splitbrain_auto: false,
+                compression: Default::default(),
+                syncmode: Default::default(),
             },
             connector,
             disk.clone(),

@@ -342,7 +342,10 @@ impl TestNode {
                     return Err(format!("hastd exited early ({st}):\n{}", self.log()));
                 }
             }
-            if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
+            // The socket accepts connections as soon as it is bound, before
+            // hastd has started its resources and listeners: ready means
+            // it answers a status request.
+            if answers_status(&ctl) {
                 return Ok(());
             }
             assert!(
@@ -626,4 +629,19 @@ pub fn read_file(p: &Path) -> Vec<u8> {
         .and_then(|mut f| f.read_to_end(&mut v))
         .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
     v
+}
+
+/// Does hastd answer a status request on its control socket?
+fn answers_status(ctl: &Path) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(ctl) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = b"{\"version\":1,\"cmd\":\"status\",\"resources\":[\"all\"]}\n";
+    if s.write_all(req).is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok_and(|n| n > 0)
 }

@@ -17,10 +17,10 @@
 //! So when the primary dies, every write the secondary has not received is
 //! lost to the new primary, *even when a FLUSH covering it has completed*.
 //! The bound is the replication window: every write, in every mode, waits
-//! for room in it, and it holds at most 1,024 requests and 64 MiB of
+//! for room in it, and it holds at most 1,024 requests and 32 MiB of
 //! payload not yet written by the secondary. So a crash of a connected
 //! async primary loses at most the last 1,024 writes it sent (and at most
-//! 64 MiB), whatever the link does; docs/failover.md states it.
+//! 32 MiB), whatever the link does; docs/failover.md states it.
 //!
 //! The three `*_crash_*` tests check this. They write a stream of 4 KiB
 //! records at queue depth 16, with a FLUSH every 64 writes, over a
@@ -587,7 +587,7 @@ fn fullsync_crash_loses_no_acknowledged_record() {
 /// (hast_datapath::node::WINDOW_REQUESTS).
 const LINK_WINDOW: u64 = 1024;
 /// Its payload bytes (hastd's WINDOW_BYTES).
-const LINK_WINDOW_BYTES: u64 = 64 * MIB;
+const LINK_WINDOW_BYTES: u64 = 32 * MIB;
 /// Requests the record writer keeps in flight.
 const DEPTH: u64 = 16;
 

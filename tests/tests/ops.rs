@@ -559,7 +559,7 @@ fn help_lists_defaults_and_completions_are_generated() {
         assert!(h.contains("Usage: hastctl"), "{cmd}: {h}");
     }
     let create = run(hastctl().args(["create", "--help"]));
-    for d in ["[default: 2M]", "[default: 64]", "[default: all of it]"] {
+    for d in ["[default: 2M]", "[default: 1024]", "[default: all of it]"] {
         assert!(create.contains(d), "create --help lacks {d}: {create}");
     }
     let wait = run(hastctl().args(["wait", "--help"]));

@@ -49,6 +49,11 @@ commands:
   big          4k randwrite QD32 over --big-size: qemu-nbd, hastd memsync and fullsync
   sync         full sync of --sync-size vs a local dd copy, app IOPS during sync
   replication  the old baseline: hastd, 4k randwrite QD1 and 1M write QD8
+  resync       resync after a primary crash under 4k random writes:
+               syncmode full vs checksum (bytes on the wire, time; --size, 1G at most)
+  compression  1M sequential writes, compressible and random data, with each
+               compression setting (bytes on the wire, MB/s; --size, 512M at most)
+  wire         resync and compression in one run
 
 options:
   --size SIZE         file / data area of each resource, covered by every job (2G)
@@ -241,6 +246,16 @@ fn main() {
         }),
         "big" => suite::part("big working set", &mut res, |r| suite::big(cfg, r)),
         "sync" => suite::part("full sync", &mut res, |r| suite::sync(cfg, r)),
+        "resync" => suite::part("resync", &mut res, |r| hast_bench::wire::resync(cfg, r)),
+        "compression" => suite::part("compression", &mut res, |r| {
+            hast_bench::wire::compression(cfg, r)
+        }),
+        "wire" => {
+            suite::part("resync", &mut res, |r| hast_bench::wire::resync(cfg, r));
+            suite::part("compression", &mut res, |r| {
+                hast_bench::wire::compression(cfg, r)
+            });
+        }
         other => usage(&format!("unknown command {other}")),
     }
     res.load.1 = report::loadavg();

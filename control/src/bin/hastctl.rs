@@ -48,8 +48,8 @@ enum Command {
         /// Extent size: bytes covered by one activemap bit.
         #[arg(short = 'e', value_name = "SIZE", default_value = "2M")]
         extentsize: String,
-        /// Extents kept marked while idle.
-        #[arg(short = 'k', value_name = "COUNT", default_value = "64")]
+        /// Extents kept marked while idle (the original's default is 64).
+        #[arg(short = 'k', value_name = "COUNT", default_value = "1024")]
         keepdirty: String,
         /// Bytes of the provider to use [default: all of it].
         #[arg(short = 'm', value_name = "SIZE")]
@@ -117,6 +117,47 @@ enum Command {
         json: bool,
         /// `all` or resource names [default: all].
         #[arg(value_name = "all|NAME")]
+        names: Vec<String>,
+    },
+    /// Compare the data of the primary and the secondary block by block,
+    /// online, on the primary: both nodes digest the same 4 KiB blocks
+    /// (xxh3, or sha256) under the range locks, at the synchronisation's
+    /// pace (the application keeps about half of the disk). Extents never
+    /// written since `hastctl create` are not compared.
+    ///
+    /// Shows a progress bar on a terminal, then per resource the blocks
+    /// compared, the blocks that differ and the first differing ranges
+    /// (`hastctl list` keeps the result). Exit status: 0 when nothing
+    /// differs (or, with --repair, once the differences are
+    /// synchronised), 1 when blocks differ, 75 on timeout, other values
+    /// for errors.
+    Verify {
+        /// Start of the range, in bytes of the data area (K, M, G, T
+        /// suffixes).
+        #[arg(long, value_name = "N", default_value = "0")]
+        offset: String,
+        /// Bytes to verify [default: to the end of the data area].
+        #[arg(long, value_name = "N")]
+        length: Option<String>,
+        /// Digest: xxh3 (fast, the default) or sha256.
+        #[arg(long, value_name = "ALG", default_value = "xxh3",
+              value_parser = ["xxh3", "sha256"])]
+        algorithm: String,
+        /// Mark the extents of differing blocks and synchronise them from
+        /// the primary (waits until they are in sync).
+        #[arg(long)]
+        repair: bool,
+        /// Start the verify and return at once (see `hastctl list`).
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait at most; 0 waits forever.
+        #[arg(long, value_name = "S", default_value = "0")]
+        timeout: f64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// `all` or resource names.
+        #[arg(required = true, value_name = "all|NAME")]
         names: Vec<String>,
     },
     /// Print the metadata stored on resources' providers (offline).
@@ -286,6 +327,28 @@ fn main() {
         Command::List { json, names } => show(&cfg, *json, names, Show::List),
         Command::Status { json, names } => show(&cfg, *json, names, Show::Status),
         Command::Reload { json } => reload(&cfg, *json),
+        Command::Verify {
+            offset,
+            length,
+            algorithm,
+            repair,
+            no_wait,
+            timeout,
+            json,
+            names,
+        } => verify::run(
+            &cfg,
+            verify::Args {
+                offset: size_arg("offset", Some(offset)).unwrap_or(0),
+                length: size_arg("length", length.as_deref()),
+                algorithm: algorithm.clone(),
+                repair: *repair,
+                wait: !*no_wait,
+                timeout: *timeout,
+                json: *json,
+            },
+            names,
+        ),
         Command::Completions { .. } => ex::OK,
     };
     exit(code);
@@ -357,12 +420,13 @@ fn dump(cfg: &Config, json: bool, names: &[String]) -> i32 {
     let mut out = Vec::new();
     for res in selected(cfg, &all_if_empty(names)) {
         match offline::read(res) {
-            Ok((md, marked)) if json => {
+            Ok((md, counts)) if json => {
                 let mut v = serde_json::to_value(&md).unwrap_or_default();
-                v["ondisk_dirty_extents"] = marked.into();
+                v["ondisk_dirty_extents"] = counts.marked.into();
+                v["written_extents"] = counts.written.into();
                 out.push(v);
             }
-            Ok((md, marked)) => print!("{}", report::dump(&md, marked)),
+            Ok((md, counts)) => print!("{}", report::dump(&md, counts.marked, counts.written)),
             Err(e) => {
                 eprintln!("hastctl: {e}");
                 code = ex::NOINPUT;
@@ -732,6 +796,216 @@ mod wait {
             State::Disconnected => "disconnected".into(),
             State::Role(r) => format!("role:{r}"),
         }
+    }
+}
+
+/// `hastctl verify`.
+mod verify {
+    use std::time::{Duration, Instant};
+
+    use hast_control::config::Config;
+    use hast_control::exit as ex;
+    use hast_control::progress::{Progress, Step};
+    use hast_control::proto::{self, Request, ResourceReport, VerifyState};
+    use hast_control::size::humanize;
+
+    /// How often `status` is polled.
+    const POLL: Duration = Duration::from_millis(200);
+    /// Ranges printed per resource.
+    const SHOWN: usize = 8;
+
+    /// The command line.
+    pub struct Args {
+        pub offset: u64,
+        pub length: Option<u64>,
+        pub algorithm: String,
+        pub repair: bool,
+        pub wait: bool,
+        pub timeout: f64,
+        pub json: bool,
+    }
+
+    /// Has the verify of `r` ended, and (with repair) is it in sync again?
+    fn finished(r: &ResourceReport, repair: bool) -> bool {
+        let Some(v) = &r.verify else { return true };
+        if v.report.state == VerifyState::Running {
+            return false;
+        }
+        !repair
+            || v.report.blocks_different == 0
+            || v.report.state != VerifyState::Done
+            || !r.connected
+            || (r.dirty == 0 && r.sync.is_none())
+    }
+
+    fn step(r: &ResourceReport, repair: bool) -> (Step, String) {
+        match &r.verify {
+            Some(v) if v.report.state == VerifyState::Running => (
+                Step::Copying {
+                    done: v.report.done,
+                    total: v.report.length,
+                },
+                format!("{} blocks differ", v.report.blocks_different),
+            ),
+            Some(_) if !finished(r, repair) => (
+                Step::Waiting,
+                format!("repairing, dirty {}", humanize(r.dirty)),
+            ),
+            _ => (Step::Done, "done".into()),
+        }
+    }
+
+    fn print(r: &ResourceReport, repair: bool) {
+        let Some(v) = &r.verify else {
+            println!("[{}] no verify result", r.name);
+            return;
+        };
+        let v = &v.report;
+        let what = match v.state {
+            VerifyState::Done => "verified",
+            VerifyState::Failed => "verify stopped",
+            VerifyState::Running => "verifying",
+        };
+        println!(
+            "[{}] {what} {} at {} ({}): {} blocks compared, {} differ ({}) in {} ranges, {} skipped",
+            r.name,
+            humanize(v.length),
+            v.offset,
+            v.algorithm,
+            v.blocks_compared,
+            v.blocks_different,
+            humanize(v.bytes_different),
+            v.ranges_total,
+            humanize(v.bytes_skipped)
+        );
+        for (o, l) in v.ranges.iter().take(SHOWN) {
+            println!("[{}]   differ: offset {o}, length {l}", r.name);
+        }
+        if v.ranges_total as usize > SHOWN {
+            println!(
+                "[{}]   ... {} more ranges (hastctl list --json)",
+                r.name,
+                v.ranges_total as usize - SHOWN
+            );
+        }
+        if repair && v.blocks_different > 0 && v.state == VerifyState::Done {
+            if r.dirty == 0 && r.sync.is_none() {
+                println!("[{}]   repaired: synchronised from the primary", r.name);
+            } else {
+                println!(
+                    "[{}]   marked for synchronisation (dirty {})",
+                    r.name,
+                    humanize(r.dirty)
+                );
+            }
+        }
+        if let Some(e) = &v.error {
+            eprintln!("hastctl: [{}] verify stopped: {e}", r.name);
+        }
+    }
+
+    /// Starts the verifies and, unless told not to, follows them to the
+    /// end; returns the exit code.
+    pub fn run(cfg: &Config, args: Args, names: &[String]) -> i32 {
+        if !args.timeout.is_finite() || args.timeout < 0.0 {
+            eprintln!(
+                "hastctl: invalid timeout '{}': expected seconds >= 0",
+                args.timeout
+            );
+            return ex::USAGE;
+        }
+        let req = Request::Verify {
+            resources: names.to_vec(),
+            offset: args.offset,
+            length: args.length,
+            algorithm: Some(args.algorithm.clone()),
+            repair: args.repair,
+        };
+        let resp = super::call(cfg, req);
+        let mut code = ex::OK;
+        let mut started = Vec::new();
+        for r in &resp.resources {
+            match &r.error {
+                Some(e) => {
+                    eprintln!("hastctl: {e}");
+                    code = ex::SOFTWARE;
+                }
+                None => started.push(r.name.clone()),
+            }
+        }
+        if !args.wait || started.is_empty() {
+            return code;
+        }
+        let bars = (!args.json).then(|| Progress::new(&started, "verify"));
+        let deadline =
+            (args.timeout > 0.0).then(|| Instant::now() + Duration::from_secs_f64(args.timeout));
+        let last = loop {
+            let req = Request::Status {
+                resources: started.clone(),
+            };
+            let resp = match proto::call(&cfg.control, req, Duration::from_secs(30)) {
+                Ok(r) if r.error.is_none() => r,
+                Ok(r) => {
+                    eprintln!("hastctl: {}", r.error.unwrap_or_default());
+                    return ex::UNAVAILABLE;
+                }
+                Err(e) => {
+                    eprintln!("hastctl: {e}");
+                    return ex::UNAVAILABLE;
+                }
+            };
+            if let Some(b) = &bars {
+                for r in &resp.resources {
+                    let (step, note) = step(r, args.repair);
+                    b.update(&r.name, step, &note);
+                }
+            }
+            if resp.resources.iter().all(|r| finished(r, args.repair)) {
+                break resp.resources;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                if let Some(b) = &bars {
+                    b.finish();
+                }
+                eprintln!(
+                    "hastctl: timed out after {}s; the verify goes on (hastctl list)",
+                    args.timeout
+                );
+                return ex::TEMPFAIL;
+            }
+            std::thread::sleep(POLL);
+        };
+        if let Some(b) = &bars {
+            b.finish();
+        }
+        if args.json {
+            let v: Vec<serde_json::Value> = last
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "name": r.name,
+                        "verify": r.verify,
+                        "dirty": r.dirty,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        for r in &last {
+            if !args.json {
+                print(r, args.repair);
+            }
+            let Some(v) = &r.verify else { continue };
+            if v.report.state != VerifyState::Done {
+                code = ex::SOFTWARE;
+            } else if v.report.blocks_different > 0
+                && !(args.repair && r.dirty == 0 && r.sync.is_none())
+                && code == ex::OK
+            {
+                code = 1;
+            }
+        }
+        code
     }
 }
 

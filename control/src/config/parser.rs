@@ -55,6 +55,7 @@ pub(crate) enum Key {
     Replication,
     Checksum,
     Compression,
+    Syncmode,
     Timeout,
     Exec,
     Metaflush,
@@ -73,7 +74,7 @@ pub(crate) enum Key {
 }
 
 impl Key {
-    const ALL: [Key; 22] = [
+    const ALL: [Key; 23] = [
         Key::Control,
         Key::Pidfile,
         Key::Listen,
@@ -81,6 +82,7 @@ impl Key {
         Key::Replication,
         Key::Checksum,
         Key::Compression,
+        Key::Syncmode,
         Key::Timeout,
         Key::Exec,
         Key::Metaflush,
@@ -107,6 +109,7 @@ impl Key {
             Key::Replication => "replication",
             Key::Checksum => "checksum",
             Key::Compression => "compression",
+            Key::Syncmode => "syncmode",
             Key::Timeout => "timeout",
             Key::Exec => "exec",
             Key::Metaflush => "metaflush",
@@ -141,6 +144,7 @@ impl Key {
             Key::Replication
             | Key::Checksum
             | Key::Compression
+            | Key::Syncmode
             | Key::Timeout
             | Key::Exec
             | Key::Splitbrain => (

@@ -484,6 +484,7 @@ impl GenResource {
                 .compression
                 .or(global.compression)
                 .unwrap_or_default(),
+            syncmode: Default::default(),
             timeout: Duration::from_secs(self.shared.timeout.or(global.timeout).unwrap_or(20)),
             exec: self
                 .shared

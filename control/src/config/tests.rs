@@ -63,6 +63,7 @@ fn defaults() {
             replication: Replication::MemSync,
             checksum: Checksum::None,
             compression: Compression::Hole,
+            syncmode: crate::config::SyncMode::Auto,
             timeout: Duration::from_secs(20),
             exec: None,
             metaflush: true,
@@ -139,14 +140,16 @@ fn resource_settings_override_global_ones() {
     let text = "
 replication fullsync checksum crc32 compression lzf timeout 7 exec /bin/g metaflush off
 resource r {
-    replication async checksum sha256 compression none timeout 9 exec /bin/r metaflush on
+    replication async checksum none compression none timeout 9 exec /bin/r metaflush on
+    syncmode full
     on a { local /x remote none }
 }
 resource s { on a { local /y remote none } }";
     let cfg = parse(text);
     let r = cfg.resource("r").unwrap();
     assert_eq!(r.replication, Replication::Async);
-    assert_eq!(r.checksum, Checksum::Sha256);
+    assert_eq!(r.checksum, Checksum::None);
+    assert_eq!(r.syncmode, crate::config::SyncMode::Full);
     assert_eq!(r.compression, Compression::None);
     assert_eq!(r.timeout, Duration::from_secs(9));
     assert_eq!(r.exec, Some(PathBuf::from("/bin/r")));
@@ -155,6 +158,7 @@ resource s { on a { local /y remote none } }";
     assert_eq!(s.replication, Replication::FullSync);
     assert_eq!(s.checksum, Checksum::Crc32);
     assert_eq!(s.compression, Compression::Lzf);
+    assert_eq!(s.syncmode, crate::config::SyncMode::Auto);
     assert_eq!(s.timeout, Duration::from_secs(7));
     assert_eq!(s.exec, Some(PathBuf::from("/bin/g")));
     assert!(!s.metaflush);
@@ -557,8 +561,16 @@ fn value_errors_point_at_the_value() {
             "replication sync",
             "1:13: unknown replication mode 'sync' (expected fullsync, memsync or async)",
         ),
-        ("checksum md5", "1:10: unknown checksum algorithm 'md5' (expected none, crc32 or sha256)"),
-        ("compression gzip", "1:13: unknown compression algorithm 'gzip' (expected none, hole or lzf)"),
+        ("checksum md5", "1:10: unknown checksum algorithm 'md5' (expected none or crc32)"),
+        (
+            "checksum sha256",
+            "1:10: checksum sha256 is not supported: every replicated frame already carries a \
+             crc32c of its payload, checked before the data is used (use 'checksum crc32' or \
+             'none'); to compare the nodes' data end to end with SHA-256, run \
+             'hastctl verify --algorithm sha256'",
+        ),
+        ("compression gzip", "1:13: unknown compression algorithm 'gzip' (expected none, hole, lzf or lz4)"),
+        ("syncmode fast", "1:10: unknown syncmode 'fast' (expected auto, full or checksum)"),
         (
             "\n  control tcp://127.0.0.1:8457",
             "2:11: only uds:// control addresses are supported, found 'tcp://127.0.0.1:8457'",
@@ -763,6 +775,7 @@ fn config_serializes_for_status_output() {
             "replication": "memsync",
             "checksum": "none",
             "compression": "hole",
+            "syncmode": "auto",
             "timeout": 20,
             "exec": "/bin/x",
             "metaflush": true,

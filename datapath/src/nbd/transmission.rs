@@ -66,6 +66,7 @@ use super::proto::{
     self, Errno, ExportLimits, Negotiated, Op, Request, RequestError, SimpleReplyHeader,
     StatusDescriptor,
 };
+use crate::batch::{self, SendEnd};
 use crate::export::{BlockBackend, WriteFlags};
 use crate::signal::Signal;
 
@@ -74,9 +75,6 @@ use crate::signal::Signal;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest chunk read at once when discarding a rejected write's payload.
 pub(crate) const DISCARD_CHUNK: usize = 64 * 1024;
-/// Read data up to this size is copied behind the reply header so that the
-/// reply leaves in one `send`; larger data is sent from the backend buffer.
-const SMALL_REPLY: usize = 4096;
 
 /// What a connection needs from its export.
 pub(crate) struct ConnParams<B: BlockBackend> {
@@ -134,7 +132,38 @@ struct Permits {
 struct Reply<R> {
     handle: u64,
     body: Body<R>,
+    /// The connection negotiated structured replies.
+    structured: bool,
     _permits: Permits,
+}
+
+impl<R: std::ops::Deref<Target = [u8]>> batch::Frame for Reply<R> {
+    fn encode_head(&self, out: &mut Vec<u8>) {
+        let (handle, structured) = (self.handle, self.structured);
+        match &self.body {
+            Body::Data { offset, data } if structured => {
+                out.extend_from_slice(&proto::offset_data_header(handle, *offset, data.len()))
+            }
+            Body::Data { .. } | Body::Done => {
+                out.extend_from_slice(&SimpleReplyHeader::new(handle, None).to_bytes())
+            }
+            Body::Error(errno) if structured => proto::encode_error_chunk(out, handle, *errno),
+            Body::Error(errno) => {
+                out.extend_from_slice(&SimpleReplyHeader::new(handle, Some(*errno)).to_bytes())
+            }
+            Body::Status {
+                context,
+                descriptors,
+            } => proto::encode_block_status_chunk(out, handle, *context, descriptors),
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match &self.body {
+            Body::Data { data, .. } => data,
+            _ => &[],
+        }
+    }
 }
 
 /// What a reply carries.
@@ -236,9 +265,8 @@ where
     let mut reader = futures_lite::io::BufReader::with_capacity(RECV_BUFFER, reader);
     let (tx, rx) = local_channel::new_bounded(params.max_inflight);
     let abort = Signal::new();
-    let structured = params.negotiated.structured_replies;
     let writer_task = glommio::spawn_local(
-        write_replies(writer, rx, structured, abort.clone()).instrument(tracing::Span::current()),
+        write_replies(writer, rx, abort.clone()).instrument(tracing::Span::current()),
     );
     let mut conn = Conn {
         inflight: Rc::new(Semaphore::new(params.max_inflight as u64)),
@@ -327,6 +355,7 @@ where
                     let reply = Reply {
                         handle: req.handle,
                         body: Body::Error(errno),
+                        structured: self.params.negotiated.structured_replies,
                         _permits: permits,
                     };
                     // Never waits: the channel has room for every permit.
@@ -456,6 +485,7 @@ where
     fn spawn_request(&self, req: Request, job: Job, permits: Permits) {
         let backend = self.params.backend.clone();
         let tx = self.tx.clone();
+        let structured = self.params.negotiated.structured_replies;
         let task = async move {
             let body = match run_job(&*backend, job).await {
                 Ok(body) => body,
@@ -467,6 +497,7 @@ where
             let reply = Reply {
                 handle: req.handle,
                 body,
+                structured,
                 _permits: permits,
             };
             // Fails only if the writer is gone; the connection is ending.
@@ -558,115 +589,29 @@ async fn run_job<B: BlockBackend>(backend: &B, job: Job) -> Result<Body<B::ReadB
 /// Bytes read from the socket at once when requests are queued.
 const RECV_BUFFER: usize = 64 * 1024;
 
-/// Largest batch of small replies sent in one write.
-const REPLY_BATCH: usize = 256 * 1024;
-
-/// The writer task: send queued replies until every sender is gone, then
-/// shut the socket down for writing. Replies that are queued together
-/// (header-only replies, block status, errors and small reads) leave in
-/// one write; large read data is written straight from its buffer. Reads
-/// and errors are structured when `structured` replies were negotiated. On
-/// a write error, fire `abort` so the reader stops, and drop the queue
-/// (which releases its permits).
-async fn write_replies<W, D>(mut w: W, rx: LocalReceiver<Reply<D>>, structured: bool, abort: Signal)
+/// The writer task: sends queued replies until every sender is gone, then
+/// shuts the socket down for writing — through the one batching writer
+/// ([`crate::batch`]): replies queued together (header-only replies,
+/// chunks and small reads) leave in one write; large read data is written
+/// straight from its buffer. On a write error, fire `abort` so the reader
+/// stops, and drop the queue (which releases its permits).
+async fn write_replies<W, D>(mut w: W, rx: LocalReceiver<Reply<D>>, abort: Signal)
 where
     W: AsyncWrite + Unpin,
     D: std::ops::Deref<Target = [u8]>,
 {
-    let mut staging = Vec::with_capacity(proto::OFFSET_DATA_HEADER_LEN + SMALL_REPLY);
-    // Replies whose bytes are staged; their permits go when they are sent.
-    let mut held: Vec<Reply<D>> = Vec::new();
-    let mut closed = false;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(reply) = next.take() {
-            if let Err(e) = stage_reply(&mut w, reply, structured, &mut staging, &mut held).await {
-                tracing::info!(error = %e, "cannot send reply; closing connection");
-                abort.fire();
-                return;
-            }
-            if staging.len() >= REPLY_BATCH {
-                break;
-            }
-            match futures_lite::future::poll_once(rx.recv()).await {
-                Some(Some(r)) => next = Some(r),
-                Some(None) => closed = true,
-                None => {}
-            }
-        }
-        let sent = async {
-            if !staging.is_empty() {
-                w.write_all(&staging).await?;
-                staging.clear();
-            }
-            w.flush().await
-        };
-        if let Err(e) = sent.await {
+    // Nothing stops the writer but the end of the queue: replies of
+    // requests already started are always sent.
+    let never = Signal::new();
+    match batch::send(&mut w, &rx, &never, |_| {}).await {
+        SendEnd::Failed(e) => {
             tracing::info!(error = %e, "cannot send reply; closing connection");
             abort.fire();
-            return;
         }
-        held.clear();
-        if closed {
-            break;
+        SendEnd::Drained | SendEnd::Stopped => {
+            let _ = w.close().await;
         }
     }
-    let _ = w.close().await;
-}
-
-/// Stages one reply, or writes it at once when it carries large read data
-/// (after what is staged, then its header, then the data from its
-/// buffer).
-async fn stage_reply<W, D>(
-    w: &mut W,
-    reply: Reply<D>,
-    structured: bool,
-    staging: &mut Vec<u8>,
-    held: &mut Vec<Reply<D>>,
-) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-    D: std::ops::Deref<Target = [u8]>,
-{
-    let handle = reply.handle;
-    match &reply.body {
-        Body::Data { offset, data } => {
-            let simple;
-            let chunk;
-            let hdr: &[u8] = if structured {
-                chunk = proto::offset_data_header(handle, *offset, data.len());
-                &chunk
-            } else {
-                simple = SimpleReplyHeader::new(handle, None).to_bytes();
-                &simple
-            };
-            if data.len() > SMALL_REPLY {
-                if !staging.is_empty() {
-                    w.write_all(staging).await?;
-                    staging.clear();
-                    held.clear();
-                }
-                w.write_all(hdr).await?;
-                w.write_all(data).await?;
-                return Ok(());
-            }
-            staging.extend_from_slice(hdr);
-            staging.extend_from_slice(data);
-        }
-        Body::Done => {
-            staging.extend_from_slice(&SimpleReplyHeader::new(handle, None).to_bytes());
-        }
-        Body::Error(errno) if structured => proto::encode_error_chunk(staging, handle, *errno),
-        Body::Error(errno) => {
-            staging.extend_from_slice(&SimpleReplyHeader::new(handle, Some(*errno)).to_bytes());
-        }
-        Body::Status {
-            context,
-            descriptors,
-        } => proto::encode_block_status_chunk(staging, handle, *context, descriptors),
-    }
-    held.push(reply);
-    Ok(())
 }
 
 /// Read a request header. `Ok(false)` on a clean end of stream (nothing

@@ -242,7 +242,7 @@ mod tests {
 
     fn transcript() -> Transcript {
         Transcript {
-            version: 2,
+            version: 3,
             modes: 2,
             resource: "r0".into(),
             primary_node: "alpha".into(),
@@ -289,7 +289,7 @@ mod tests {
         assert_eq!(proof(&s, Side::Primary, &t).to_vec(), expect.to_vec());
         // The encoding is frozen: its hash must not change silently.
         let enc = t.encode();
-        assert!(enc.starts_with(b"hast-rs peer handshake\0\x02\x00\x02\x00\x02\x00r0"));
+        assert!(enc.starts_with(b"hast-rs peer handshake\0\x03\x00\x02\x00\x02\x00r0"));
         assert_eq!(enc.len(), 23 + 2 + 2 + 4 + 7 + 6 + 64 + 2);
     }
 
@@ -326,10 +326,11 @@ mod tests {
         assert!(!verify(&s, Side::Primary, &t, &bad));
         // Every field of the transcript counts: a replay under a fresh
         // nonce of the secondary fails, and so does any other change.
-        let changes: Vec<Box<dyn Fn(&mut Transcript)>> = vec![
+        type Change = Box<dyn Fn(&mut Transcript)>;
+        let changes: Vec<Change> = vec![
             Box::new(|t| t.nonce_s[0] ^= 1),
             Box::new(|t| t.nonce_p[31] ^= 1),
-            Box::new(|t| t.version = 3),
+            Box::new(|t| t.version = 4),
             Box::new(|t| t.modes = 3),
             Box::new(|t| t.resource = "r1".into()),
             Box::new(|t| t.primary_node = "alphA".into()),

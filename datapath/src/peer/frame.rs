@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::proto::{FrameError, Header, Hello, Kind, Refusal, HEADER_LEN};
+use super::proto::{flags, FrameError, Header, Hello, Kind, Refusal, HEADER_LEN};
 
 /// Why a peer connection failed or a request on it did not complete.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -109,6 +109,25 @@ pub async fn read_payload<R: AsyncRead + Unpin>(
 ) -> Result<(), LinkError> {
     r.read_exact(buf).await?;
     hdr.check_payload(buf)?;
+    Ok(())
+}
+
+/// Reads a data payload (Write, ReadReply) into `buf`, which must be
+/// [`Header::data_len`] bytes: straight into it when the frame is not
+/// compressed, else through a buffer of `payload_len` bytes decompressed
+/// into it (see [`super::compress`]). The checksum covers the bytes on
+/// the wire.
+pub async fn read_data_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    hdr: &Header,
+    buf: &mut [u8],
+) -> Result<(), LinkError> {
+    if hdr.flags & flags::COMPRESSED == 0 {
+        return read_payload(r, hdr, buf).await;
+    }
+    let mut wire = vec![0u8; hdr.payload_len as usize];
+    read_payload(r, hdr, &mut wire).await?;
+    super::compress::decode(hdr.flags, &wire, buf)?;
     Ok(())
 }
 

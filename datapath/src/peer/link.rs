@@ -37,6 +37,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::io::DmaBuffer;
 
+use super::compress::{self, Compression, Wire};
 use super::frame::{self, LinkError};
 use super::proto::{Header, Kind, HEADER_LEN};
 use crate::batch::{self, SendEnd};
@@ -68,6 +69,11 @@ impl Payload {
         self.len() == 0
     }
 
+    /// The payload bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.bytes()
+    }
+
     fn bytes(&self) -> &[u8] {
         match self {
             Payload::None => &[],
@@ -75,6 +81,27 @@ impl Payload {
             Payload::Read(r) => r,
             Payload::Bytes(v) => v,
         }
+    }
+}
+
+/// How an application write's remote leg travels under `compression`
+/// (see [`super::compress`]): a Write of zeros becomes a Zero (`hole`,
+/// `lzf`, `lz4`), other payloads are compressed when that pays (`lzf`,
+/// `lz4`). With `none` the request is returned as it is, at no cost: the
+/// payload stays the shared buffer of the local write (no copy).
+pub fn compressed(
+    mode: Compression,
+    kind: Kind,
+    flags: u8,
+    payload: Payload,
+) -> (Kind, u8, Payload) {
+    if mode == Compression::None || kind != Kind::Write {
+        return (kind, flags, payload);
+    }
+    match compress::encode(mode, payload.bytes(), true) {
+        Wire::AsIs => (kind, flags, payload),
+        Wire::Zero => (Kind::Zero, flags, Payload::None),
+        Wire::Compressed { flag, bytes } => (kind, flags | flag, Payload::Bytes(bytes)),
     }
 }
 
@@ -373,7 +400,13 @@ impl PeerLink {
             return Err(LinkError::Disconnected);
         }
         let permit = take(&self.inner.window, 1).await?;
-        let n = payload.bytes().len() as u64;
+        // A compressed Write takes the room of its data: the secondary
+        // holds it decompressed.
+        let n = if kind == Kind::Write {
+            u64::from(length)
+        } else {
+            payload.bytes().len() as u64
+        };
         let bytes = if n > 0 {
             let n = n.min(self.inner.limits.get().max_bytes as u64);
             Some(take(&self.inner.bytes, n).await?)
@@ -525,15 +558,18 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
                     }
                     continue;
                 }
-                Kind::Done | Kind::ReadReply => link.inner.inflight.borrow_mut().remove(&hdr.seq),
+                Kind::Done | Kind::ReadReply | Kind::ChecksumsReply | Kind::WrittenMapReply => {
+                    link.inner.inflight.borrow_mut().remove(&hdr.seq)
+                }
                 other => {
                     break LinkError::Protocol(format!("unexpected {other:?} from the secondary"));
                 }
             };
             let mut data = None;
             if hdr.payload_len > 0 {
-                let mut buf = (link.inner.alloc)(hdr.payload_len as usize);
-                if let Err(e) = frame::read_payload(&mut r, &hdr, buf.as_bytes_mut()).await {
+                // A compressed ReadReply is decompressed into its buffer.
+                let mut buf = (link.inner.alloc)(hdr.data_len() as usize);
+                if let Err(e) = frame::read_data_payload(&mut r, &hdr, buf.as_bytes_mut()).await {
                     break e;
                 }
                 data = Some(buf);

@@ -4,6 +4,8 @@
 //! See `docs/protocol.md`.
 
 pub mod auth;
+pub mod checksum;
+pub mod compress;
 pub mod durability;
 pub mod frame;
 pub mod handshake;
@@ -16,3 +18,4 @@ pub mod seal;
 pub mod secondary;
 pub mod sync;
 pub mod tls;
+pub mod verify;

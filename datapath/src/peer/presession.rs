@@ -1,4 +1,4 @@
-//! The start of every connection, before the session (protocol 2): the
+//! The start of every connection, before the session (protocol 3): the
 //! introduction, the challenge, TLS and the proofs of the shared secret.
 //! It runs on plain threads with blocking sockets and one deadline for
 //! the whole of it — the primary's connecting thread, the secondary's

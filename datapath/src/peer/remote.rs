@@ -21,11 +21,13 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::Task;
 
+use super::compress::Compression;
 use super::frame::{self, LinkError};
 use super::handshake::{self, Agreement};
 use super::link::{LinkLimits, PeerLink};
 use super::presession::{self, PeerSecurity};
 use super::proto::{Header, Hello, HelloReply, Kind, Refusal};
+use super::sync::SyncMode;
 use crate::events::{EventSink, PeerEventKind};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;
@@ -74,6 +76,10 @@ pub struct RemoteConfig {
     /// `splitbrain auto`: resolve a split-brain where one side changed
     /// nothing.
     pub splitbrain_auto: bool,
+    /// How data travels (hast.conf `compression`).
+    pub compression: Compression,
+    /// How a synchronisation moves data (hast.conf `syncmode`).
+    pub syncmode: SyncMode,
 }
 
 /// A byte stream to the secondary.
@@ -126,6 +132,13 @@ pub struct Remote {
     /// `cfg.mode` and `cfg.timeout`, changeable while running (reload).
     mode: Cell<ReplicationMode>,
     timeout: Cell<Duration>,
+    /// `cfg.compression` and `cfg.syncmode`, changeable while running.
+    compression: Cell<Compression>,
+    syncmode: Cell<SyncMode>,
+    /// The synchronisation of this connection goes to a new secondary.
+    pub(super) full_sync: Cell<bool>,
+    /// The verify running or last run (see `super::verify`).
+    pub(super) verify: RefCell<Option<super::verify::VerifyRun>>,
     /// The TCP connector's timeout, when it is ours.
     connect_timeout: RefCell<Option<Rc<Cell<Duration>>>>,
 }
@@ -180,6 +193,10 @@ impl Remote {
         let r = Rc::new(Remote {
             mode: Cell::new(cfg.mode),
             timeout: Cell::new(cfg.timeout),
+            compression: Cell::new(cfg.compression),
+            syncmode: Cell::new(cfg.syncmode),
+            full_sync: Cell::new(false),
+            verify: RefCell::new(None),
             connect_timeout: RefCell::new(None),
             cfg,
             disk,
@@ -254,6 +271,26 @@ impl Remote {
         self.mode.set(mode);
     }
 
+    /// How data travels to the secondary.
+    pub fn compression(&self) -> Compression {
+        self.compression.get()
+    }
+
+    /// Changes `compression`; applies from the next request.
+    pub fn set_compression(&self, c: Compression) {
+        self.compression.set(c);
+    }
+
+    /// How a synchronisation moves data.
+    pub fn syncmode(&self) -> SyncMode {
+        self.syncmode.get()
+    }
+
+    /// Changes `syncmode`; applies from the next synchronisation pass.
+    pub fn set_syncmode(&self, m: SyncMode) {
+        self.syncmode.set(m);
+    }
+
     /// Changes the peer timeout: of the open connection at once, of the
     /// next connection attempts and handshakes.
     pub fn set_timeout(&self, timeout: Duration) {
@@ -295,6 +332,7 @@ impl Remote {
     /// manager.
     pub async fn stop(&self) {
         self.stop.fire();
+        self.stop_verify().await;
         if let Some(l) = self.link() {
             let t = self.timeout.get();
             let idle = async {
@@ -441,7 +479,9 @@ impl Remote {
     /// extents, and every extent for a new secondary.
     async fn prepare(&self, decision: &Decision, reply: &HelloReply) -> std::io::Result<()> {
         self.disk.merge_peer_map(&reply.bitmap).await?;
-        if matches!(decision, Decision::ToSecondary { full: true }) {
+        let full = matches!(decision, Decision::ToSecondary { full: true });
+        self.full_sync.set(full);
+        if full {
             tracing::info!(resource = %self.cfg.resource, "new secondary: full synchronisation");
             self.disk.mark_all().await?;
         }

@@ -187,8 +187,11 @@ pub struct Sealed<S> {
     plain: std::ops::Range<usize>,
     eof: bool,
     failed: Option<SealError>,
-    on_failure: Option<Box<dyn Fn(&SealError)>>,
+    on_failure: Option<FailureHook>,
 }
+
+/// Called once when the stream fails its authentication.
+type FailureHook = Box<dyn Fn(&SealError)>;
 
 impl<S> Sealed<S> {
     /// Wraps `inner` with the keys of one side.
@@ -337,7 +340,7 @@ mod tests {
     fn keys() -> (StreamKeys, StreamKeys) {
         let s = Secret::new(b"sixteen bytes at least").unwrap();
         let t = Transcript {
-            version: 2,
+            version: 3,
             modes: 2,
             resource: "r".into(),
             primary_node: "a".into(),

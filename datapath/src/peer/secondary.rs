@@ -43,10 +43,14 @@ use glommio::net::TcpStream;
 use glommio::sync::Gate;
 use glommio::Task;
 
+use super::checksum::digest_range;
+use super::compress::{self, Compression, Wire};
 use super::frame::{self, LinkError};
 use super::handshake;
 use super::presession::Transport;
-use super::proto::{flags, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, HEADER_LEN};
+use super::proto::{
+    flags, ChecksumsRequest, Header, Hello, HelloReply, Kind, Refusal, SyncComplete, HEADER_LEN,
+};
 use super::remote::PeerStream;
 use crate::batch::{self, SendEnd};
 use crate::events::{EventSink, PeerEventKind};
@@ -152,6 +156,8 @@ pub struct SecondaryCtx {
     pub max_requests: usize,
     /// Payload bytes held at once, at most.
     pub max_bytes: usize,
+    /// How read replies travel (hast.conf `compression`).
+    pub compression: Compression,
 }
 
 /// The secondary role of one resource: at most one primary connection.
@@ -441,6 +447,7 @@ impl Future for BarrierWait {
 enum ReplyPayload {
     None,
     Read(ReadData),
+    Bytes(Vec<u8>),
 }
 
 struct Reply {
@@ -458,6 +465,7 @@ impl batch::Frame for Reply {
         match &self.payload {
             ReplyPayload::None => &[],
             ReplyPayload::Read(r) => r,
+            ReplyPayload::Bytes(b) => b,
         }
     }
 }
@@ -578,6 +586,8 @@ impl Session<'_> {
             Kind::Write | Kind::Zero => self.write(r, hdr).await?,
             Kind::Flush => self.flush(hdr).await?,
             Kind::Read => self.read(hdr).await?,
+            Kind::Checksums => self.checksums(r, hdr).await?,
+            Kind::WrittenMap => self.written_map(hdr).await,
             Kind::SyncStart => self.sync_start(hdr).await,
             Kind::SyncComplete => self.sync_complete(r, hdr).await?,
             Kind::Bye => return Ok(false),
@@ -623,13 +633,13 @@ impl Session<'_> {
     /// range-lock ticket (arrival order), apply it in a task.
     async fn write<R: AsyncRead + Unpin>(&self, r: &mut R, hdr: &Header) -> Result<(), LinkError> {
         let permit = self.permit().await?;
-        let bytes = self.budget(hdr.payload_len).await?;
+        let bytes = self.budget(hdr.data_len()).await?;
         let disk = self.ctx.disk.clone();
         let seq = hdr.seq;
         let (offset, len) = (hdr.offset, u64::from(hdr.length));
         let data = if hdr.kind == Kind::Write {
             let mut buf = disk.alloc(hdr.length as usize);
-            frame::read_payload(r, hdr, buf.as_bytes_mut()).await?;
+            frame::read_data_payload(r, hdr, buf.as_bytes_mut()).await?;
             Some(buf)
         } else {
             None
@@ -756,15 +766,28 @@ impl Session<'_> {
         let bytes = self.budget(len).await?;
         let (replies, stats) = (self.replies.clone(), self.ctx.stats.clone());
         let ticket = disk.lock_range(offset, u64::from(len));
+        let compression = self.ctx.compression;
         self.spawn(async move {
             let _permit = permit;
             let _guard = ticket.await;
             stats.reads.fetch_add(1, Relaxed);
             let reply = match disk.read(offset, len as usize).await {
-                Ok(data) => Reply {
-                    header: Header::reply(Kind::ReadReply, seq, 0).with_payload(&data),
-                    payload: ReplyPayload::Read(data),
-                    _bytes: bytes,
+                Ok(data) => match compress::encode(compression, &data, false) {
+                    Wire::Compressed { flag, bytes: c } => Reply {
+                        header: Header {
+                            flags: flag,
+                            length: len,
+                            ..Header::reply(Kind::ReadReply, seq, 0)
+                        }
+                        .with_payload(&c),
+                        payload: ReplyPayload::Bytes(c),
+                        _bytes: bytes,
+                    },
+                    _ => Reply {
+                        header: Header::reply(Kind::ReadReply, seq, 0).with_payload(&data),
+                        payload: ReplyPayload::Read(data),
+                        _bytes: bytes,
+                    },
                 },
                 Err(e) => {
                     stats.read_errors.fetch_add(1, Relaxed);
@@ -777,6 +800,98 @@ impl Session<'_> {
             };
             replies.send(reply).await;
         })
+    }
+
+    /// The digests of a range (verify, checksum-based synchronisation),
+    /// read after every write received before the request (its range-lock
+    /// ticket is taken in arrival order). With SYNC the range is marked
+    /// like a synchronisation write: the primary forgets the extent once
+    /// it has the digests, so until our next flush our own map must cover
+    /// whatever of it may still be in our disk cache.
+    async fn checksums<R: AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        hdr: &Header,
+    ) -> Result<(), LinkError> {
+        let mut body = [0u8; super::proto::CHECKSUMS_REQUEST_LEN];
+        frame::read_payload(r, hdr, &mut body).await?;
+        let req = ChecksumsRequest::decode(&body)?;
+        let permit = self.permit().await?;
+        let (offset, len, seq) = (hdr.offset, u64::from(hdr.length), hdr.seq);
+        let disk = self.ctx.disk.clone();
+        let valid = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= disk.datasize());
+        if !valid || len == 0 {
+            drop(permit);
+            self.replies
+                .status(Kind::ChecksumsReply, seq, libc::EINVAL as u32)
+                .await;
+            return Ok(());
+        }
+        let bytes = self.budget(hdr.length).await?;
+        let (replies, stats) = (self.replies.clone(), self.ctx.stats.clone());
+        let ticket = disk.lock_range(offset, len);
+        let epoch = self.barrier.enter();
+        let barrier = self.barrier.clone();
+        let sync = hdr.flags & flags::SYNC != 0;
+        self.spawn(async move {
+            let _permit = permit;
+            let _guard = ticket.await;
+            let marked = if sync {
+                disk.write_start(offset, len).await
+            } else {
+                Ok(())
+            };
+            let result = match marked {
+                Ok(()) => {
+                    let r = digest_range(&disk, offset, len, req).await;
+                    if sync {
+                        disk.write_complete(offset, len, Settled::InSync);
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            stats.checksummed_bytes.fetch_add(len, Relaxed);
+            barrier.leave(epoch);
+            let reply = match result {
+                Ok(d) => Reply {
+                    header: Header::reply(Kind::ChecksumsReply, seq, 0).with_payload(&d),
+                    payload: ReplyPayload::Bytes(d),
+                    _bytes: None,
+                },
+                Err(e) => {
+                    stats.read_errors.fetch_add(1, Relaxed);
+                    tracing::error!(offset, len, error = %e, "cannot checksum the local data");
+                    Reply {
+                        header: Header::reply(Kind::ChecksumsReply, seq, errno_of(&e)),
+                        payload: ReplyPayload::None,
+                        _bytes: None,
+                    }
+                }
+            };
+            drop(bytes);
+            replies.send(reply).await;
+        })
+    }
+
+    /// Our written map, so that a synchronisation skips what neither node
+    /// ever wrote.
+    async fn written_map(&self, hdr: &Header) {
+        let reply = match self.ctx.disk.written_bitmap() {
+            Some(bits) => Reply {
+                header: Header::reply(Kind::WrittenMapReply, hdr.seq, 0).with_payload(&bits),
+                payload: ReplyPayload::Bytes(bits),
+                _bytes: None,
+            },
+            None => Reply {
+                header: Header::reply(Kind::WrittenMapReply, hdr.seq, libc::ENODATA as u32),
+                payload: ReplyPayload::None,
+                _bytes: None,
+            },
+        };
+        self.replies.send(reply).await;
     }
 
     /// Marks this node inconsistent before any synchronisation data lands:

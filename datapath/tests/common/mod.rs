@@ -19,9 +19,11 @@ use hast_datapath::events::EventSink;
 use hast_datapath::export::{BlockBackend, WriteFlags};
 use hast_datapath::local::LocalDisk;
 use hast_datapath::metadata::{Metadata, Role};
+use hast_datapath::peer::compress::Compression;
 use hast_datapath::peer::frame;
 use hast_datapath::peer::remote::{Connector, PeerStream, Remote, RemoteConfig, ReplicationMode};
 use hast_datapath::peer::secondary::{Secondary, SecondaryCtx};
+use hast_datapath::peer::sync::SyncMode;
 use hast_datapath::pipe::{pipe, Cutter};
 use hast_datapath::primary::Primary;
 use hast_datapath::provider::ProviderInfo;
@@ -95,9 +97,23 @@ fn peer_addr() -> SocketAddr {
     "127.0.0.1:7771".parse().expect("address")
 }
 
+/// Settings of a [`Pair`] beyond the replication mode.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Opts {
+    /// hast.conf `compression` (both nodes).
+    pub compression: Compression,
+    /// hast.conf `syncmode`.
+    pub syncmode: SyncMode,
+}
+
 impl Pair {
     /// Both nodes open, B secondary, A primary in `mode`, connected.
     pub async fn start(a: NodeDisk, b: NodeDisk, mode: ReplicationMode) -> Pair {
+        Self::start_opts(a, b, mode, Opts::default()).await
+    }
+
+    /// [`Pair::start`] with `opts`.
+    pub async fn start_opts(a: NodeDisk, b: NodeDisk, mode: ReplicationMode, opts: Opts) -> Pair {
         let bdisk = b.open(Role::Secondary).await;
         let secondary = Secondary::new(SecondaryCtx {
             resource: "r0".into(),
@@ -109,6 +125,7 @@ impl Pair {
             splitbrain_auto: false,
             max_requests: 1024,
             max_bytes: 64 << 20,
+            compression: opts.compression,
         });
         let wire: Rc<RefCell<Option<Cutter>>> = Rc::new(RefCell::new(None));
         let connector: Connector = {
@@ -141,6 +158,8 @@ impl Pair {
                 sync_chunk: 1 << 20,
                 retry: Duration::from_millis(20),
                 splitbrain_auto: false,
+                compression: opts.compression,
+                syncmode: opts.syncmode,
             },
             connector,
             adisk.clone(),

@@ -9,16 +9,19 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::header::FrameError;
+use crate::digest::Algo;
 use crate::generation::Gen;
 
-/// Highest protocol version this build speaks. Version 2: the connection
-/// opens with an introduction (a Hello without state), a Challenge and,
-/// with a secret, a Proof each way; TLS and the authenticated stream.
-pub const PROTO_VERSION: u16 = 2;
-/// Lowest protocol version this build accepts: version 1 has no
-/// authentication, and a version 1 peer answers our introduction with
-/// `VersionUnsupported`.
-pub const PROTO_VERSION_MIN: u16 = 2;
+/// Highest protocol version this build speaks. Version 2 added the
+/// Checksums / ChecksumsReply and WrittenMap / WrittenMapReply kinds and
+/// the compression flags. Version 3: the connection opens with an
+/// introduction (a Hello without state), a Challenge and, with a secret,
+/// a Proof each way; TLS and the authenticated stream.
+pub const PROTO_VERSION: u16 = 3;
+/// Lowest protocol version this build accepts: versions 1 and 2 have no
+/// authentication (and cannot be told apart from an impostor), and such a
+/// peer answers our introduction with `VersionUnsupported`.
+pub const PROTO_VERSION_MIN: u16 = 3;
 /// Longest resource name in a Hello (bytes of UTF-8).
 pub const MAX_RESOURCE_LEN: usize = 127;
 /// Longest node name in a Hello (bytes of UTF-8).
@@ -27,6 +30,15 @@ pub const MAX_NODE_LEN: usize = 63;
 pub const MAX_MESSAGE_LEN: usize = 4096;
 /// Size of a SyncComplete payload.
 pub const SYNC_COMPLETE_LEN: usize = 16;
+/// Size of a Checksums payload.
+pub const CHECKSUMS_REQUEST_LEN: usize = 8;
+/// Largest ChecksumsReply payload: 32-byte digests of 512-byte blocks of
+/// a 32 MiB range.
+pub const MAX_DIGESTS_PAYLOAD: u32 = 2 << 20;
+/// Smallest block of a Checksums request.
+pub const MIN_DIGEST_BLOCK: u32 = 512;
+/// Largest block of a Checksums request.
+pub const MAX_DIGEST_BLOCK: u32 = 1 << 20;
 
 /// Flag bits of [`Hello::flags`] and [`HelloReply::flags`].
 pub mod hello_flags {
@@ -45,9 +57,9 @@ pub mod hello_flags {
     /// The sender's dirty map is empty: it changed no extent the peer
     /// lacks (used by the `splitbrain auto` policy).
     pub const CLEAN: u64 = 8;
-    /// Introduction (protocol 2): the primary's resource has `tls on`.
+    /// Introduction (protocol 3): the primary's resource has `tls on`.
     pub const TLS: u64 = 16;
-    /// Introduction (protocol 2): the primary's resource has a secret.
+    /// Introduction (protocol 3): the primary's resource has a secret.
     pub const SECRET: u64 = 32;
 }
 
@@ -359,9 +371,9 @@ pub enum Refusal {
     /// Any other reason (see the message); also what an unknown code
     /// received from a newer peer decodes as.
     Refused = 9,
-    /// One node has a secret or TLS and the other has not (protocol 2).
+    /// One node has a secret or TLS and the other has not (protocol 3).
     AuthMismatch = 10,
-    /// The primary's proof of the shared secret is wrong (protocol 2).
+    /// The primary's proof of the shared secret is wrong (protocol 3).
     AuthFailed = 11,
 }
 
@@ -620,7 +632,7 @@ pub const MAX_CHALLENGE_LEN: usize = CHALLENGE_FIXED_LEN + 2 + MAX_NODE_LEN;
 /// Size of a Proof payload.
 pub const PROOF_LEN: usize = CHALLENGE_NONCE_LEN + PROOF_MAC_LEN;
 
-/// Payload of a Challenge (protocol 2): the secondary accepts the
+/// Payload of a Challenge (protocol 3): the secondary accepts the
 /// introduction, states its security modes and its node name, and sends
 /// its nonce.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -679,7 +691,7 @@ impl Challenge {
     }
 }
 
-/// Payload of a Proof (protocol 2, 64 bytes): the sender's nonce (the
+/// Payload of a Proof (protocol 3, 64 bytes): the sender's nonce (the
 /// secondary sends zeroes: its nonce was in the Challenge) and its
 /// HMAC-SHA256 proof of the shared secret over the handshake transcript.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -761,10 +773,79 @@ impl SyncComplete {
     }
 }
 
+/// Payload of a Checksums request: how to cut the range into blocks and
+/// which digest to take of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksumsRequest {
+    /// Bytes per block: a power of two from 512 to 1 MiB.
+    pub block: u32,
+    /// The digest algorithm.
+    pub algo: Algo,
+}
+
+impl ChecksumsRequest {
+    /// The 8 payload bytes: block (u32), algorithm code (u8), 3 reserved.
+    pub fn encode(&self) -> [u8; CHECKSUMS_REQUEST_LEN] {
+        let mut out = [0u8; CHECKSUMS_REQUEST_LEN];
+        out[..4].copy_from_slice(&self.block.to_le_bytes());
+        out[4] = self.algo.code();
+        out
+    }
+
+    /// Decodes a Checksums payload.
+    pub fn decode(payload: &[u8]) -> Result<ChecksumsRequest, FrameError> {
+        let b: [u8; CHECKSUMS_REQUEST_LEN] =
+            payload.try_into().map_err(|_| FrameError::Truncated {
+                what: "Checksums",
+                needed: CHECKSUMS_REQUEST_LEN,
+                actual: payload.len(),
+            })?;
+        let block = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if !block.is_power_of_two() || !(MIN_DIGEST_BLOCK..=MAX_DIGEST_BLOCK).contains(&block) {
+            return Err(FrameError::Malformed(format!(
+                "Checksums block size {block} is not a power of two from 512 to 1 MiB"
+            )));
+        }
+        let algo = Algo::from_code(b[4]).ok_or_else(|| {
+            FrameError::Malformed(format!("unknown checksum algorithm code {}", b[4]))
+        })?;
+        reserved_zero(
+            "Checksums bytes 5..8",
+            u64::from(b[5]) | u64::from(b[6]) << 8 | u64::from(b[7]) << 16,
+        )?;
+        Ok(ChecksumsRequest { block, algo })
+    }
+
+    /// Bytes of the reply's digests for `length` bytes.
+    pub fn reply_len(&self, length: u32) -> usize {
+        crate::digest::block_count(u64::from(length), self.block) as usize * self.algo.digest_len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn checksums_request() {
+        let r = ChecksumsRequest {
+            block: 4096,
+            algo: Algo::Sha256,
+        };
+        assert_eq!(r.encode(), [0, 0x10, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(ChecksumsRequest::decode(&r.encode()), Ok(r));
+        assert_eq!(r.reply_len(8193), 3 * 32);
+        for bad in [
+            [0u8, 0x10, 0, 0, 9, 0, 0, 0],
+            [0, 0x10, 0, 0, 1, 0, 1, 0],
+            [0, 0x11, 0, 0, 1, 0, 0, 0],
+            [0, 1, 0, 0, 1, 0, 0, 0],
+        ] {
+            assert!(ChecksumsRequest::decode(&bad).is_err(), "{bad:?}");
+        }
+        assert!(ChecksumsRequest::decode(&[0; 7]).is_err());
+    }
 
     #[test]
     fn negotiation() {
@@ -841,7 +922,7 @@ mod tests {
         let h = sample_hello();
         let b = h.encode();
         assert_eq!(b.len(), HELLO_FIXED_LEN + 2 + 6 + 2 + 5);
-        assert_eq!(&b[0..4], &[2, 0, 2, 0]);
+        assert_eq!(&b[0..4], &[3, 0, 3, 0]);
         assert_eq!(&b[8..16], &(1u64 << 30).to_le_bytes());
         assert_eq!(&b[16..20], &(2u32 << 20).to_le_bytes());
         assert_eq!(&b[24..32], &0xdead_beef_0bad_cafeu64.to_le_bytes());
@@ -852,7 +933,7 @@ mod tests {
         assert_eq!(&b[64..], b"\x05\x00alpha");
         assert_eq!(Hello::decode(&b).unwrap(), h);
         assert!(h.is_inconsistent());
-        assert_eq!(Hello::peek_versions(&b), Some((2, 2)));
+        assert_eq!(Hello::peek_versions(&b), Some((3, 3)));
         assert_eq!(Hello::peek_versions(&b[..3]), None);
     }
 
@@ -1038,14 +1119,14 @@ mod tests {
     #[test]
     fn challenge_and_proof_layout() {
         let c = Challenge {
-            version: 2,
+            version: 3,
             modes: modes::SECRET,
             nonce: [9; 32],
             node: "beta".into(),
         };
         let b = c.encode();
         assert_eq!(b.len(), CHALLENGE_FIXED_LEN + 2 + 4);
-        assert_eq!(&b[0..8], &[2, 0, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[0..8], &[3, 0, 2, 0, 0, 0, 0, 0]);
         assert_eq!(&b[8..40], &[9; 32]);
         assert_eq!(&b[40..], b"\x04\x00beta");
         assert_eq!(Challenge::decode(&b), Ok(c.clone()));

@@ -7,7 +7,9 @@ use std::fmt;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::control::{MAX_CHALLENGE_LEN, PROOF_LEN, SYNC_COMPLETE_LEN};
+use super::control::{
+    CHECKSUMS_REQUEST_LEN, MAX_CHALLENGE_LEN, MAX_DIGESTS_PAYLOAD, PROOF_LEN, SYNC_COMPLETE_LEN,
+};
 
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 48;
@@ -31,8 +33,17 @@ pub mod flags {
     pub const SYNC: u8 = 2;
     /// The data must be durable (on stable storage) before `Done`.
     pub const FUA: u8 = 4;
-    /// Every flag bit defined by protocol version 1; other bits are refused.
-    pub const ALL: u8 = WANT_RECEIVED | SYNC | FUA;
+    /// Write or ReadReply (protocol 2): the payload is an LZ4 block
+    /// (`lz4_flex` block format) that decompresses to exactly `length`
+    /// bytes.
+    pub const LZ4: u8 = 8;
+    /// Write or ReadReply (protocol 2): the payload is LZF-compressed
+    /// (liblzf's raw format) and decompresses to exactly `length` bytes.
+    pub const LZF: u8 = 16;
+    /// Either compression bit.
+    pub const COMPRESSED: u8 = LZ4 | LZF;
+    /// Every flag bit defined by protocol version 2; other bits are refused.
+    pub const ALL: u8 = WANT_RECEIVED | SYNC | FUA | LZ4 | LZF;
 }
 
 /// Kind of a frame (header byte 4).
@@ -64,12 +75,12 @@ pub enum Kind {
     SyncComplete = 16,
     /// Orderly close (role change, shutdown); no reply.
     Bye = 17,
-    /// Secondary → primary, after the introduction (protocol 2): the
+    /// Secondary → primary, after the introduction (protocol 3): the
     /// security modes, the secondary's node name and nonce
     /// ([`Challenge`](super::Challenge) payload).
     Challenge = 3,
     /// Either side, after the Challenge when a secret is configured
-    /// (protocol 2): the proof of the secret ([`Proof`](super::Proof)
+    /// (protocol 3): the proof of the secret ([`Proof`](super::Proof)
     /// payload).
     Proof = 4,
     /// memsync: the payload of request `seq` was received; the write is not
@@ -81,11 +92,27 @@ pub enum Kind {
     ReadReply = 22,
     /// Answer to Keepalive.
     KeepaliveReply = 23,
+    /// Protocol 2: the checksums of the blocks of `[offset, offset +
+    /// length)` ([`ChecksumsRequest`](super::ChecksumsRequest) payload:
+    /// block size and algorithm); answered by ChecksumsReply. With SYNC
+    /// (a checksum-based synchronisation) the secondary marks the range
+    /// as a synchronisation write would.
+    Checksums = 18,
+    /// Answer to Checksums: one digest per block, in order, or `status`
+    /// ≠ 0 and no payload.
+    ChecksumsReply = 24,
+    /// Protocol 2: the secondary's written map (the extents written since
+    /// its `hastctl create`); answered by WrittenMapReply.
+    WrittenMap = 19,
+    /// Answer to WrittenMap: the bitmap (as in a HelloReply), or `status`
+    /// `ENODATA` and no payload when the provider has no written map
+    /// (metadata format 1).
+    WrittenMapReply = 25,
 }
 
 impl Kind {
-    /// Every kind, in code order.
-    pub const ALL: [Kind; 16] = [
+    /// Every kind, in declaration order (new kinds are added at the end).
+    pub const ALL: [Kind; 20] = [
         Kind::Hello,
         Kind::HelloReply,
         Kind::Write,
@@ -100,6 +127,10 @@ impl Kind {
         Kind::Done,
         Kind::ReadReply,
         Kind::KeepaliveReply,
+        Kind::Checksums,
+        Kind::ChecksumsReply,
+        Kind::WrittenMap,
+        Kind::WrittenMapReply,
         Kind::Challenge,
         Kind::Proof,
     ];
@@ -121,6 +152,10 @@ impl Kind {
             21 => Kind::Done,
             22 => Kind::ReadReply,
             23 => Kind::KeepaliveReply,
+            18 => Kind::Checksums,
+            24 => Kind::ChecksumsReply,
+            19 => Kind::WrittenMap,
+            25 => Kind::WrittenMapReply,
             3 => Kind::Challenge,
             4 => Kind::Proof,
             _ => return None,
@@ -146,6 +181,8 @@ impl Kind {
                 | Kind::SyncStart
                 | Kind::SyncComplete
                 | Kind::Bye
+                | Kind::Checksums
+                | Kind::WrittenMap
                 | Kind::Proof
         )
     }
@@ -159,10 +196,12 @@ impl Kind {
     pub const fn max_payload(self) -> u32 {
         match self {
             Kind::Write | Kind::ReadReply => MAX_DATA,
-            Kind::Hello | Kind::HelloReply => MAX_CONTROL_PAYLOAD,
+            Kind::Hello | Kind::HelloReply | Kind::WrittenMapReply => MAX_CONTROL_PAYLOAD,
             Kind::SyncComplete => SYNC_COMPLETE_LEN as u32,
             Kind::Challenge => MAX_CHALLENGE_LEN as u32,
             Kind::Proof => PROOF_LEN as u32,
+            Kind::Checksums => CHECKSUMS_REQUEST_LEN as u32,
+            Kind::ChecksumsReply => MAX_DIGESTS_PAYLOAD,
             _ => 0,
         }
     }
@@ -184,6 +223,10 @@ impl Kind {
             Kind::Done => "Done",
             Kind::ReadReply => "ReadReply",
             Kind::KeepaliveReply => "KeepaliveReply",
+            Kind::Checksums => "Checksums",
+            Kind::ChecksumsReply => "ChecksumsReply",
+            Kind::WrittenMap => "WrittenMap",
+            Kind::WrittenMapReply => "WrittenMapReply",
             Kind::Challenge => "Challenge",
             Kind::Proof => "Proof",
         }
@@ -242,7 +285,7 @@ pub enum FrameError {
         flags: u8,
     },
     /// A reserved field is not zero.
-    #[error("reserved field '{field}' is {value:#x}; it must be 0 in protocol version 1")]
+    #[error("reserved field '{field}' is {value:#x}; it must be 0")]
     ReservedNonZero {
         /// Name of the field.
         field: &'static str,
@@ -476,24 +519,48 @@ impl Header {
         if self.payload_len > max {
             return bad(match self.kind {
                 Kind::Write | Kind::ReadReply => "payload exceeds the 32 MiB data limit",
-                Kind::Hello | Kind::HelloReply => {
+                Kind::Hello | Kind::HelloReply | Kind::WrittenMapReply => {
                     "payload exceeds the 16 MiB control payload limit"
                 }
                 Kind::SyncComplete => "a SyncComplete payload is exactly 16 bytes",
                 Kind::Challenge => "a Challenge payload is at most 105 bytes",
                 Kind::Proof => "a Proof payload is exactly 64 bytes",
+                Kind::Checksums => "a Checksums payload is exactly 8 bytes",
+                Kind::ChecksumsReply => "payload exceeds the 2 MiB digest limit",
                 _ => "this kind carries no payload",
             });
         }
+        let compressed = self.flags & flags::COMPRESSED;
+        if compressed != 0 {
+            if !self.kind.has_data_payload() {
+                return bad("only a Write or a ReadReply may be compressed");
+            }
+            if compressed == flags::COMPRESSED {
+                return bad("a payload is compressed by one algorithm, not two");
+            }
+            if self.payload_len == 0 || self.payload_len > self.length || self.length > MAX_DATA {
+                return bad("a compressed payload is 1 to `length` bytes, `length` at most 32 MiB");
+            }
+        }
         match self.kind {
-            Kind::Write if self.payload_len != self.length => {
+            Kind::Write if compressed == 0 && self.payload_len != self.length => {
                 bad("a Write's payload must be exactly its length")
             }
-            Kind::Read if self.length > MAX_DATA => bad("a Read may cover at most 32 MiB"),
-            Kind::Write | Kind::Zero | Kind::Read
+            Kind::Read | Kind::Checksums if self.length > MAX_DATA => {
+                bad("a Read or Checksums may cover at most 32 MiB")
+            }
+            Kind::Write | Kind::Zero | Kind::Read | Kind::Checksums
                 if self.offset.checked_add(self.length.into()).is_none() =>
             {
                 bad("offset + length overflows")
+            }
+            Kind::Checksums if self.payload_len as usize != CHECKSUMS_REQUEST_LEN => {
+                bad("a Checksums payload is exactly 8 bytes")
+            }
+            Kind::ChecksumsReply | Kind::WrittenMapReply
+                if self.status != 0 && self.payload_len != 0 =>
+            {
+                bad("a failed reply carries no payload")
             }
             Kind::SyncComplete if self.payload_len as usize != SYNC_COMPLETE_LEN => {
                 bad("a SyncComplete payload is exactly 16 bytes")
@@ -530,6 +597,17 @@ impl Header {
     /// Is the flag `bit` (from [`flags`]) set?
     pub const fn has_flag(&self, bit: u8) -> bool {
         self.flags & bit != 0
+    }
+
+    /// Bytes the payload stands for once decompressed: `length` for a
+    /// compressed frame, else `payload_len`. What a receiver allocates and
+    /// what counts against the byte budgets of both sides.
+    pub const fn data_len(&self) -> u32 {
+        if self.flags & flags::COMPRESSED != 0 {
+            self.length
+        } else {
+            self.payload_len
+        }
     }
 }
 
@@ -637,7 +715,7 @@ mod tests {
                 None => assert!(!Kind::ALL.iter().any(|k| k.code() == code)),
             }
         }
-        assert_eq!(Kind::ALL.len(), 16);
+        assert_eq!(Kind::ALL.len(), 20);
         let requests: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.is_request()).collect();
         assert_eq!(
             requests,
@@ -651,6 +729,8 @@ mod tests {
                 Kind::SyncStart,
                 Kind::SyncComplete,
                 Kind::Bye,
+                Kind::Checksums,
+                Kind::WrittenMap,
                 Kind::Proof
             ]
         );
@@ -713,7 +793,7 @@ mod tests {
     #[test]
     fn unknown_kind() {
         let (h, _) = sample_write();
-        for code in [0u8, 5, 9, 18, 19, 24, 255] {
+        for code in [0u8, 5, 9, 26, 255] {
             let b = edited(h, |b| b[4] = code);
             assert_eq!(Header::decode(&b), Err(FrameError::UnknownKind(code)));
         }
@@ -730,8 +810,11 @@ mod tests {
                 flags: 0x80
             })
         );
-        let ok = edited(h, |b| b[5] = flags::ALL);
-        assert_eq!(Header::decode(&ok).unwrap().flags, flags::ALL);
+        let ok = edited(h, |b| b[5] = flags::ALL & !flags::COMPRESSED);
+        assert_eq!(
+            Header::decode(&ok).unwrap().flags,
+            flags::ALL & !flags::COMPRESSED
+        );
     }
 
     #[test]
@@ -971,7 +1054,7 @@ mod tests {
             .prop_map(|(kind, fl, seq, offset, length, plen, status, crc)| {
                 let mut h = Header {
                     kind,
-                    flags: fl,
+                    flags: fl & !flags::COMPRESSED,
                     seq,
                     offset,
                     length,
@@ -985,12 +1068,23 @@ mod tests {
                         h.payload_len = h.length;
                     }
                     Kind::Read => h.length %= MAX_DATA + 1,
+                    Kind::Checksums => {
+                        h.length %= MAX_DATA + 1;
+                        h.payload_len = CHECKSUMS_REQUEST_LEN as u32;
+                    }
                     Kind::SyncComplete => h.payload_len = SYNC_COMPLETE_LEN as u32,
                     Kind::Proof => h.payload_len = PROOF_LEN as u32,
-                    Kind::ReadReply if h.status != 0 => h.payload_len = 0,
+                    Kind::ReadReply | Kind::ChecksumsReply | Kind::WrittenMapReply
+                        if h.status != 0 =>
+                    {
+                        h.payload_len = 0
+                    }
                     _ => {}
                 }
-                if matches!(kind, Kind::Write | Kind::Zero | Kind::Read) {
+                if matches!(
+                    kind,
+                    Kind::Write | Kind::Zero | Kind::Read | Kind::Checksums
+                ) {
                     h.offset = h.offset.min(u64::MAX - u64::from(h.length));
                 }
                 if h.payload_len == 0 {
