@@ -119,6 +119,9 @@ struct State {
     corrupt: Option<usize>,
     /// Chunks corrupted so far.
     corrupted: u64,
+    /// New connections are accepted and reset; open ones go on (see
+    /// [`Proxy::refuse_new`]).
+    refuse_new: bool,
 }
 
 struct Inner {
@@ -312,6 +315,7 @@ impl Proxy {
                 refused: 0,
                 corrupt: None,
                 corrupted: 0,
+                refuse_new: false,
             }),
             cv: Condvar::new(),
             source_ip,
@@ -395,6 +399,13 @@ impl Proxy {
     /// target (once).
     pub fn corrupt_next(&self, min_len: usize) {
         self.inner.lock().corrupt = Some(min_len.max(1));
+    }
+
+    /// While `on`, new connections are accepted and reset at once, while
+    /// the open ones keep being forwarded (a peer that cannot reconnect
+    /// after its connection dropped).
+    pub fn refuse_new(&self, on: bool) {
+        self.inner.lock().refuse_new = on;
     }
 
     /// Chunks altered by [`Proxy::corrupt_next`] so far.
@@ -492,9 +503,9 @@ impl Drop for Proxy {
 fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
     loop {
         let res = listener.accept();
-        let (target, mode, stop) = {
+        let (target, mode, stop, refuse_new) = {
             let g = inner.lock();
-            (g.target, g.mode, g.stop)
+            (g.target, g.mode, g.stop, g.refuse_new)
         };
         if stop {
             return;
@@ -508,7 +519,7 @@ fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
                 continue;
             }
         };
-        if mode == Mode::Partitioned {
+        if mode == Mode::Partitioned || refuse_new {
             refuse(inner, client);
             continue;
         }

@@ -365,7 +365,7 @@ fn handshake(
             return;
         }
     };
-    tracing::debug!(peer = %peer, resource = %intro.resource, transport = transport.name(),
+    tracing::info!(peer = %peer, resource = %intro.resource, transport = transport.name(),
         "primary authenticated; handing over the connection");
     let _ = conn.set_read_timeout(None);
     let _ = conn.set_write_timeout(None);

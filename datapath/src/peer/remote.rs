@@ -169,7 +169,7 @@ impl Remote {
             let (intro, security, stats) = (intro.clone(), security.clone(), counters.clone());
             Box::pin(async move {
                 let (s, opened) = secure_connect(addrs, source, timeout, intro, security).await?;
-                tracing::debug!(secondary = %opened.peer_node, transport = opened.transport.name(),
+                tracing::info!(secondary = %opened.peer_node, transport = opened.transport.name(),
                     "pre-session with the secondary done");
                 Ok(opened.transport.stream(s, move || {
                     stats.auth_failures.fetch_add(1, Relaxed);
