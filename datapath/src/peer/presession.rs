@@ -882,4 +882,61 @@ mod tests {
         drop(sock);
         feeder.join().unwrap();
     }
+
+    /// The secondary's pre-session fed what a hostile primary might send:
+    /// `bytes` after a valid introduction, or instead of one. It never
+    /// panics, never accepts without the secret, and reads at most the
+    /// bounded frames (no allocation beyond `MAX_INTRO_LEN` / the Proof).
+    fn respond_to(bytes: Vec<u8>, intro_first: bool) -> Result<Transport, String> {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        let (sock, _) = l.accept().unwrap();
+        let feeder = std::thread::spawn(move || {
+            let secret = sec(Some(S1), None, "127.0.0.1");
+            if intro_first {
+                let intro = introduction("r0", "alpha", &secret).encode();
+                let h = Header::request(Kind::Hello, 0, 0, 0, 0).with_payload(&intro);
+                let _ = client.write_all(&h.encode());
+                let _ = client.write_all(&intro);
+            }
+            let _ = client.write_all(&bytes);
+            let _ = client.shutdown(std::net::Shutdown::Write);
+            // Drain what the secondary answers until it closes.
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink);
+        });
+        let mut chan = Chan::new(Deadline::new(
+            &sock,
+            Instant::now() + Duration::from_secs(5),
+        ));
+        let out = read_introduction(&mut chan).and_then(|intro| {
+            respond(chan, &intro, "beta", &sec(Some(S1), None, "127.0.0.1")).map_err(|f| f.message)
+        });
+        drop(sock);
+        feeder.join().unwrap();
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn hostile_pre_session_bytes_are_refused(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            intro_first in proptest::prelude::any::<bool>(),
+        ) {
+            proptest::prop_assert!(respond_to(bytes, intro_first).is_err());
+        }
+
+        /// A well-formed Proof frame with arbitrary contents after a valid
+        /// introduction (the closest a forger gets) is refused.
+        #[test]
+        fn forged_proofs_are_refused(body in proptest::collection::vec(proptest::prelude::any::<u8>(), NONCE_LEN + PROOF_LEN)) {
+            let h = Header::request(Kind::Proof, 0, 1, 0, 0).with_payload(&body);
+            let mut bytes = h.encode().to_vec();
+            bytes.extend_from_slice(&body);
+            proptest::prop_assert!(respond_to(bytes, true).is_err());
+        }
+    }
 }
