@@ -38,7 +38,7 @@ pub enum Request {
     /// Subscribe to the events of resources (`hastctl events`). The first
     /// reply line is a [`Response`] like `status`'s (the current reports: a
     /// snapshot, or the error); when it carries no error, the connection
-    /// stays open and hastd writes one [`crate::events::StreamEvent`] JSON
+    /// stays open and hastd writes one [`crate::hooks::Event`] JSON
     /// object per line until either side closes it.
     Events {
         /// Resource names, or `["all"]`.

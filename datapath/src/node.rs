@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::events::{EventSink, PeerEvent};
+use crate::events::{Event, EventSink};
 use crate::local::LocalDisk;
 use crate::metadata::Role;
 use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
@@ -208,7 +208,7 @@ pub struct NodeOptions {
     /// has a remote).
     pub listen: Vec<SocketAddr>,
     /// Where events go (hooks, event stream).
-    pub events: Option<flume::Sender<PeerEvent>>,
+    pub events: Option<flume::Sender<Event>>,
 }
 
 /// Executor placement.
@@ -777,7 +777,7 @@ enum Active {
 async fn shard_main(
     rx: flume::Receiver<Cmd>,
     resources: Vec<(ResourceSpec, Arc<ResourceStats>)>,
-    events: Option<flume::Sender<PeerEvent>>,
+    events: Option<flume::Sender<Event>>,
 ) {
     let new_res = |spec: ResourceSpec, stats: Arc<ResourceStats>| {
         stats.set_role(Role::Init);

@@ -1016,8 +1016,9 @@ mod events {
     use std::time::Duration;
 
     use hast_control::config::Config;
-    use hast_control::events::{StreamEvent, TOO_MANY_SUBSCRIBERS};
+    use hast_control::events::TOO_MANY_SUBSCRIBERS;
     use hast_control::exit as ex;
+    use hast_control::hooks::Event;
     use hast_control::proto::{Request, RequestEnvelope, Response, CONTROL_VERSION, MAX_LINE};
 
     /// Subscribes and prints events until hastd goes away (exit 69) or
@@ -1105,8 +1106,8 @@ mod events {
             let out = if json {
                 line.to_owned()
             } else {
-                match serde_json::from_str::<StreamEvent>(line) {
-                    Ok(ev) => ev.text(),
+                match serde_json::from_str::<Event>(line) {
+                    Ok(ev) => hast_control::events::text(&ev),
                     // An event this hastctl does not know: show it as is.
                     Err(_) => line.to_owned(),
                 }

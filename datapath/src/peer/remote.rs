@@ -28,7 +28,7 @@ use super::link::{LinkLimits, PeerLink};
 use super::presession::{self, PeerSecurity};
 use super::proto::{Header, Hello, HelloReply, Kind, Refusal};
 use super::sync::SyncMode;
-use crate::events::{EventSink, PeerEventKind};
+use crate::events::{EventKind, EventSink};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;
 use crate::semaphore::Semaphore;
@@ -426,7 +426,7 @@ impl Remote {
         self.set_error(String::new());
         tracing::info!(resource = %self.cfg.resource, decision = %agreement.decision,
             "connected to the secondary");
-        self.events.emit(PeerEventKind::Connect);
+        self.events.emit(EventKind::Connect);
         self.first.fire();
 
         let target = if agreement.resolved_split {
@@ -455,7 +455,7 @@ impl Remote {
         self.disk.with_map(|m| m.peer_lost());
         let why = link.death_reason().unwrap_or(LinkError::Closed);
         tracing::warn!(resource = %self.cfg.resource, reason = %why, "disconnected from the secondary");
-        self.events.emit(PeerEventKind::Disconnect);
+        self.events.emit(EventKind::Disconnect);
         Err(LinkError::Lost(Box::new(why)))
     }
 
@@ -567,7 +567,7 @@ impl Remote {
         if !self.split_brain_reported.replace(true) {
             tracing::error!(resource = %self.cfg.resource, primary = %p, secondary = %s,
                 "split-brain: both nodes wrote since they last agreed; not synchronising");
-            self.events.emit(PeerEventKind::SplitBrain);
+            self.events.emit(EventKind::SplitBrain);
         }
     }
 }

@@ -53,7 +53,7 @@ use super::proto::{
 };
 use super::remote::PeerStream;
 use crate::batch::{self, SendEnd};
-use crate::events::{EventSink, PeerEventKind};
+use crate::events::{EventKind, EventSink};
 use crate::local::{LocalDisk, Settled};
 use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
 use crate::semaphore::{Semaphore, StaticPermit};
@@ -323,7 +323,7 @@ impl Secondary {
         self.split_brain_reported.set(false);
         ctx.stats.connected.store(true, Relaxed);
         tracing::info!(resource = %ctx.resource, peer = %peer, "primary connected");
-        ctx.events.emit(PeerEventKind::Connect);
+        ctx.events.emit(EventKind::Connect);
         let result = serve(ctx, stream, stop).await;
         ctx.stats.connected.store(false, Relaxed);
         match result {
@@ -332,7 +332,7 @@ impl Secondary {
                 tracing::warn!(resource = %ctx.resource, error = %e, "primary connection lost")
             }
         }
-        ctx.events.emit(PeerEventKind::Disconnect);
+        ctx.events.emit(EventKind::Disconnect);
     }
 
     /// Checks the primary's Hello (see [`handshake::secondary_decide`]);
@@ -356,7 +356,7 @@ impl Secondary {
                     tracing::error!(resource = %ctx.resource, primary = %hello.gen,
                         secondary = %handshake::gen_of(&md),
                         "split-brain: both nodes wrote since they last agreed; refusing to synchronise");
-                    ctx.events.emit(PeerEventKind::SplitBrain);
+                    ctx.events.emit(EventKind::SplitBrain);
                 }
                 ctx.stats.split_brain.store(true, Relaxed);
             }

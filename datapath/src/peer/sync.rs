@@ -45,7 +45,7 @@ use super::link::{Payload, PeerLink, Pending};
 use super::proto::{flags, ChecksumsRequest, Kind, SyncComplete};
 use super::remote::Remote;
 use crate::digest::{Algo, DIGEST_BLOCK};
-use crate::events::PeerEventKind;
+use crate::events::EventKind;
 use crate::generation::{Gen, SyncDirection};
 use crate::local::LocalDisk;
 use crate::metadata::FLAG_INCONSISTENT;
@@ -198,13 +198,13 @@ impl Remote {
             bytes = self.disk.dirty_bytes(),
             checksums = self.pass_checksums(), compression = %self.compression(),
             "synchronisation started");
-        self.events.emit(PeerEventKind::SyncStart);
+        self.events.emit(EventKind::SyncStart);
         let result = self.copy_dirty(link, dir).await;
         self.set_sync(None);
         if let Err(e) = result {
             tracing::warn!(resource = %self.cfg.resource, error = %e,
                 done = stats.sync_done.load(Relaxed), "synchronisation interrupted");
-            self.events.emit(PeerEventKind::SyncIntr);
+            self.events.emit(EventKind::SyncIntr);
             return Err(e);
         }
         // Everything copied: both legs are identical. The destination
@@ -242,7 +242,7 @@ impl Remote {
             sent = stats.net_sent_bytes.load(Relaxed) - sent_before,
             received = stats.net_received_bytes.load(Relaxed) - received_before,
             generation = target, "synchronisation complete");
-        self.events.emit(PeerEventKind::SyncDone);
+        self.events.emit(EventKind::SyncDone);
         Ok(())
     }
 
