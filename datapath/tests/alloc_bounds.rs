@@ -8,7 +8,6 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncReadExt;
@@ -20,20 +19,26 @@ use rand::{Rng, SeedableRng};
 
 struct Counting;
 
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
 thread_local! {
     /// Allocations of this thread are counted.
     static WATCHED: Cell<bool> = const { Cell::new(false) };
+    /// The largest allocation of this thread while watched (per thread,
+    /// so tests running in parallel do not see each other's).
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    if WATCHED.with(Cell::get) {
+        LARGEST.with(|l| l.set(l.get().max(size)));
+    }
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the
-// bookkeeping only reads a thread-local flag and updates an atomic.
+// bookkeeping only touches two const-initialised thread-local cells
+// (no allocation).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if WATCHED.with(Cell::get) {
-            LARGEST.fetch_max(layout.size(), Ordering::SeqCst);
-        }
+        note(layout.size());
         // SAFETY: the caller's layout contract is passed on as it is.
         unsafe { System.alloc(layout) }
     }
@@ -44,9 +49,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        if WATCHED.with(Cell::get) {
-            LARGEST.fetch_max(new, Ordering::SeqCst);
-        }
+        note(new);
         // SAFETY: as for `alloc`, forwarded unchanged.
         unsafe { System.realloc(ptr, layout, new) }
     }
@@ -57,11 +60,11 @@ static ALLOC: Counting = Counting;
 
 /// The largest allocation `f` makes on this thread.
 fn largest_in<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    LARGEST.store(0, Ordering::SeqCst);
+    LARGEST.with(|l| l.set(0));
     WATCHED.with(|w| w.set(true));
     let out = f();
     WATCHED.with(|w| w.set(false));
-    (out, LARGEST.load(Ordering::SeqCst))
+    (out, LARGEST.with(Cell::get))
 }
 
 /// What the listener's handshake thread does with `bytes` from a peer.
