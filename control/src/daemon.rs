@@ -146,6 +146,14 @@ pub fn run(opts: Options) -> i32 {
             return exit::CONFIG;
         }
     };
+    // Secrets and certificates are checked before anything starts (and
+    // by `hastd -t`).
+    for r in &cfg.resources {
+        if let Err(e) = crate::security::load(&cfg, r) {
+            eprintln!("hastd: {e}");
+            return exit::CONFIG;
+        }
+    }
     if opts.check {
         print_check(&opts, &cfg);
         return exit::OK;
@@ -686,6 +694,8 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, DaemonError
         timeout: r.timeout,
         window_bytes: WINDOW_BYTES,
         splitbrain_auto: r.splitbrain == crate::config::SplitBrainPolicy::Auto,
+        security: crate::security::load(cfg, r)
+            .map_err(|e| DaemonError::config(format!("[{}] secret or TLS files", r.name), e))?,
         compression: match r.compression {
             Compression::None => WireCompression::None,
             Compression::Hole => WireCompression::Hole,

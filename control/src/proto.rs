@@ -233,6 +233,10 @@ pub struct ResourceReport {
     pub window_waits: u64,
     /// The last handshake found a split-brain.
     pub split_brain: bool,
+    /// Connections refused for failed authentication (secret, TLS) or
+    /// dropped for a stream that failed its MAC, since hastd started.
+    #[serde(default)]
+    pub auth_failures: u64,
     /// The last replication problem, if any.
     pub last_error: Option<String>,
     /// Per-resource error of a role change.

@@ -148,6 +148,9 @@ pub fn list(resources: &[ResourceReport]) -> String {
         if r.split_brain {
             let _ = writeln!(out, "  split-brain: yes");
         }
+        if r.auth_failures != 0 {
+            let _ = writeln!(out, "  authentication failures: {}", r.auth_failures);
+        }
         if let Some(e) = &r.last_error {
             let _ = writeln!(out, "  last error: {e}");
         }

@@ -21,10 +21,11 @@ use crate::local::LocalDisk;
 use crate::metadata::Role;
 use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
 use crate::peer::compress::Compression;
-use crate::peer::listener::{self, Listener, Route};
+use crate::peer::listener::{Listener, Route};
+use crate::peer::presession::PeerSecurity;
 use crate::peer::proto::Refusal;
 use crate::peer::remote::{Remote, RemoteConfig, ReplicationMode};
-use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
+use crate::peer::secondary::{refuse_incoming, Incoming, Secondary, SecondaryCtx};
 use crate::peer::sync::SyncMode;
 use crate::peer::verify::VerifyParams;
 use crate::primary::Primary;
@@ -189,6 +190,8 @@ pub struct ResourceSpec {
     pub window_bytes: usize,
     /// `splitbrain auto` policy.
     pub splitbrain_auto: bool,
+    /// How the replication connection is secured (secret, TLS).
+    pub security: PeerSecurity,
     /// How data travels (`compression`).
     pub compression: Compression,
     /// How a synchronisation moves data (`syncmode`).
@@ -377,6 +380,9 @@ impl Node {
                 name.clone(),
                 Route {
                     allowed: remote.iter().map(|a| a.ip()).collect::<Vec<IpAddr>>(),
+                    node: e.spec.node.clone(),
+                    security: e.spec.security.clone(),
+                    stats: e.stats.clone(),
                     deliver: Box::new(move |incoming| {
                         tx.try_send(Cmd::Incoming {
                             name: rname.clone(),
@@ -863,7 +869,9 @@ async fn shard_main(
             }
             Cmd::Incoming { name, incoming } => match state.get_mut(&name) {
                 Some(r) => r.incoming(incoming).await,
-                None => refuse_incoming(incoming, Refusal::UnknownResource, "unknown resource"),
+                None => {
+                    refuse_incoming(incoming, Refusal::UnknownResource, "unknown resource").await
+                }
             },
             Cmd::Shutdown { reply } => {
                 for r in state.values_mut() {
@@ -1139,6 +1147,7 @@ impl Res {
                 compression: self.spec.compression,
                 syncmode: self.spec.syncmode,
             },
+            self.spec.security.clone(),
             disk.clone(),
             self.stats.clone(),
             self.events.clone(),
@@ -1215,7 +1224,8 @@ impl Res {
                     incoming,
                     Refusal::NotSecondary,
                     &format!("this node is {role}, not secondary"),
-                );
+                )
+                .await;
             }
         }
     }
@@ -1265,12 +1275,4 @@ fn listen_error(e: std::io::Error) -> NodeError {
         operation: "cannot listen for the peer".into(),
         detail: e.to_string(),
     }
-}
-
-/// Answers a handed-over connection with a refusal and closes it.
-fn refuse_incoming(incoming: Incoming, why: Refusal, msg: &str) {
-    let conn = std::net::TcpStream::from(incoming.fd);
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-    listener::refuse(&conn, why, msg.to_owned());
 }

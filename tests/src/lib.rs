@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod certs;
 pub mod cluster;
 pub mod failover;
 pub mod fakepeer;

@@ -25,7 +25,8 @@ use super::compress::Compression;
 use super::frame::{self, LinkError};
 use super::handshake::{self, Agreement};
 use super::link::{LinkLimits, PeerLink};
-use super::proto::{Header, HelloReply, Kind, Refusal};
+use super::presession::{self, PeerSecurity};
+use super::proto::{Header, Hello, HelloReply, Kind, Refusal};
 use super::sync::SyncMode;
 use crate::events::{EventKind, EventSink};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
@@ -144,9 +145,11 @@ pub struct Remote {
 
 impl Remote {
     /// Starts the connection manager on the current executor, reaching the
-    /// secondary over TCP.
+    /// secondary over TCP, secured as `security` says (see
+    /// [`super::presession`]).
     pub fn start(
         cfg: RemoteConfig,
+        security: PeerSecurity,
         disk: Rc<LocalDisk>,
         stats: Arc<ResourceStats>,
         events: EventSink,
@@ -154,11 +157,23 @@ impl Remote {
         let (addrs, source) = (cfg.remote.clone(), cfg.source);
         let timeout = Rc::new(Cell::new(cfg.timeout));
         let connect_timeout = timeout.clone();
+        let intro = Arc::new(presession::introduction(
+            &cfg.resource,
+            &cfg.node,
+            &security,
+        ));
+        let security = Arc::new(security);
+        let counters = stats.clone();
         let connector: Connector = Box::new(move || {
             let (addrs, timeout) = (addrs.clone(), connect_timeout.get());
+            let (intro, security, stats) = (intro.clone(), security.clone(), counters.clone());
             Box::pin(async move {
-                let s = tcp_connect(addrs, source, timeout).await?;
-                Ok(Box::new(s) as PeerStream)
+                let (s, opened) = secure_connect(addrs, source, timeout, intro, security).await?;
+                tracing::info!(secondary = %opened.peer_node, transport = opened.transport.name(),
+                    "pre-session with the secondary done");
+                Ok(opened.transport.stream(s, move || {
+                    stats.auth_failures.fetch_add(1, Relaxed);
+                }))
             })
         });
         let r = Self::start_with(cfg, connector, disk, stats, events);
@@ -345,6 +360,7 @@ impl Remote {
 
     async fn manage(self: Rc<Self>) {
         let mut failures = 0u32;
+        let mut last = String::new();
         while !self.stop.is_fired() {
             let r = self.session().await;
             self.first.fire();
@@ -353,13 +369,23 @@ impl Remote {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
-                    // Log the first failure and then every 10th, so a dead
-                    // peer does not flood the log.
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        tracing::warn!(resource = %self.cfg.resource, attempt = failures,
-                            error = %e, "cannot replicate to the secondary");
+                    let text = e.to_string();
+                    if is_auth_failure(&e) {
+                        self.stats.auth_failures.fetch_add(1, Relaxed);
                     }
-                    self.set_error(e.to_string());
+                    // Log the first failure, a new reason, and every 10th,
+                    // so a dead peer does not flood the log.
+                    if failures == 1 || failures.is_multiple_of(10) || text != last {
+                        if is_auth_failure(&e) {
+                            tracing::error!(resource = %self.cfg.resource, attempt = failures,
+                                error = %e, "authentication with the secondary failed");
+                        } else {
+                            tracing::warn!(resource = %self.cfg.resource, attempt = failures,
+                                error = %e, "cannot replicate to the secondary");
+                        }
+                    }
+                    self.set_error(text.clone());
+                    last = text;
                 }
             }
             let pause = glommio::timer::sleep(self.cfg.retry);
@@ -549,30 +575,58 @@ impl Remote {
     }
 }
 
-/// Connects over TCP (from `source`, to each address in turn) on a helper
-/// thread, so the executor keeps serving.
-async fn tcp_connect(
+/// Does a failure mean the peers could not authenticate each other (a
+/// wrong or missing secret, a certificate refused, security settings that
+/// differ, or an authenticated stream that failed its MAC)?
+pub fn is_auth_failure(e: &LinkError) -> bool {
+    match e {
+        LinkError::Auth(_) => true,
+        LinkError::Refused { reason, .. } => {
+            matches!(reason, Refusal::AuthFailed | Refusal::AuthMismatch)
+        }
+        LinkError::Lost(inner) => is_auth_failure(inner),
+        LinkError::Io(io) => io
+            .get_ref()
+            .is_some_and(|i| i.downcast_ref::<super::seal::SealError>().is_some()),
+        _ => false,
+    }
+}
+
+/// Connects over TCP (from `source`, to each address in turn) and runs the
+/// pre-session, on a helper thread, so the executor keeps serving; the
+/// whole takes at most `timeout`.
+async fn secure_connect(
     addrs: Vec<SocketAddr>,
     source: Option<SocketAddr>,
     timeout: Duration,
-) -> Result<TcpStream, LinkError> {
+    intro: Arc<Hello>,
+    security: Arc<PeerSecurity>,
+) -> Result<(TcpStream, presession::Opened), LinkError> {
     let (tx, rx) = flume::bounded(1);
     std::thread::Builder::new()
         .name("hast-connect".into())
         .spawn(move || {
-            let _ = tx.send(connect_blocking(&addrs, source, timeout));
+            let until = std::time::Instant::now() + timeout;
+            let r = connect_blocking(&addrs, source, timeout)
+                .map_err(LinkError::from)
+                .and_then(|sock| {
+                    let _ = sock.set_nodelay(true);
+                    let opened = presession::initiate(&sock, &intro, &security, until)?;
+                    let _ = sock.set_read_timeout(None);
+                    let _ = sock.set_write_timeout(None);
+                    Ok((sock, opened))
+                });
+            let _ = tx.send(r);
         })
         .map_err(LinkError::from)?;
-    let sock = rx
+    let (sock, opened) = rx
         .recv_async()
         .await
-        .map_err(|_| LinkError::Io(Arc::new(std::io::Error::other("connect thread vanished"))))?
-        .map_err(LinkError::from)?;
-    let _ = sock.set_nodelay(true);
+        .map_err(|_| LinkError::Io(Arc::new(std::io::Error::other("connect thread vanished"))))??;
     let fd = sock.into_raw_fd();
     // SAFETY: fd is a connected TCP socket we own (just released from the
     // std stream); the glommio stream takes ownership and closes it.
-    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    Ok((unsafe { TcpStream::from_raw_fd(fd) }, opened))
 }
 
 fn connect_blocking(
