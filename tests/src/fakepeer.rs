@@ -4,16 +4,18 @@
 //! peer would (floods, frames never answered, garbage after a valid
 //! handshake).
 //!
-//! Everything that depends on how a connection is opened — today a Hello
-//! and its HelloReply, see docs/protocol.md — is in [`FakePrimary::connect`]
+//! Everything that depends on how a connection is opened — today the
+//! protocol 3 pre-session (datapath's own `presession::initiate`), then a
+//! Hello and its HelloReply, see docs/protocol.md — is in [`FakePrimary::connect`]
 //! (and [`hello`]): a change of the handshake (authentication, TLS) is
 //! adapted there once, and every test built on this keeps working.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hast_datapath::generation::Gen;
+use hast_datapath::peer::presession::{self, PeerSecurity};
 use hast_datapath::peer::proto::{
     Header, Hello, HelloReply, Kind, HEADER_LEN, PROTO_VERSION, PROTO_VERSION_MIN,
 };
@@ -56,6 +58,18 @@ impl FakePrimary {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        // Protocol 3: the pre-session (introduction, Challenge; no secret
+        // and no TLS here, so no Proofs), then the Hello.
+        let sec = PeerSecurity::default();
+        let intro = presession::introduction(&hello.resource, &hello.node, &sec);
+        let opened =
+            presession::initiate(&stream, &intro, &sec, Instant::now() + HANDSHAKE_TIMEOUT)
+                .map_err(|e| io::Error::other(format!("pre-session: {e}")))?;
+        if !matches!(opened.transport, presession::Transport::Plain) {
+            return Err(io::Error::other(
+                "the secondary asked for a secured session",
+            ));
+        }
         let body = hello.encode();
         let hdr = Header::request(Kind::Hello, 0, 0, 0, 0).with_payload(&body);
         stream.write_all(&hdr.encode())?;
