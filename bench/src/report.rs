@@ -23,6 +23,12 @@ pub fn hastd(mode: &str) -> String {
     format!("hastd {mode}")
 }
 
+/// System name of the `security` part's rows: memsync over the link
+/// variant `key` (`plain`, `hmac`, `tls`).
+pub fn secured(key: &str) -> String {
+    format!("hastd memsync, {key}")
+}
+
 /// Workload key of the one-resource half of the two-resource test.
 pub const ONE_RES: &str = "randwrite-4k-qd32-1res";
 /// Workload key of the two-resource half.

@@ -938,3 +938,105 @@ pub fn sync(cfg: &Config, res: &mut Results) {
     res.sync = Some(s);
     c.stop();
 }
+
+/// The `security` part's link variants: (key, label).
+pub const SECURITY_VARIANTS: [(&str, &str); 3] = [
+    ("plain", "unauthenticated"),
+    ("hmac", "secret (HMAC-SHA256 records)"),
+    ("tls", "TLS 1.3"),
+];
+
+/// The cost of authentication: one memsync pair, 4k randwrite QD32 and 1M
+/// sequential write over the unauthenticated link, with a secret (the
+/// HMAC record stream) and with TLS, in this run; rows `hastd memsync,
+/// <variant>` and a table of the ratios to the unauthenticated link
+/// (targets: HMAC ≥ 0.95 on both, TLS ≥ 0.8 on 1M sequential).
+pub fn security(cfg: &Config, res: &mut Results) {
+    require_tool("fio");
+    let names = ["r1"];
+    let mut c = new_pair(cfg, &names, cfg.size, "memsync");
+    eprintln!("== security: filling the providers");
+    fill_node(&c.a, &names, cfg.size);
+    fill_node(&c.b, &names, cfg.size);
+    let pki = c.a.dir.join("pki");
+    std::fs::create_dir_all(&pki).expect("pki directory");
+    let ca = hast_tests::certs::TestCa::new(&pki, "bench-ca");
+    let certs = [
+        ca.node(&pki, "nodeA", hast_tests::cluster::IP_A),
+        ca.node(&pki, "nodeB", hast_tests::cluster::IP_B),
+    ];
+    let base = [
+        c.a.cfg.resource_extra.clone(),
+        c.b.cfg.resource_extra.clone(),
+    ];
+    let jobs = [
+        Job::plain(&fio::RANDWRITE_QD32),
+        Job::plain(&fio::SEQWRITE_1M),
+    ];
+    let secret = "\tsecret bench-secret-0123456789abcdef\n";
+    for (key, label) in SECURITY_VARIANTS {
+        eprintln!("== security: {label}");
+        for (i, n) in [&mut c.a, &mut c.b].into_iter().enumerate() {
+            n.cfg.resource_extra = base[i].clone();
+            match key {
+                "hmac" => n.cfg.resource_extra.push_str(secret),
+                "tls" => n
+                    .cfg
+                    .resource_extra
+                    .push_str(&hast_tests::certs::tls_statements(&ca.pem_path, &certs[i])),
+                _ => {}
+            }
+        }
+        let (rows, idle) = (res.rows.len(), res.idle.len());
+        run_modes(
+            &mut c,
+            &names,
+            &["memsync".into()],
+            &jobs,
+            &cfg.timing(),
+            false,
+            res,
+        );
+        res.idle.truncate(idle);
+        for r in &mut res.rows[rows..] {
+            r.system = report::secured(key);
+            // Compared with the unauthenticated link only (below).
+            r.compare = false;
+        }
+    }
+    let mut t = String::from(
+        "| link | 4k randwrite QD32 IOPS | ratio | 1M seq write MB/s | ratio |\n|---|---:|---:|---:|---:|\n",
+    );
+    let fig = |key: &str, w: &Workload| {
+        res.row(&report::secured(key), w.key)
+            .map(|r| (r.fio.iops, r.fio.mb_per_s))
+    };
+    let base4 = fig("plain", &fio::RANDWRITE_QD32).map(|f| f.0);
+    let base1 = fig("plain", &fio::SEQWRITE_1M).map(|f| f.1);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
+        _ => "n/a".into(),
+    };
+    let mut json = Vec::new();
+    for (key, label) in SECURITY_VARIANTS {
+        let q = fig(key, &fio::RANDWRITE_QD32).map(|f| f.0);
+        let s = fig(key, &fio::SEQWRITE_1M).map(|f| f.1);
+        t.push_str(&format!(
+            "| {label} | {:.0} | {} | {:.0} | {} |\n",
+            q.unwrap_or(0.0),
+            ratio(q, base4),
+            s.unwrap_or(0.0),
+            ratio(s, base1)
+        ));
+        json.push(json!({"link": key, "randwrite_4k_qd32_iops": q, "seqwrite_1m_mb_s": s}));
+    }
+    t.push_str(
+        "\ntargets: HMAC ≥ 0.95 × unauthenticated on both; TLS ≥ 0.8 × on 1M sequential writes\n",
+    );
+    eprintln!("{t}");
+    res.extra.push((
+        "authentication cost (memsync)".into(),
+        t,
+        serde_json::Value::Array(json),
+    ));
+}

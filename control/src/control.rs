@@ -449,6 +449,7 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
             (active && connected).then(|| "ok".into())
         },
         reads_from_peer: g(&stats.reads_from_peer),
+        auth_failures: g(&stats.auth_failures),
         last_error: stats
             .last_error
             .lock()
@@ -520,4 +521,70 @@ fn sync_report(stats: &ResourceStats) -> Option<SyncReport> {
         rate,
         eta_seconds: eta,
     })
+}
+
+/// Control-socket requests from a hostile or broken client: arbitrary
+/// bytes and mangled JSON through the real line reader and decoder never
+/// panic, and a line longer than `MAX_LINE` is refused without reading on.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn decode(bytes: Vec<u8>) -> Result<RequestEnvelope, String> {
+        let (a, b) = UnixStream::pair().unwrap();
+        let w = std::thread::spawn(move || {
+            let _ = (&a).write_all(&bytes);
+        });
+        let r = read_request(&b, Instant::now() + Duration::from_secs(5)).and_then(|l| {
+            serde_json::from_str::<RequestEnvelope>(&l).map_err(|e| format!("malformed: {e}"))
+        });
+        drop(b);
+        w.join().unwrap();
+        r
+    }
+
+    fn json_soup() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("{".to_owned()),
+            Just("}".to_owned()),
+            Just("\"request\":".to_owned()),
+            Just("\"version\":".to_owned()),
+            Just("\"status\"".to_owned()),
+            Just("\"role\"".to_owned()),
+            Just("\"resources\":[\"r0\"]".to_owned()),
+            Just(",".to_owned()),
+            Just("null".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            "[a-z\"\\\\]{0,8}",
+        ];
+        proptest::collection::vec(piece, 0..30).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_request_bytes_never_panic(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..3000),
+            newline in any::<bool>(),
+        ) {
+            if newline {
+                bytes.push(b'\n');
+            }
+            let _ = decode(bytes);
+        }
+
+        #[test]
+        fn mangled_json_requests_never_panic(text in json_soup()) {
+            let _ = decode(format!("{text}\n").into_bytes());
+        }
+    }
+
+    #[test]
+    fn an_endless_line_is_refused() {
+        let e = decode(vec![b'x'; MAX_LINE * 3]).unwrap_err();
+        assert!(e.contains("longer than"), "{e}");
+    }
 }

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use hast_datapath::events::{PeerEvent, PeerEventKind};
 use hast_datapath::metadata::Role;
 use hast_datapath::node::{Applied, CpuPlacement, Node, NodeError, NodeOptions, ResourceSpec};
 use hast_datapath::peer::compress::Compression as WireCompression;
@@ -147,6 +146,14 @@ pub fn run(opts: Options) -> i32 {
             return exit::CONFIG;
         }
     };
+    // Secrets and certificates are checked before anything starts (and
+    // by `hastd -t`).
+    for r in &cfg.resources {
+        if let Err(e) = crate::security::load(&cfg, r) {
+            eprintln!("hastd: {e}");
+            return exit::CONFIG;
+        }
+    }
     if opts.check {
         print_check(&opts, &cfg);
         return exit::OK;
@@ -602,13 +609,13 @@ fn node_options(
     listen: Vec<std::net::SocketAddr>,
     notifier: &Notifier,
 ) -> NodeOptions {
-    let (ev_tx, ev_rx) = flume::bounded::<PeerEvent>(EVENT_QUEUE);
+    let (ev_tx, ev_rx) = flume::bounded::<Event>(EVENT_QUEUE);
     let submit = notifier.clone();
     let spawned = std::thread::Builder::new()
         .name("hast-events".into())
         .spawn(move || {
             for ev in ev_rx.iter() {
-                submit.submit(Event::new(ev.resource, event_kind(ev.kind)));
+                submit.submit(ev);
             }
         });
     if let Err(e) = spawned {
@@ -628,39 +635,6 @@ fn node_options(
             .unwrap_or_default(),
         listen,
         events: Some(ev_tx),
-    }
-}
-
-fn event_kind(k: PeerEventKind) -> EventKind {
-    match k {
-        PeerEventKind::Connect => EventKind::Connect,
-        PeerEventKind::Disconnect => EventKind::Disconnect,
-        PeerEventKind::SyncStart => EventKind::Syncstart,
-        PeerEventKind::SyncDone => EventKind::Syncdone,
-        PeerEventKind::SyncIntr => EventKind::Syncintr,
-        PeerEventKind::SplitBrain => EventKind::SplitBrain,
-        PeerEventKind::DiskFailed(leg) => EventKind::DiskFailed {
-            leg: leg.name().to_owned(),
-        },
-        PeerEventKind::VerifyStart => EventKind::Verifystart,
-        PeerEventKind::VerifyDone {
-            ok,
-            compared,
-            different,
-        } => EventKind::Verifydone {
-            ok,
-            compared,
-            different,
-        },
-        PeerEventKind::OutOfSync {
-            blocks,
-            bytes,
-            ranges,
-        } => EventKind::OutOfSync {
-            blocks,
-            bytes,
-            ranges,
-        },
     }
 }
 
@@ -720,6 +694,8 @@ fn spec_of(cfg: &Config, r: &ResourceConfig) -> Result<ResourceSpec, DaemonError
         timeout: r.timeout,
         window_bytes: WINDOW_BYTES,
         splitbrain_auto: r.splitbrain == crate::config::SplitBrainPolicy::Auto,
+        security: crate::security::load(cfg, r)
+            .map_err(|e| DaemonError::config(format!("[{}] secret or TLS files", r.name), e))?,
         compression: match r.compression {
             Compression::None => WireCompression::None,
             Compression::Hole => WireCompression::Hole,

@@ -37,8 +37,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use hast_datapath::events::now_unix_ms;
 use hast_datapath::stats::ResourceStats;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::hooks::{Event, EventKind, HookSubmitter};
 use crate::proto::Response;
@@ -58,193 +59,47 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`MAX_SUBSCRIBERS`] are connected (hastctl exits with EX_TEMPFAIL).
 pub const TOO_MANY_SUBSCRIBERS: &str = "too many event subscribers";
 
-/// One line of the event stream; see the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamEvent {
-    /// Resource name.
-    pub resource: String,
-    /// What happened.
-    #[serde(flatten)]
-    pub kind: StreamKind,
-    /// When it happened, in milliseconds since the Unix epoch.
-    pub time_unix_ms: u64,
-}
-
-/// The kind of a [`StreamEvent`]: the hooks' [`EventKind`]s plus
-/// `progress`; serialised as `"event": "<name>"` plus its fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "kebab-case")]
-pub enum StreamKind {
-    /// The connection to the peer was established.
-    Connect,
-    /// The connection to the peer was lost.
-    Disconnect,
-    /// Synchronisation started.
-    Syncstart,
-    /// Synchronisation completed.
-    Syncdone,
-    /// Synchronisation was interrupted.
-    Syncintr,
-    /// Split-brain detected.
-    SplitBrain,
-    /// A disk was detached after its errors (`leg`: `local` or `remote`).
-    DiskFailed {
-        /// `local` or `remote`.
-        leg: String,
-    },
-    /// The role changed.
-    Role {
-        /// Previous role.
-        old: String,
-        /// New role.
-        new: String,
-    },
-    /// Synchronisation progress (sampled every [`PROGRESS_INTERVAL`]).
-    Progress {
-        /// `to-secondary` or `from-secondary`.
-        direction: String,
-        /// Bytes copied in this pass.
-        done: u64,
-        /// Bytes to copy when the pass started.
-        total: u64,
-    },
-    /// `hastctl verify` started.
-    Verifystart,
-    /// A verify ended.
-    Verifydone {
-        /// It covered its whole range.
-        ok: bool,
-        /// Blocks compared.
-        compared: u64,
-        /// Blocks that differ.
-        different: u64,
-    },
-    /// A verify found blocks that differ.
-    OutOfSync {
-        /// Blocks that differ.
-        blocks: u64,
-        /// Their bytes.
-        bytes: u64,
-        /// Differing ranges.
-        ranges: u64,
-    },
-    /// Verify progress (sampled every [`PROGRESS_INTERVAL`]).
-    VerifyProgress {
-        /// Bytes of the range dealt with.
-        done: u64,
-        /// Bytes of the range.
-        total: u64,
-        /// Blocks found different so far.
-        different: u64,
-    },
-}
-
-impl StreamKind {
-    /// The event name (the JSON `event` field).
-    pub fn name(&self) -> &'static str {
-        match self {
-            StreamKind::Connect => "connect",
-            StreamKind::Disconnect => "disconnect",
-            StreamKind::Syncstart => "syncstart",
-            StreamKind::Syncdone => "syncdone",
-            StreamKind::Syncintr => "syncintr",
-            StreamKind::SplitBrain => "split-brain",
-            StreamKind::DiskFailed { .. } => "disk-failed",
-            StreamKind::Role { .. } => "role",
-            StreamKind::Progress { .. } => "progress",
-            StreamKind::Verifystart => "verifystart",
-            StreamKind::Verifydone { .. } => "verifydone",
-            StreamKind::OutOfSync { .. } => "out-of-sync",
-            StreamKind::VerifyProgress { .. } => "verify-progress",
+/// The text form of `hastctl events`:
+///
+/// ```text
+/// 2026-11-22T07:00:00Z disk1 role secondary primary
+/// 2026-11-22T07:00:00Z disk1 syncstart
+/// 2026-11-22T07:00:01Z disk1 sync 12.0MB/64.0MB
+/// ```
+pub fn text(ev: &Event) -> String {
+    let head = format!("{} {}", utc_timestamp(ev.time_unix_ms), ev.resource);
+    match &ev.kind {
+        EventKind::Role { old, new } => format!("{head} role {old} {new}"),
+        EventKind::DiskFailed { leg } => format!("{head} disk-failed {}", leg.name()),
+        EventKind::Progress { done, total, .. } => {
+            format!("{head} sync {}/{}", size_1dp(*done), size_1dp(*total))
         }
-    }
-}
-
-impl From<&Event> for StreamEvent {
-    fn from(e: &Event) -> StreamEvent {
-        let kind = match &e.kind {
-            EventKind::Connect => StreamKind::Connect,
-            EventKind::Disconnect => StreamKind::Disconnect,
-            EventKind::Syncstart => StreamKind::Syncstart,
-            EventKind::Syncdone => StreamKind::Syncdone,
-            EventKind::Syncintr => StreamKind::Syncintr,
-            EventKind::SplitBrain => StreamKind::SplitBrain,
-            EventKind::DiskFailed { leg } => StreamKind::DiskFailed { leg: leg.clone() },
-            EventKind::Role { old, new } => StreamKind::Role {
-                old: old.clone(),
-                new: new.clone(),
-            },
-            EventKind::Verifystart => StreamKind::Verifystart,
-            &EventKind::Verifydone {
-                ok,
-                compared,
-                different,
-            } => StreamKind::Verifydone {
-                ok,
-                compared,
-                different,
-            },
-            &EventKind::OutOfSync {
-                blocks,
-                bytes,
-                ranges,
-            } => StreamKind::OutOfSync {
-                blocks,
-                bytes,
-                ranges,
-            },
-        };
-        StreamEvent {
-            resource: e.resource.clone(),
-            kind,
-            time_unix_ms: e.time_unix_ms,
-        }
-    }
-}
-
-impl StreamEvent {
-    /// The text form of `hastctl events`:
-    ///
-    /// ```text
-    /// 2026-11-22T07:00:00Z disk1 role secondary primary
-    /// 2026-11-22T07:00:00Z disk1 syncstart
-    /// 2026-11-22T07:00:01Z disk1 sync 12.0MB/64.0MB
-    /// ```
-    pub fn text(&self) -> String {
-        let head = format!("{} {}", utc_timestamp(self.time_unix_ms), self.resource);
-        match &self.kind {
-            StreamKind::Role { old, new } => format!("{head} role {old} {new}"),
-            StreamKind::DiskFailed { leg } => format!("{head} disk-failed {leg}"),
-            StreamKind::Progress { done, total, .. } => {
-                format!("{head} sync {}/{}", size_1dp(*done), size_1dp(*total))
-            }
-            StreamKind::VerifyProgress {
-                done,
-                total,
-                different,
-            } => format!(
-                "{head} verify {}/{} {different} blocks differ",
-                size_1dp(*done),
-                size_1dp(*total)
-            ),
-            StreamKind::Verifydone {
-                ok,
-                compared,
-                different,
-            } => format!(
-                "{head} verifydone {} {compared} blocks compared, {different} differ",
-                if *ok { "complete" } else { "stopped" }
-            ),
-            StreamKind::OutOfSync {
-                blocks,
-                bytes,
-                ranges,
-            } => format!(
-                "{head} out-of-sync {blocks} blocks ({}) in {ranges} ranges",
-                size_1dp(*bytes)
-            ),
-            k => format!("{head} {}", k.name()),
-        }
+        EventKind::VerifyProgress {
+            done,
+            total,
+            different,
+        } => format!(
+            "{head} verify {}/{} {different} blocks differ",
+            size_1dp(*done),
+            size_1dp(*total)
+        ),
+        EventKind::VerifyDone {
+            ok,
+            compared,
+            different,
+        } => format!(
+            "{head} verifydone {} {compared} blocks compared, {different} differ",
+            if *ok { "complete" } else { "stopped" }
+        ),
+        EventKind::OutOfSync {
+            blocks,
+            bytes,
+            ranges,
+        } => format!(
+            "{head} out-of-sync {blocks} blocks ({}) in {ranges} ranges",
+            size_1dp(*bytes)
+        ),
+        k => format!("{head} {}", k.name()),
     }
 }
 
@@ -290,7 +145,7 @@ struct Sub {
     id: u64,
     /// Resources it listens to.
     names: HashSet<String>,
-    tx: flume::Sender<StreamEvent>,
+    tx: flume::Sender<Event>,
     /// A handle on its connection, to close it when it is dropped.
     conn: UnixStream,
 }
@@ -307,25 +162,25 @@ struct Inner {
 }
 
 impl Inner {
-    fn publish(&mut self, ev: &StreamEvent) {
+    fn publish(&mut self, ev: &Event) {
         match ev.kind {
-            StreamKind::Syncstart => {
+            EventKind::SyncStart => {
                 self.syncing.insert(ev.resource.clone());
             }
-            StreamKind::Syncdone
-            | StreamKind::Syncintr
-            | StreamKind::Disconnect
-            | StreamKind::Role { .. } => {
+            EventKind::SyncDone
+            | EventKind::SyncIntr
+            | EventKind::Disconnect
+            | EventKind::Role { .. } => {
                 self.syncing.remove(&ev.resource);
             }
-            StreamKind::Verifystart => {
+            EventKind::VerifyStart => {
                 self.verifying.insert(ev.resource.clone());
             }
             _ => {}
         }
         if matches!(
             ev.kind,
-            StreamKind::Verifydone { .. } | StreamKind::Role { .. }
+            EventKind::VerifyDone { .. } | EventKind::Role { .. }
         ) {
             self.verifying.remove(&ev.resource);
         }
@@ -370,7 +225,7 @@ impl Broadcaster {
     }
 
     /// Sends an event to every subscriber of its resource; never blocks.
-    pub fn publish(&self, ev: &StreamEvent) {
+    pub fn publish(&self, ev: &Event) {
         lock(&self.inner).publish(ev);
     }
 
@@ -476,7 +331,7 @@ fn write_json_line<T: Serialize>(mut w: &UnixStream, v: &T) -> std::io::Result<(
 fn serve_subscriber(
     id: u64,
     conn: UnixStream,
-    rx: flume::Receiver<StreamEvent>,
+    rx: flume::Receiver<Event>,
     inner: Weak<Mutex<Inner>>,
 ) {
     let why = loop {
@@ -545,10 +400,10 @@ fn sample_progress(
                 .then(|| verify_progress_of(stats))
                 .flatten();
             for kind in sync.into_iter().chain(verify) {
-                g.publish(&StreamEvent {
+                g.publish(&Event {
                     resource: name.clone(),
                     kind,
-                    time_unix_ms: now_ms(),
+                    time_unix_ms: now_unix_ms(),
                 });
             }
         }
@@ -557,11 +412,11 @@ fn sample_progress(
 
 /// The progress of a running synchronisation, from the data path's
 /// counters; None when none runs.
-fn progress_of(stats: &ResourceStats) -> Option<StreamKind> {
+fn progress_of(stats: &ResourceStats) -> Option<EventKind> {
     let direction = stats.sync_state()?.name();
     let total = stats.sync_total.load(Relaxed);
     let done = stats.sync_done.load(Relaxed).min(total);
-    Some(StreamKind::Progress {
+    Some(EventKind::Progress {
         direction: direction.into(),
         done,
         total,
@@ -569,21 +424,14 @@ fn progress_of(stats: &ResourceStats) -> Option<StreamKind> {
 }
 
 /// The progress of a running verify; None when none runs.
-fn verify_progress_of(stats: &ResourceStats) -> Option<StreamKind> {
+fn verify_progress_of(stats: &ResourceStats) -> Option<EventKind> {
     let g = stats.verify.lock().ok()?;
     let v = g.as_ref()?;
-    (v.state == hast_datapath::stats::VerifyState::Running).then_some(StreamKind::VerifyProgress {
+    (v.state == hast_datapath::stats::VerifyState::Running).then_some(EventKind::VerifyProgress {
         done: v.done,
         total: v.length,
         different: v.blocks_different,
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Where hastd submits events: to the hooks and to the event stream.
@@ -602,7 +450,7 @@ impl Notifier {
     /// Publishes an event to the stream's subscribers, then queues it for
     /// the hooks; never blocks.
     pub fn submit(&self, event: Event) {
-        self.events.publish(&StreamEvent::from(&event));
+        self.events.publish(&event);
         self.hooks.submit(event);
     }
 
@@ -620,8 +468,8 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::time::Instant;
 
-    fn ev(res: &str, kind: StreamKind) -> StreamEvent {
-        StreamEvent {
+    fn ev(res: &str, kind: EventKind) -> Event {
+        Event {
             resource: res.into(),
             kind,
             time_unix_ms: 1_700_000_000_000,
@@ -646,19 +494,19 @@ mod tests {
 
     #[test]
     fn json_shapes() {
-        let j = |e: &StreamEvent| serde_json::to_string(e).unwrap();
+        let j = |e: &Event| serde_json::to_string(e).unwrap();
         assert_eq!(
-            j(&ev("disk1", StreamKind::Connect)),
+            j(&ev("disk1", EventKind::Connect)),
             r#"{"resource":"disk1","event":"connect","time_unix_ms":1700000000000}"#
         );
         assert_eq!(
-            j(&ev("disk1", StreamKind::SplitBrain)),
+            j(&ev("disk1", EventKind::SplitBrain)),
             r#"{"resource":"disk1","event":"split-brain","time_unix_ms":1700000000000}"#
         );
         assert_eq!(
             j(&ev(
                 "disk1",
-                StreamKind::Role {
+                EventKind::Role {
                     old: "secondary".into(),
                     new: "primary".into()
                 }
@@ -667,7 +515,7 @@ mod tests {
         );
         let p = ev(
             "disk1",
-            StreamKind::Progress {
+            EventKind::Progress {
                 direction: "to-secondary".into(),
                 done: 5,
                 total: 10,
@@ -677,35 +525,8 @@ mod tests {
             j(&p),
             r#"{"resource":"disk1","event":"progress","direction":"to-secondary","done":5,"total":10,"time_unix_ms":1700000000000}"#
         );
-        let back: StreamEvent = serde_json::from_str(&j(&p)).unwrap();
+        let back: Event = serde_json::from_str(&j(&p)).unwrap();
         assert_eq!(back, p);
-    }
-
-    #[test]
-    fn hook_events_keep_their_json() {
-        for kind in [
-            EventKind::Connect,
-            EventKind::Disconnect,
-            EventKind::Syncstart,
-            EventKind::Syncdone,
-            EventKind::Syncintr,
-            EventKind::SplitBrain,
-            EventKind::Role {
-                old: "init".into(),
-                new: "primary".into(),
-            },
-        ] {
-            let e = Event {
-                resource: "r".into(),
-                kind,
-                time_unix_ms: 42,
-            };
-            assert_eq!(
-                serde_json::to_value(&e).unwrap(),
-                serde_json::to_value(StreamEvent::from(&e)).unwrap()
-            );
-            assert_eq!(StreamEvent::from(&e).kind.name(), e.kind.name());
-        }
     }
 
     #[test]
@@ -713,24 +534,24 @@ mod tests {
         let t = 1_795_330_800_000; // 2026-11-22T07:00:00Z
         let mut e = ev(
             "disk1",
-            StreamKind::Role {
+            EventKind::Role {
                 old: "secondary".into(),
                 new: "primary".into(),
             },
         );
         e.time_unix_ms = t;
         assert_eq!(
-            e.text(),
+            text(&e),
             "2026-11-22T07:00:00Z disk1 role secondary primary"
         );
-        e.kind = StreamKind::Syncstart;
-        assert_eq!(e.text(), "2026-11-22T07:00:00Z disk1 syncstart");
-        e.kind = StreamKind::Progress {
+        e.kind = EventKind::SyncStart;
+        assert_eq!(text(&e), "2026-11-22T07:00:00Z disk1 syncstart");
+        e.kind = EventKind::Progress {
             direction: "to-secondary".into(),
             done: 12 << 20,
             total: 64 << 20,
         };
-        assert_eq!(e.text(), "2026-11-22T07:00:00Z disk1 sync 12.0MB/64.0MB");
+        assert_eq!(text(&e), "2026-11-22T07:00:00Z disk1 sync 12.0MB/64.0MB");
         assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc_timestamp(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(utc_timestamp(4_102_444_799_999), "2099-12-31T23:59:59Z");
@@ -739,7 +560,7 @@ mod tests {
         assert_eq!(size_1dp(3 << 30), "3.0GB");
     }
 
-    fn read_event(r: &mut impl BufRead) -> StreamEvent {
+    fn read_event(r: &mut impl BufRead) -> Event {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
@@ -765,11 +586,11 @@ mod tests {
         let b = Broadcaster::new();
         let (mut r, first) = subscribed(&b);
         assert_eq!(first.resources[0].name, "r1");
-        b.publish(&ev("r2", StreamKind::Connect));
-        b.publish(&ev("r1", StreamKind::Connect));
-        b.publish(&ev("r1", StreamKind::Syncstart));
-        assert_eq!(read_event(&mut r).kind, StreamKind::Connect);
-        assert_eq!(read_event(&mut r).kind, StreamKind::Syncstart);
+        b.publish(&ev("r2", EventKind::Connect));
+        b.publish(&ev("r1", EventKind::Connect));
+        b.publish(&ev("r1", EventKind::SyncStart));
+        assert_eq!(read_event(&mut r).kind, EventKind::Connect);
+        assert_eq!(read_event(&mut r).kind, EventKind::SyncStart);
         assert_eq!(b.subscribers(), 1);
         // The client goes away: the subscriber is removed.
         drop(r);
@@ -791,7 +612,7 @@ mod tests {
         for i in 0..200_000u64 {
             b.publish(&ev(
                 "r1",
-                StreamKind::Progress {
+                EventKind::Progress {
                     direction: "to-secondary".into(),
                     done: i,
                     total: 1 << 40,
@@ -841,31 +662,31 @@ mod tests {
         let (mut r, _) = subscribed(&b);
         // Direction set but no syncstart seen: nothing for 1.5 intervals.
         std::thread::sleep(PROGRESS_INTERVAL * 3 / 2);
-        b.publish(&ev("r1", StreamKind::Syncstart));
-        assert_eq!(read_event(&mut r).kind, StreamKind::Syncstart);
+        b.publish(&ev("r1", EventKind::SyncStart));
+        assert_eq!(read_event(&mut r).kind, EventKind::SyncStart);
         let p = read_event(&mut r);
         assert_eq!(
             p.kind,
-            StreamKind::Progress {
+            EventKind::Progress {
                 direction: "to-secondary".into(),
                 done: 40,
                 total: 100
             }
         );
         stats.set_sync_state(None);
-        b.publish(&ev("r1", StreamKind::Syncdone));
+        b.publish(&ev("r1", EventKind::SyncDone));
         // Whatever progress was sampled before, syncdone comes, and then
         // nothing but what we publish.
         loop {
             let e = read_event(&mut r);
-            if e.kind == StreamKind::Syncdone {
+            if e.kind == EventKind::SyncDone {
                 break;
             }
             assert_eq!(e.kind.name(), "progress");
         }
         stats.set_sync_state(Some(SyncDirection::ToSecondary));
         std::thread::sleep(PROGRESS_INTERVAL * 3 / 2);
-        b.publish(&ev("r1", StreamKind::Connect));
-        assert_eq!(read_event(&mut r).kind, StreamKind::Connect);
+        b.publish(&ev("r1", EventKind::Connect));
+        assert_eq!(read_event(&mut r).kind, EventKind::Connect);
     }
 }

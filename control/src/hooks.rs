@@ -45,7 +45,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tracing::Dispatch;
 
@@ -57,132 +57,9 @@ pub const OUTPUT_LIMIT: usize = 64 * 1024;
 /// (a background child of the hook may keep the pipe open).
 const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 
-/// Something that happened to a resource; also the unit of the
-/// `hastctl events` stream.
-///
-/// The JSON form (`hastctl events --json`) is one flat object: the resource,
-/// the event name under `"event"`, the role names for `role` events, and the
-/// time in milliseconds since the Unix epoch:
-///
-/// ```text
-/// {"resource":"disk1","event":"connect","time_unix_ms":1700000000000}
-/// {"resource":"disk1","event":"split-brain","time_unix_ms":1700000000000}
-/// {"resource":"disk1","event":"role","old":"secondary","new":"primary","time_unix_ms":1700000000000}
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Event {
-    /// Resource name.
-    pub resource: String,
-    /// What happened.
-    #[serde(flatten)]
-    pub kind: EventKind,
-    /// When it happened, in milliseconds since the Unix epoch.
-    pub time_unix_ms: u64,
-}
-
-/// The kind of an [`Event`]; serialised as `"event": "<name>"` (see
-/// [`EventKind::name`]) plus `"old"`/`"new"` for role changes.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "event", rename_all = "kebab-case")]
-pub enum EventKind {
-    /// The connection to the peer was established.
-    Connect,
-    /// The connection to the peer was lost.
-    Disconnect,
-    /// Synchronisation started.
-    Syncstart,
-    /// Synchronisation completed.
-    Syncdone,
-    /// Synchronisation was interrupted.
-    Syncintr,
-    /// Both nodes were primary: split-brain detected.
-    SplitBrain,
-    /// A disk was detached after its errors: this node's (`leg` `local`)
-    /// or the peer's (`remote`).
-    DiskFailed {
-        /// `local` or `remote`.
-        leg: String,
-    },
-    /// The role changed (role names as hastctl prints them: `init`,
-    /// `primary`, `secondary`).
-    Role {
-        /// Previous role.
-        old: String,
-        /// New role.
-        new: String,
-    },
-    /// `hastctl verify` started (our extension).
-    Verifystart,
-    /// A verify ended (our extension); `ok` false: stopped early.
-    Verifydone {
-        /// It covered its whole range.
-        ok: bool,
-        /// Blocks compared.
-        compared: u64,
-        /// Blocks that differ.
-        different: u64,
-    },
-    /// A verify found blocks that differ between the nodes (our
-    /// extension; `hastctl list` shows the ranges).
-    OutOfSync {
-        /// Blocks that differ.
-        blocks: u64,
-        /// Their bytes.
-        bytes: u64,
-        /// Differing ranges.
-        ranges: u64,
-    },
-}
-
-impl EventKind {
-    /// The event name passed as the hook's first argument.
-    pub fn name(&self) -> &'static str {
-        match self {
-            EventKind::Connect => "connect",
-            EventKind::Disconnect => "disconnect",
-            EventKind::Syncstart => "syncstart",
-            EventKind::Syncdone => "syncdone",
-            EventKind::Syncintr => "syncintr",
-            EventKind::SplitBrain => "split-brain",
-            EventKind::DiskFailed { .. } => "disk-failed",
-            EventKind::Role { .. } => "role",
-            EventKind::Verifystart => "verifystart",
-            EventKind::Verifydone { .. } => "verifydone",
-            EventKind::OutOfSync { .. } => "out-of-sync",
-        }
-    }
-
-    /// The hook's arguments (after the program): `<event> <resource>`,
-    /// `role <resource> <oldrole> <newrole>`, or `disk-failed <resource>
-    /// <leg>`.
-    pub fn args(&self, resource: &str) -> Vec<String> {
-        let mut args = vec![self.name().to_owned(), resource.to_owned()];
-        match self {
-            EventKind::Role { old, new } => {
-                args.push(old.clone());
-                args.push(new.clone());
-            }
-            EventKind::DiskFailed { leg } => args.push(leg.clone()),
-            _ => {}
-        }
-        args
-    }
-}
-
-impl Event {
-    /// An event for `resource` stamped with the current time.
-    pub fn new(resource: impl Into<String>, kind: EventKind) -> Event {
-        let time_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        Event {
-            resource: resource.into(),
-            kind,
-            time_unix_ms,
-        }
-    }
-}
+/// The events hooks run for (the one list of events is the data path's;
+/// [`EventKind::runs_hook`] says which run a hook).
+pub use hast_datapath::events::{Event, EventKind};
 
 /// Tunables of a [`HookRunner`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +110,9 @@ impl HookSubmitter {
     /// Queues an event; never blocks. When the queue is full (or the runner
     /// has stopped) the event is dropped, counted and logged as an error.
     pub fn submit(&self, event: Event) {
+        if !event.kind.runs_hook() {
+            return;
+        }
         let (event, why) = match self.tx.try_send(event) {
             Ok(()) => return,
             Err(flume::TrySendError::Full(e)) => (e, "hook queue full"),
@@ -585,7 +465,7 @@ impl Runner {
         };
 
         let mut cmd = Command::new(&path);
-        cmd.args(event.kind.args(&event.resource))
+        cmd.args(event.kind.hook_args(&event.resource))
             .env("HAST_RESOURCE", &event.resource)
             .env("HAST_EVENT", name)
             .stdin(Stdio::null());
@@ -594,8 +474,8 @@ impl Runner {
             _ => cmd.env_remove("HAST_OLDROLE").env_remove("HAST_NEWROLE"),
         };
         match &event.kind {
-            EventKind::DiskFailed { leg } => cmd.env("HAST_LEG", leg),
-            EventKind::Verifydone {
+            EventKind::DiskFailed { leg } => cmd.env("HAST_LEG", leg.name()),
+            EventKind::VerifyDone {
                 compared,
                 different,
                 ..
@@ -868,9 +748,9 @@ printf '%s R=%s E=%s O=%s N=%s\n' "$line" "${{HAST_RESOURCE-unset}}" "${{HAST_EV
         vec![
             EventKind::Connect,
             EventKind::Disconnect,
-            EventKind::Syncstart,
-            EventKind::Syncdone,
-            EventKind::Syncintr,
+            EventKind::SyncStart,
+            EventKind::SyncDone,
+            EventKind::SyncIntr,
             EventKind::SplitBrain,
             role("secondary", "primary"),
         ]
@@ -919,13 +799,15 @@ printf '%s R=%s E=%s O=%s N=%s\n' "$line" "${{HAST_RESOURCE-unset}}" "${{HAST_EV
                 "role"
             ]
         );
-        assert_eq!(EventKind::SplitBrain.args("r0"), ["split-brain", "r0"]);
+        assert_eq!(EventKind::SplitBrain.hook_args("r0"), ["split-brain", "r0"]);
         assert_eq!(
-            role("init", "secondary").args("r0"),
+            role("init", "secondary").hook_args("r0"),
             ["role", "r0", "init", "secondary"]
         );
         let e = Event::new("disk1", EventKind::Connect);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
         assert!(now.as_millis().abs_diff(u128::from(e.time_unix_ms)) < 60_000);
         assert_eq!(e.resource, "disk1");
     }
@@ -1108,13 +990,13 @@ printf '%s R=%s E=%s O=%s N=%s\n' "$line" "${{HAST_RESOURCE-unset}}" "${{HAST_EV
         .collect();
         let runner = HookRunner::start(move |r| map.get(r).cloned());
         runner.submit(Event::new("fail", EventKind::Connect));
-        runner.submit(Event::new("killed", EventKind::Syncintr));
+        runner.submit(Event::new("killed", EventKind::SyncIntr));
         runner.submit(Event::new("missing", EventKind::Disconnect));
-        runner.submit(Event::new("noexec", EventKind::Syncstart));
+        runner.submit(Event::new("noexec", EventKind::SyncStart));
         runner.submit(Event::new("dir", EventKind::SplitBrain));
         runner.submit(Event::new("relative", role("init", "primary")));
         runner.submit(Event::new("unconfigured", EventKind::Connect));
-        runner.submit(Event::new("good", EventKind::Syncdone));
+        runner.submit(Event::new("good", EventKind::SyncDone));
         runner.shutdown(Duration::from_secs(20));
 
         assert_eq!(
@@ -1253,7 +1135,7 @@ printf '%s R=%s E=%s O=%s N=%s\n' "$line" "${{HAST_RESOURCE-unset}}" "${{HAST_EV
         );
         let runner = HookRunner::start(move |_| Some(hook.clone()));
         let t = Instant::now();
-        runner.submit(Event::new("r", EventKind::Syncdone));
+        runner.submit(Event::new("r", EventKind::SyncDone));
         runner.shutdown(Duration::from_secs(20));
         assert!(t.elapsed() >= Duration::from_millis(400));
         assert!(
@@ -1276,7 +1158,7 @@ printf '%s R=%s E=%s O=%s N=%s\n' "$line" "${{HAST_RESOURCE-unset}}" "${{HAST_EV
         );
         let runner = HookRunner::start(move |_| Some(hook.clone()));
         let t = Instant::now();
-        runner.submit(Event::new("r", EventKind::Syncstart));
+        runner.submit(Event::new("r", EventKind::SyncStart));
         runner.shutdown(Duration::from_millis(300));
         let took = t.elapsed();
         assert!(took >= Duration::from_millis(300), "{took:?}");

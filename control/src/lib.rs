@@ -11,6 +11,7 @@ pub mod progress;
 pub mod proto;
 pub mod reload;
 pub mod report;
+pub mod security;
 pub mod size;
 pub mod syslog;
 

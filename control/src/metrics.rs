@@ -309,6 +309,11 @@ fn counters(fam: &mut Family<'_, '_>, samples: &[Sample]) -> std::fmt::Result {
         "hast_window_waits_total",
         "Writes that waited for room in the replication window.",
         c(|s| get(&s.window_waits)),
+    )?;
+    fam.counter(
+        "hast_auth_failures_total",
+        "Replication connections refused for failed authentication (secret, TLS) or dropped for a stream that failed its MAC.",
+        c(|s| get(&s.auth_failures)),
     )
 }
 

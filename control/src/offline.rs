@@ -18,19 +18,47 @@ pub struct CreateParams {
     pub extentsize: Option<u64>,
     /// `-k`: keepdirty (default 64).
     pub keepdirty: Option<u64>,
+    /// `-f`: overwrite a provider holding another resource's metadata.
+    pub force: bool,
 }
 
 /// Writes fresh metadata and a zeroed activemap on the resource's
 /// provider. Returns the metadata written.
+///
+/// Refused when a hastd (this node's or another's) uses the provider (its
+/// exclusive claim, [`provider::ProviderLock`], is held for as long as it
+/// writes), and when the provider holds the metadata of another resource
+/// unless `params.force`.
 pub fn create(res: &ResourceConfig, params: CreateParams) -> Result<Metadata, String> {
     let path = &res.localpath;
     let ctx = |e: String| format!("[{}] {}", res.name, e);
+    let _claim = provider::ProviderLock::acquire(path).map_err(|e| {
+        ctx(format!(
+            "{e}; a provider cannot be initialised while a resource uses it (run 'hastctl role init' where it is active)"
+        ))
+    })?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(|e| ctx(format!("{}: cannot open: {e}", path.display())))?;
     let info = provider::probe_file(path, &file).map_err(|e| ctx(e.to_string()))?;
+    if !params.force {
+        let mut block = vec![0u8; METADATA_SIZE];
+        if file.read_exact_at(&mut block, 0).is_ok() {
+            if let Ok(old) = Metadata::decode(&block, info.mediasize) {
+                if old.resource != res.name {
+                    return Err(ctx(format!(
+                        "{} holds the metadata of resource '{}' (resuid {:#x}, generation {}): not overwriting it; check the 'local' of both resources in hast.conf, or use 'hastctl create -f' to destroy it",
+                        path.display(),
+                        old.resource,
+                        old.resuid,
+                        old.localcnt
+                    )));
+                }
+            }
+        }
+    }
     let mediasize = match params.mediasize {
         None => info.mediasize,
         Some(m) if m > info.mediasize => {

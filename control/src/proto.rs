@@ -38,7 +38,7 @@ pub enum Request {
     /// Subscribe to the events of resources (`hastctl events`). The first
     /// reply line is a [`Response`] like `status`'s (the current reports: a
     /// snapshot, or the error); when it carries no error, the connection
-    /// stays open and hastd writes one [`crate::events::StreamEvent`] JSON
+    /// stays open and hastd writes one [`crate::hooks::Event`] JSON
     /// object per line until either side closes it.
     Events {
         /// Resource names, or `["all"]`.
@@ -249,6 +249,10 @@ pub struct ResourceReport {
     /// Reads that failed locally and were served by the secondary.
     #[serde(default)]
     pub reads_from_peer: u64,
+    /// Connections refused for failed authentication (secret, TLS) or
+    /// dropped for a stream that failed its MAC, since hastd started.
+    #[serde(default)]
+    pub auth_failures: u64,
     /// The last replication problem, if any.
     pub last_error: Option<String>,
     /// Per-resource error of a role change.

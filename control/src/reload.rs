@@ -8,7 +8,7 @@
 //!   added in role init;
 //! - a change of `local`, of the device name (`name`) or of where its
 //!   export lives (`exportdir`) restarts the resource in its role;
-//! - any other change (remote, source, replication, checksum, compression,
+//! - any other change (remote, source, secret, tls, replication, checksum, compression,
 //!   timeout, exec, metaflush, splitbrain) restarts a secondary, is stored
 //!   for the next role change in role init, and is applied to a running
 //!   primary without a restart.
@@ -163,6 +163,8 @@ fn diff_resource(
     );
     note("remote", old.remote != new.remote, &mut peer);
     note("source", old.source != new.source, &mut peer);
+    note("secret", old.secret != new.secret, &mut peer);
+    note("tls", old.tls != new.tls, &mut peer);
     note(
         "replication",
         old.replication != new.replication,

@@ -164,6 +164,9 @@ pub fn list(resources: &[ResourceReport]) -> String {
         if let Some(w) = only_copy_warning(r) {
             let _ = writeln!(out, "  warning: {w}");
         }
+        if r.auth_failures != 0 {
+            let _ = writeln!(out, "  authentication failures: {}", r.auth_failures);
+        }
         if let Some(e) = &r.last_error {
             let _ = writeln!(out, "  last error: {e}");
         }

@@ -16,9 +16,13 @@ use crate::semaphore::Semaphore;
 use glommio::io::DmaBuffer;
 
 use crate::activemap::{ActiveMap, PersistBatch};
-use crate::events::{EventSink, Leg, PeerEventKind};
+use crate::events::{EventKind, EventSink, Leg};
+use crate::generation::{bump_before_write, Writer};
 use crate::health::Health;
-use crate::metadata::{round_down, round_up, Metadata, MetadataError, Role, METADATA_SIZE};
+use crate::metadata::{
+    round_down, round_up, Metadata, MetadataError, Role, FLAG_INCONSISTENT, METADATA_SIZE,
+};
+use crate::peer::handshake;
 use crate::provider::{self, Allocation, ProviderError, ProviderInfo, Segment};
 use crate::rangelock::{Acquire, RangeLock};
 use crate::signal::{Notify, Signal};
@@ -126,6 +130,9 @@ pub struct LocalDisk {
     detached: Signal,
     /// Where a detach is reported (the `disk-failed` event).
     events: RefCell<Option<EventSink>>,
+    /// This disconnected epoch has its own generation (see
+    /// [`bump_before_write`]).
+    epoch_bumped: Cell<bool>,
     /// Extents written since `hastctl create` (format 2); None for a
     /// format 1 provider (every extent counts as written).
     written: RefCell<Option<WrittenMap>>,
@@ -254,6 +261,7 @@ impl LocalDisk {
             health: RefCell::new(Health::default()),
             detached: Signal::new(),
             events: RefCell::new(None),
+            epoch_bumped: Cell::new(false),
             written: RefCell::new(written),
         }))
     }
@@ -298,7 +306,7 @@ impl LocalDisk {
         }
         self.detached.fire();
         if let Some(ev) = self.events.borrow().as_ref() {
-            ev.emit(PeerEventKind::DiskFailed(Leg::Local));
+            ev.emit(EventKind::DiskFailed { leg: Leg::Local });
         }
     }
 
@@ -801,23 +809,42 @@ impl LocalDisk {
         self.note(op, Some(pos), r.and_then(|n| check_len(n, len)))
     }
 
-    /// Starts a new generation before the first write made without the
-    /// peer (`localcnt` is bumped once per disconnected epoch, durably,
-    /// before the data write), so that a reconnect tells who wrote.
-    pub async fn bump_generation_if_needed(&self) -> io::Result<()> {
+    /// Starts a new generation before a write that needs one (see
+    /// [`bump_before_write`]: the first write of each disconnected epoch
+    /// when `alone`, the first write ever when linked), durably, before
+    /// the data write, so that a reconnect tells who wrote.
+    pub async fn bump_generation_if_needed(&self, alone: bool) -> io::Result<()> {
+        let writer = |md: &Metadata| Writer {
+            alone,
+            epoch_bumped: self.epoch_bumped.get(),
+            inconsistent: md.flags & FLAG_INCONSISTENT != 0,
+        };
         let needed = {
             let md = self.md.borrow();
-            md.localcnt == md.remotecnt
+            bump_before_write(&mut handshake::gen_of(&md), writer(&md))
         };
         if !needed {
             return Ok(());
         }
+        let mut bumped = false;
         self.update_metadata(|md| {
-            if md.localcnt == md.remotecnt {
-                md.localcnt += 1;
+            let mut gen = handshake::gen_of(md);
+            if bump_before_write(&mut gen, writer(md)) {
+                md.localcnt = gen.localcnt;
+                bumped = true;
             }
         })
-        .await
+        .await?;
+        if bumped {
+            self.epoch_bumped.set(true);
+        }
+        Ok(())
+    }
+
+    /// A new disconnected epoch begins (the link to the peer was lost):
+    /// the next write made alone starts a new generation.
+    pub fn new_epoch(&self) {
+        self.epoch_bumped.set(false);
     }
 
     /// Writes a shared buffer at `offset` (the same buffer is being sent to

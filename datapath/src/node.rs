@@ -16,18 +16,20 @@ use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::events::{EventSink, PeerEvent};
+use crate::events::{Event, EventSink};
 use crate::local::LocalDisk;
 use crate::metadata::Role;
 use crate::nbd::{NbdConfig, NbdExport, NbdHandle};
 use crate::peer::compress::Compression;
-use crate::peer::listener::{self, Listener, Route};
+use crate::peer::listener::{Listener, Route};
+use crate::peer::presession::PeerSecurity;
 use crate::peer::proto::Refusal;
 use crate::peer::remote::{Remote, RemoteConfig, ReplicationMode};
-use crate::peer::secondary::{Incoming, Secondary, SecondaryCtx};
+use crate::peer::secondary::{refuse_incoming, Incoming, Secondary, SecondaryCtx};
 use crate::peer::sync::SyncMode;
 use crate::peer::verify::VerifyParams;
 use crate::primary::Primary;
+use crate::provider::ProviderLock;
 use crate::stats::ResourceStats;
 
 /// How long a new primary waits for its peer before exposing its export
@@ -188,6 +190,8 @@ pub struct ResourceSpec {
     pub window_bytes: usize,
     /// `splitbrain auto` policy.
     pub splitbrain_auto: bool,
+    /// How the replication connection is secured (secret, TLS).
+    pub security: PeerSecurity,
     /// How data travels (`compression`).
     pub compression: Compression,
     /// How a synchronisation moves data (`syncmode`).
@@ -205,7 +209,7 @@ pub struct NodeOptions {
     /// has a remote).
     pub listen: Vec<SocketAddr>,
     /// Where events go (hooks, event stream).
-    pub events: Option<flume::Sender<PeerEvent>>,
+    pub events: Option<flume::Sender<Event>>,
 }
 
 /// Executor placement.
@@ -376,6 +380,9 @@ impl Node {
                 name.clone(),
                 Route {
                     allowed: remote.iter().map(|a| a.ip()).collect::<Vec<IpAddr>>(),
+                    node: e.spec.node.clone(),
+                    security: e.spec.security.clone(),
+                    stats: e.stats.clone(),
                     deliver: Box::new(move |incoming| {
                         tx.try_send(Cmd::Incoming {
                             name: rname.clone(),
@@ -754,6 +761,11 @@ struct Res {
     events: EventSink,
     role: Role,
     active: Active,
+    /// The exclusive claim on the provider: taken when the resource
+    /// leaves role init, kept across changes between primary and
+    /// secondary (no other process can take the provider in between),
+    /// released in role init (and when the resource goes away).
+    lock: Option<ProviderLock>,
 }
 
 enum Active {
@@ -771,7 +783,7 @@ enum Active {
 async fn shard_main(
     rx: flume::Receiver<Cmd>,
     resources: Vec<(ResourceSpec, Arc<ResourceStats>)>,
-    events: Option<flume::Sender<PeerEvent>>,
+    events: Option<flume::Sender<Event>>,
 ) {
     let new_res = |spec: ResourceSpec, stats: Arc<ResourceStats>| {
         stats.set_role(Role::Init);
@@ -781,6 +793,7 @@ async fn shard_main(
             stats,
             role: Role::Init,
             active: Active::Idle,
+            lock: None,
         }
     };
     let mut state: HashMap<String, Res> = resources
@@ -856,7 +869,9 @@ async fn shard_main(
             }
             Cmd::Incoming { name, incoming } => match state.get_mut(&name) {
                 Some(r) => r.incoming(incoming).await,
-                None => refuse_incoming(incoming, Refusal::UnknownResource, "unknown resource"),
+                None => {
+                    refuse_incoming(incoming, Refusal::UnknownResource, "unknown resource").await
+                }
             },
             Cmd::Shutdown { reply } => {
                 for r in state.values_mut() {
@@ -907,9 +922,16 @@ impl Res {
         self.role = Role::Init;
         self.stats.set_role(Role::Init);
         let active = match role {
-            Role::Init => Active::Idle,
-            Role::Primary => self.activate_primary().await?,
-            Role::Secondary => self.activate_secondary().await?,
+            Role::Init => Ok(Active::Idle),
+            Role::Primary => self.activate_primary().await,
+            Role::Secondary => self.activate_secondary().await,
+        };
+        let active = match active {
+            Ok(Active::Idle) | Err(_) => {
+                self.lock = None;
+                active?
+            }
+            Ok(a) => a,
         };
         self.active = active;
         self.role = role;
@@ -969,6 +991,18 @@ impl Res {
         tracing::info!(resource = %self.spec.name, "configuration applied to the running primary");
     }
 
+    /// Claims the provider for this resource unless it holds it already
+    /// (see [`Res::lock`]); refused when another process (another hastd,
+    /// `hastctl create`) or another resource uses it.
+    fn claim(&mut self) -> Result<(), NodeError> {
+        if self.lock.is_none() {
+            let lock = ProviderLock::acquire(&self.spec.localpath)
+                .map_err(|e| self.error(NodeErrorKind::Provider, "cannot claim the provider", e))?;
+            self.lock = Some(lock);
+        }
+        Ok(())
+    }
+
     /// Opens the resource's provider (errors name the resource).
     async fn open_provider(&self) -> Result<Rc<LocalDisk>, NodeError> {
         LocalDisk::open(
@@ -1015,6 +1049,9 @@ impl Res {
                 Ok(())
             }
             Active::Idle => {
+                let _claim = ProviderLock::acquire(&self.spec.localpath).map_err(|e| {
+                    self.error(NodeErrorKind::Provider, "cannot claim the provider", e)
+                })?;
                 let disk = self.open_provider().await?;
                 let res = disk.update_metadata(flag).await.map_err(fail);
                 let prev = disk.metadata().prevrole;
@@ -1112,6 +1149,7 @@ impl Res {
                 compression: self.spec.compression,
                 syncmode: self.spec.syncmode,
             },
+            self.spec.security.clone(),
             disk.clone(),
             self.stats.clone(),
             self.events.clone(),
@@ -1119,6 +1157,7 @@ impl Res {
     }
 
     async fn activate_primary(&mut self) -> Result<Active, NodeError> {
+        self.claim()?;
         let disk = self.open_disk(Role::Primary).await?;
         let remote = self.start_remote(&disk);
         let primary = Rc::new(Primary::new(disk.clone(), self.stats.clone(), remote));
@@ -1144,10 +1183,21 @@ impl Res {
                     .into(),
             );
         }
+        // A secondary that adopted its peer's resource ID and never
+        // completed a synchronisation (counters still 0) holds none of the
+        // peer's data.
+        let never_synced = md.resuid != 0 && md.localcnt == 0 && md.remotecnt == 0;
+        if self.spec.remote.is_some() && never_synced && md.prevrole == Role::Secondary {
+            return Some(
+                "it is a new secondary that never completed its first synchronisation from the peer"
+                    .into(),
+            );
+        }
         None
     }
 
     async fn activate_secondary(&mut self) -> Result<Active, NodeError> {
+        self.claim()?;
         let disk = self.open_disk(Role::Secondary).await?;
         let secondary = Secondary::new(SecondaryCtx {
             resource: self.spec.name.clone(),
@@ -1176,7 +1226,8 @@ impl Res {
                     incoming,
                     Refusal::NotSecondary,
                     &format!("this node is {role}, not secondary"),
-                );
+                )
+                .await;
             }
         }
     }
@@ -1226,12 +1277,4 @@ fn listen_error(e: std::io::Error) -> NodeError {
         operation: "cannot listen for the peer".into(),
         detail: e.to_string(),
     }
-}
-
-/// Answers a handed-over connection with a refusal and closes it.
-fn refuse_incoming(incoming: Incoming, why: Refusal, msg: &str) {
-    let conn = std::net::TcpStream::from(incoming.fd);
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-    listener::refuse(&conn, why, msg.to_owned());
 }

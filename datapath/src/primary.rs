@@ -197,9 +197,9 @@ impl Primary {
     }
 
     /// Marks the range before any leg may write it: starts a new
-    /// generation first when writing without the peer (once per
-    /// disconnected epoch, so a later reconnect can tell who wrote), then
-    /// makes the activemap mark durable.
+    /// generation first when the write needs one (alone: once per
+    /// disconnected epoch, so a later reconnect can tell who wrote; the
+    /// first write ever), then makes the activemap mark durable.
     ///
     /// Our mark must be durable before the secondary can see the write,
     /// not just before our own data write: if we crash after sending, the
@@ -208,12 +208,10 @@ impl Primary {
     /// have applied. (Overlapping the two metadata flushes is therefore not
     /// safe.)
     async fn mark(&self, offset: u64, len: u64, alone: bool) -> Result<(), String> {
-        if alone {
-            self.disk
-                .bump_generation_if_needed()
-                .await
-                .map_err(|e| format!("cannot update the generation counter: {e}"))?;
-        }
+        self.disk
+            .bump_generation_if_needed(alone)
+            .await
+            .map_err(|e| format!("cannot update the generation counter: {e}"))?;
         self.disk
             .write_start(offset, len)
             .await

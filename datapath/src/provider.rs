@@ -365,6 +365,95 @@ fn seek(fd: i32, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     Ok(r as u64)
 }
 
+/// Exclusive use of a provider: held for as long as a resource of a hastd
+/// uses it (see `node.rs`), and by `hastctl create` while it writes. Two
+/// layers: a block device is opened with `O_EXCL` (the kernel then refuses
+/// other exclusive openers and mounts, and refuses us if it is mounted or
+/// claimed), and every provider is `flock`ed (`LOCK_EX`), which is what
+/// another hastd or hastctl finds, and which `/proc/locks` attributes to a
+/// process for the error message. Released when dropped (the descriptor
+/// closes).
+#[derive(Debug)]
+pub struct ProviderLock {
+    _file: File,
+}
+
+impl ProviderLock {
+    /// Claims `path`, or says who holds it.
+    pub fn acquire(path: &Path) -> Result<ProviderLock, ProviderError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| ProviderError::new(path, "stat", e))?;
+        let blockdev = meta.file_type().is_block_device();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true);
+        if blockdev {
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let file = opts.open(path).map_err(|e| {
+            if blockdev && e.raw_os_error() == Some(libc::EBUSY) {
+                ProviderError::new(
+                    path,
+                    "provider in use",
+                    io::Error::new(
+                        e.kind(),
+                        "the block device is mounted or claimed by another program (opened with O_EXCL: another hastd, a file system, LVM, md)",
+                    ),
+                )
+            } else {
+                ProviderError::new(path, "open", e)
+            }
+        })?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(ProviderError::new(path, "flock", e));
+            }
+            let who = lock_holder(&meta).unwrap_or_else(|| "another process".into());
+            return Err(ProviderError::new(
+                path,
+                "provider in use",
+                io::Error::new(e.kind(), format!("locked by {who}")),
+            ));
+        }
+        Ok(ProviderLock { _file: file })
+    }
+}
+
+/// Who holds the `flock` of the file `meta` describes, from
+/// `/proc/locks`: `hastd (pid 4242)`, or `this process` for our own.
+fn lock_holder(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = meta.dev();
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid: u32 = locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF"
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want)
+            .then(|| f[4].parse().ok())
+            .flatten()
+    })?;
+    if pid == std::process::id() {
+        return Some(format!(
+            "this process (pid {pid}): another resource of this node uses it"
+        ));
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim();
+    Some(if comm.is_empty() {
+        format!("pid {pid}")
+    } else {
+        format!("{comm} (pid {pid})")
+    })
+}
+
 /// Opens `path` write-only through glommio once, so that its polled-I/O
 /// probe fails (EBADF) and caches "not pollable" for the device.
 pub async fn prime_iopoll_probe(path: &Path) -> Result<(), glommio::GlommioError<()>> {
@@ -420,6 +509,26 @@ mod tests {
         assert_eq!(info.mediasize, 10 << 20);
         assert!(!info.blockdev);
         assert!(info.sectorsize >= 512 && info.sectorsize.is_power_of_two());
+    }
+
+    #[test]
+    fn a_provider_is_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk");
+        File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let held = ProviderLock::acquire(&p).expect("first claim");
+        // flock locks conflict between open file descriptions, even in
+        // one process: a second resource on the same file is refused.
+        let e = ProviderLock::acquire(&p).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("provider in use"), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "names the holder: {msg}"
+        );
+        assert!(msg.contains(&p.display().to_string()), "{msg}");
+        drop(held);
+        ProviderLock::acquire(&p).expect("claimed again once released");
     }
 
     #[test]

@@ -106,6 +106,11 @@ pub struct ResourceStats {
     pub net_received_bytes: AtomicU64,
     /// How long the primary took to acknowledge application writes.
     pub write_latency: LatencyHistogram,
+    /// Connections refused because the peer failed authentication (a
+    /// wrong or missing proof of the secret, a certificate not trusted,
+    /// different security settings) or whose authenticated stream failed
+    /// its MAC.
+    pub auth_failures: AtomicU64,
     /// The verify running or last run (`hastctl verify`), if any.
     pub verify: std::sync::Mutex<Option<VerifyReport>>,
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{pattern, run, NodeDisk, Pair};
-use hast_datapath::events::{Leg, PeerEventKind};
+use hast_datapath::events::{EventKind, Leg};
 use hast_datapath::export::{BackendError, BlockBackend, WriteFlags};
 use hast_datapath::health::FAIL_AFTER;
 use hast_datapath::metadata::Role;
@@ -51,8 +51,8 @@ fn at(d: &NodeDisk, offset: u64) -> u64 {
     d.md.localoff + offset
 }
 
-fn count(events: &[PeerEventKind], kind: PeerEventKind) -> usize {
-    events.iter().filter(|&&k| k == kind).count()
+fn count(events: &[EventKind], kind: EventKind) -> usize {
+    events.iter().filter(|k| **k == kind).count()
 }
 
 async fn try_write(p: &Primary, offset: u64, data: &[u8]) -> bool {
@@ -98,7 +98,7 @@ fn a_local_read_error_is_served_by_the_secondary() {
         assert!(!pair
             .events(true)
             .iter()
-            .any(|k| matches!(k, PeerEventKind::DiskFailed(_))));
+            .any(|k| matches!(k, EventKind::DiskFailed { .. })));
         pair.stop().await;
     });
 }
@@ -146,12 +146,12 @@ fn repeated_read_errors_detach_the_disk_and_the_secondary_serves_everything() {
         assert!(pair.b.stats.dirty_bytes.load(Relaxed) >= EXTENT);
         let (ea, eb) = (pair.events(true), pair.events(false));
         assert_eq!(
-            count(&ea, PeerEventKind::DiskFailed(Leg::Local)),
+            count(&ea, EventKind::DiskFailed { leg: Leg::Local }),
             1,
             "{ea:?}"
         );
         assert_eq!(
-            count(&eb, PeerEventKind::DiskFailed(Leg::Remote)),
+            count(&eb, EventKind::DiskFailed { leg: Leg::Remote }),
             1,
             "{eb:?}"
         );
@@ -200,7 +200,7 @@ fn a_local_write_error_the_secondary_covers_is_acknowledged_and_detaches() {
                 assert_eq!(&b[e..e + (64 << 10)], &new[..], "{mode:?}");
                 let ea = pair.events(true);
                 assert_eq!(
-                    count(&ea, PeerEventKind::DiskFailed(Leg::Local)),
+                    count(&ea, EventKind::DiskFailed { leg: Leg::Local }),
                     1,
                     "{ea:?}"
                 );
@@ -387,12 +387,12 @@ fn a_failing_secondary_disk_is_detached_and_the_primary_runs_degraded() {
         glommio::timer::sleep(Duration::from_millis(300)).await;
         let (ea, eb) = (pair.events(true), pair.events(false));
         assert_eq!(
-            count(&ea, PeerEventKind::DiskFailed(Leg::Remote)),
+            count(&ea, EventKind::DiskFailed { leg: Leg::Remote }),
             1,
             "{ea:?}"
         );
         assert_eq!(
-            count(&eb, PeerEventKind::DiskFailed(Leg::Local)),
+            count(&eb, EventKind::DiskFailed { leg: Leg::Local }),
             1,
             "{eb:?}"
         );

@@ -10,7 +10,10 @@
 //! chunks). The crash takes both hosts, the primary's only, or the
 //! secondary's only; the hosts come back (the old primary, or a failover
 //! to the secondary when it is not mid-synchronisation), sometimes crashing
-//! again during the resynchronisation. After each crash and recovery:
+//! again during the resynchronisation. A quarter of the rounds first
+//! replace the secondary's disk by an empty one, so that the crash lands
+//! in its first, full synchronisation (which the recovery resumes). After
+//! each crash and recovery:
 //!
 //! * when both hosts lost power, every extent whose data differs between
 //!   the two disks is marked in the activemap of at least one of them (or
@@ -580,7 +583,7 @@ impl World {
             (&mb, &ma)
         };
         if matches!(
-            decide(&gen(p), &gen(s), false),
+            decide(&gen(p), &gen(s), false, s.flags & FLAG_INCONSISTENT != 0),
             Decision::ToSecondary { full: true }
         ) {
             return Ok(());
@@ -633,6 +636,33 @@ impl World {
         Ok(())
     }
 
+    /// The secondary's disk is replaced by an empty one and `hastctl
+    /// create`d: the primary copies everything to it (a crash armed after
+    /// this lands in that first synchronisation, and recovery resumes it).
+    async fn recreate_secondary(&mut self) {
+        let s = self.secondary_host();
+        trace(format_args!("re-create the secondary n{s}"));
+        if let Some(Running::Secondary(sec)) = self.running[s].take() {
+            *self.target.borrow_mut() = None;
+            sec.disconnect().await;
+            let disk = sec.disk().clone();
+            drop(sec);
+            let _ = disk.close(Role::Secondary).await;
+        }
+        self.hosts[s].mem = MemDisk::with_metadata(&self.md, DISK, true);
+        self.start_secondary(s).await;
+    }
+
+    /// May `h` be promoted? Not when it knows it is out of date (what
+    /// `hastctl role primary` refuses without `--force`): INCONSISTENT, or
+    /// a new secondary that never completed its first synchronisation; and
+    /// an operator does not promote a disk just replaced (no resuid).
+    fn promotable(&self, h: usize) -> bool {
+        let (m, _) = self.on_disk(h);
+        let never_synced = m.localcnt == 0 && m.remotecnt == 0;
+        m.flags & FLAG_INCONSISTENT == 0 && m.resuid != 0 && !never_synced
+    }
+
     /// Brings the hosts back after a crash.
     async fn recover(&mut self, kind: Crash) {
         self.crashes += 1;
@@ -655,8 +685,7 @@ impl World {
             Crash::Both => {
                 self.running = [None, None];
                 // Fail over when the secondary's data is usable.
-                let (ms, _) = self.on_disk(s);
-                let promote = self.rng.gen_bool(0.5) && ms.flags & FLAG_INCONSISTENT == 0;
+                let promote = self.rng.gen_bool(0.5) && self.promotable(s);
                 let (np, ns) = if promote { (s, p) } else { (p, s) };
                 trace(format_args!("recover: n{np} primary, n{ns} secondary"));
                 self.start_secondary(ns).await;
@@ -666,7 +695,7 @@ impl World {
                 self.running[p] = None;
                 let promote = self.rng.gen_bool(0.5)
                     && self.hosts[s].stats.sync_received.load(Relaxed) == 0
-                    && self.on_disk(s).0.flags & FLAG_INCONSISTENT == 0;
+                    && self.promotable(s);
                 trace(format_args!("recover: promote survivor {promote}"));
                 if promote {
                     // A planned promotion of the surviving secondary.
@@ -730,6 +759,9 @@ async fn case(seed: u64) -> Result<usize, String> {
     ));
     for round in 0..3 {
         trace(format_args!("round {round}"));
+        if w.rng.gen_bool(0.25) {
+            w.recreate_secondary().await;
+        }
         w.arm(400);
         w.workload().await;
         w.settle().await?;

@@ -625,6 +625,20 @@ impl RecordWriter {
     /// Starts the stream against `socket`/`export` (a device of `size`
     /// bytes).
     pub fn start(socket: &Path, export: &str, depth: usize, flush_every: u64) -> RecordWriter {
+        RecordWriter::start_from(socket, export, depth, flush_every, 0)
+    }
+
+    /// Like [`RecordWriter::start`], numbering records from `first`: a
+    /// stream continued on another connection (after a crash or a role
+    /// switch) stays ordered, so [`check_records`] on the new log never
+    /// takes an earlier stream's record for a newer one.
+    pub fn start_from(
+        socket: &Path,
+        export: &str,
+        depth: usize,
+        flush_every: u64,
+        first: u64,
+    ) -> RecordWriter {
         let mut client = Client::connect(socket, export).expect("connect to the export");
         let slots = client.size / RECORD as u64;
         assert!(slots > 0, "export too small");
@@ -634,6 +648,8 @@ impl RecordWriter {
         let handle = std::thread::spawn(move || {
             let mut log = WriterLog {
                 slots,
+                sent: first,
+                ack_order: vec![u64::MAX; first as usize],
                 ..Default::default()
             };
             // handle -> acknowledgements counted when the flush was sent.

@@ -114,6 +114,14 @@ struct State {
     handles: Vec<JoinHandle<()>>,
     accepted: u64,
     refused: u64,
+    /// Flip a bit in the next client -> target chunk of at least this
+    /// many bytes (see [`Proxy::corrupt_next`]).
+    corrupt: Option<usize>,
+    /// Chunks corrupted so far.
+    corrupted: u64,
+    /// New connections are accepted and reset; open ones go on (see
+    /// [`Proxy::refuse_new`]).
+    refuse_new: bool,
 }
 
 struct Inner {
@@ -305,6 +313,9 @@ impl Proxy {
                 handles: Vec::new(),
                 accepted: 0,
                 refused: 0,
+                corrupt: None,
+                corrupted: 0,
+                refuse_new: false,
             }),
             cv: Condvar::new(),
             source_ip,
@@ -381,6 +392,25 @@ impl Proxy {
     pub fn set_delay(&self, d: Duration) {
         self.inner.lock().delay = d;
         self.inner.cv.notify_all();
+    }
+
+    /// Alters data in flight: flips one bit in the middle of the next
+    /// chunk of at least `min_len` bytes forwarded from a client to the
+    /// target (once).
+    pub fn corrupt_next(&self, min_len: usize) {
+        self.inner.lock().corrupt = Some(min_len.max(1));
+    }
+
+    /// While `on`, new connections are accepted and reset at once, while
+    /// the open ones keep being forwarded (a peer that cannot reconnect
+    /// after its connection dropped).
+    pub fn refuse_new(&self, on: bool) {
+        self.inner.lock().refuse_new = on;
+    }
+
+    /// Chunks altered by [`Proxy::corrupt_next`] so far.
+    pub fn corrupted(&self) -> u64 {
+        self.inner.lock().corrupted
     }
 
     /// Counters so far.
@@ -473,9 +503,9 @@ impl Drop for Proxy {
 fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
     loop {
         let res = listener.accept();
-        let (target, mode, stop) = {
+        let (target, mode, stop, refuse_new) = {
             let g = inner.lock();
-            (g.target, g.mode, g.stop)
+            (g.target, g.mode, g.stop, g.refuse_new)
         };
         if stop {
             return;
@@ -489,7 +519,7 @@ fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
                 continue;
             }
         };
-        if mode == Mode::Partitioned {
+        if mode == Mode::Partitioned || refuse_new {
             refuse(inner, client);
             continue;
         }
@@ -628,6 +658,13 @@ fn reader(inner: &Inner, id: u64, dir: usize, mut src: TcpStream) {
                 break;
             }
             Ok(n) => {
+                let corrupt = dir == 0 && g.corrupt.is_some_and(|min| n >= min);
+                if corrupt {
+                    g.corrupt = None;
+                    g.corrupted += 1;
+                    buf[n / 2] ^= 0x10;
+                }
+                let Some(c) = g.conns.get_mut(&id) else { break };
                 let p = &mut c.pipes[dir];
                 p.queue
                     .push_back((Instant::now() + delay, buf[..n].to_vec()));

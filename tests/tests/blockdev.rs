@@ -119,3 +119,39 @@ fn loop_device_with_4k_sectors_handles_small_writes() {
     let l = node.list("r1");
     assert_eq!(l["local_errors"]["write"].as_u64(), Some(0));
 }
+
+/// A block device in use is claimed with O_EXCL (and flock): a second
+/// hastd on the same device cannot activate it, `hastctl create` of it is
+/// refused, and the claim goes in role init.
+#[test]
+fn a_block_device_in_use_is_not_shared() {
+    let Some((mut node, lo)) = node_on_loop(512) else {
+        return;
+    };
+    node.start();
+    node.role("primary", "r1");
+    let mut other = TestNode::new(
+        "nodeC",
+        NodeConfig::default(),
+        vec![ResourceDef {
+            path: Some(lo.dev.clone().into()),
+            ..ResourceDef::file("r1", 64 * MIB)
+        }],
+    );
+    other.start();
+    let out = other.hastctl_output(&["role", "primary", "r1"]);
+    assert!(!out.status.success(), "a second hastd activated the device");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("provider in use") && err.contains("claimed"),
+        "{err}"
+    );
+    let out = other.hastctl_output(&["create", "r1"]);
+    assert!(!out.status.success(), "create of a device in use");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("provider in use"));
+    node.hastctl(&["role", "init", "r1"]);
+    other.role("primary", "r1");
+    other.hastctl(&["role", "init", "r1"]);
+    other.stop();
+    node.stop();
+}

@@ -41,7 +41,8 @@ fn a_group_role_change_is_all_or_none() {
     node.hastctl(&["role", "init", "a"]);
     std::fs::copy(&pa, node.provider("b")).unwrap();
     node.resources[1].path = Some(node.provider("b"));
-    node.hastctl(&["create", "b"]);
+    // b holds a copy of a's metadata: re-creating it takes -f.
+    node.hastctl(&["create", "-f", "b"]);
     node.hastctl(&["role", "primary", "a", "b"]);
     assert!(node.export_socket("a").exists() && node.export_socket("b").exists());
 }

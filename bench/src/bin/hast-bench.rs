@@ -54,6 +54,9 @@ commands:
   compression  1M sequential writes, compressible and random data, with each
                compression setting (bytes on the wire, MB/s; --size, 512M at most)
   wire         resync and compression in one run
+  security     the cost of authentication: 4k randwrite QD32 and 1M sequential
+               write in memsync over the unauthenticated link, with a secret
+               (HMAC records) and with TLS, as ratios to the unauthenticated link
 
 options:
   --size SIZE         file / data area of each resource, covered by every job (2G)
@@ -227,6 +230,7 @@ fn main() {
             suite::part("hastd", &mut res, |r| {
                 suite::hastd(cfg, r, &modes, &workloads, true)
             });
+            suite::part("authentication cost", &mut res, |r| suite::security(cfg, r));
             suite::part("big working set", &mut res, |r| suite::big(cfg, r));
             suite::part("full sync", &mut res, |r| suite::sync(cfg, r));
         }
@@ -250,6 +254,7 @@ fn main() {
         "compression" => suite::part("compression", &mut res, |r| {
             hast_bench::wire::compression(cfg, r)
         }),
+        "security" => suite::part("authentication cost", &mut res, |r| suite::security(cfg, r)),
         "wire" => {
             suite::part("resync", &mut res, |r| hast_bench::wire::resync(cfg, r));
             suite::part("compression", &mut res, |r| {

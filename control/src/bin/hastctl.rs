@@ -54,6 +54,10 @@ enum Command {
         /// Bytes of the provider to use [default: all of it].
         #[arg(short = 'm', value_name = "SIZE")]
         mediasize: Option<String>,
+        /// Overwrite a provider that holds another resource's metadata
+        /// (destroys that resource's data on this node).
+        #[arg(short = 'f', long)]
+        force: bool,
         /// Resources.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
@@ -304,12 +308,14 @@ fn main() {
             extentsize,
             keepdirty,
             mediasize,
+            force,
             names,
         } => {
             let params = CreateParams {
                 extentsize: size_arg("extent size", Some(extentsize)),
                 keepdirty: size_arg("keepdirty", Some(keepdirty)),
                 mediasize: size_arg("media size", mediasize.as_deref()),
+                force: *force,
             };
             create(&cfg, params, names, cli.debug)
         }
@@ -1022,8 +1028,9 @@ mod events {
     use std::time::Duration;
 
     use hast_control::config::Config;
-    use hast_control::events::{StreamEvent, TOO_MANY_SUBSCRIBERS};
+    use hast_control::events::TOO_MANY_SUBSCRIBERS;
     use hast_control::exit as ex;
+    use hast_control::hooks::Event;
     use hast_control::proto::{Request, RequestEnvelope, Response, CONTROL_VERSION, MAX_LINE};
 
     /// Subscribes and prints events until hastd goes away (exit 69) or
@@ -1111,8 +1118,8 @@ mod events {
             let out = if json {
                 line.to_owned()
             } else {
-                match serde_json::from_str::<StreamEvent>(line) {
-                    Ok(ev) => ev.text(),
+                match serde_json::from_str::<Event>(line) {
+                    Ok(ev) => hast_control::events::text(&ev),
                     // An event this hastctl does not know: show it as is.
                     Err(_) => line.to_owned(),
                 }

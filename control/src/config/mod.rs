@@ -99,6 +99,88 @@ impl std::fmt::Display for SplitBrainPolicy {
     }
 }
 
+/// A value with the position of the statement that set it. Comparisons
+/// and serialization see only the value.
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    /// The value.
+    pub value: T,
+    /// 1-based line of the statement.
+    pub line: usize,
+    /// 1-based column of the statement.
+    pub column: usize,
+}
+
+impl<T: PartialEq> PartialEq for Located<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl<T: Eq> Eq for Located<T> {}
+
+impl<T: Serialize> Serialize for Located<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(s)
+    }
+}
+
+impl<T> Located<T> {
+    pub(crate) fn at(value: T, pos: Pos) -> Located<T> {
+        Located {
+            value,
+            line: pos.line,
+            column: pos.col,
+        }
+    }
+}
+
+/// Where a resource's shared secret comes from (`secret`,
+/// `secretfile`). The secret itself is never printed or serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `secret <string>`.
+    Inline(String),
+    /// `secretfile <path>`: a file only its owner may read.
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(<not shown>)"),
+            SecretSource::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+impl Serialize for SecretSource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SecretSource::Inline(_) => s.serialize_str("inline"),
+            SecretSource::File(p) => s.serialize_str(&format!("file {}", p.to_string_lossy())),
+        }
+    }
+}
+
+/// The TLS files of a resource with `tls on`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsConfig {
+    /// `tlscert`: this node's certificate (chain), PEM.
+    #[serde(serialize_with = "ser_located_path")]
+    pub cert: Located<PathBuf>,
+    /// `tlskey`: its private key, PEM (only its owner may read it).
+    #[serde(serialize_with = "ser_located_path")]
+    pub key: Located<PathBuf>,
+    /// `tlsca`: the CA certificates the peer's certificate must chain to.
+    #[serde(serialize_with = "ser_located_path")]
+    pub ca: Located<PathBuf>,
+}
+
+fn ser_located_path<S: Serializer>(p: &Located<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    ser_path_lossy(&p.value, s)
+}
+
 /// One resource, resolved for this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ResourceConfig {
@@ -125,6 +207,10 @@ pub struct ResourceConfig {
     pub metaflush: bool,
     /// What to do on split-brain (extension).
     pub splitbrain: SplitBrainPolicy,
+    /// The shared secret both nodes prove (`secret`, `secretfile`).
+    pub secret: Option<Located<SecretSource>>,
+    /// TLS (`tls on` with `tlscert`, `tlskey`, `tlsca`); None: `tls off`.
+    pub tls: Option<TlsConfig>,
     /// The name of the `on` block that matched this node.
     pub node_name: String,
 }

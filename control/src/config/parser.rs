@@ -65,10 +65,16 @@ pub(crate) enum Key {
     Source,
     Splitbrain,
     Metrics,
+    Secret,
+    Secretfile,
+    Tls,
+    Tlscert,
+    Tlskey,
+    Tlsca,
 }
 
 impl Key {
-    const ALL: [Key; 17] = [
+    const ALL: [Key; 23] = [
         Key::Control,
         Key::Pidfile,
         Key::Listen,
@@ -86,6 +92,12 @@ impl Key {
         Key::Source,
         Key::Splitbrain,
         Key::Metrics,
+        Key::Secret,
+        Key::Secretfile,
+        Key::Tls,
+        Key::Tlscert,
+        Key::Tlskey,
+        Key::Tlsca,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +119,12 @@ impl Key {
             Key::Source => "source",
             Key::Splitbrain => "splitbrain",
             Key::Metrics => "metrics",
+            Key::Secret => "secret",
+            Key::Secretfile => "secretfile",
+            Key::Tls => "tls",
+            Key::Tlscert => "tlscert",
+            Key::Tlskey => "tlskey",
+            Key::Tlsca => "tlsca",
         }
     }
 
@@ -142,6 +160,9 @@ impl Key {
                 "it belongs in a resource block or a resource's 'on' block",
             ),
             Key::Remote | Key::Source => (&[ResourceNode], "it belongs in a resource's 'on' block"),
+            Key::Secret | Key::Secretfile | Key::Tls | Key::Tlscert | Key::Tlskey | Key::Tlsca => {
+                (&[Global, GlobalNode, Resource, ResourceNode], "")
+            }
         }
     }
 }

@@ -499,6 +499,8 @@ impl GenResource {
                 .unwrap_or(true),
             splitbrain: crate::config::SplitBrainPolicy::Manual,
             node_name: self.me_name.clone(),
+            secret: None,
+            tls: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use super::{
     Scheme, ALL_RESOURCES, DEFAULT_CONTROL, DEFAULT_EXPORTDIR, DEFAULT_PIDFILE, DEFAULT_PORT,
     DEFAULT_TIMEOUT, MAX_TIMEOUT_SECS,
 };
-use super::{SplitBrainPolicy, SyncMode};
+use super::{Located, SecretSource, SplitBrainPolicy, SyncMode, TlsConfig};
 
 /// A converted value and the position of its statement.
 #[derive(Debug, Clone)]
@@ -43,6 +43,13 @@ struct Values {
     source: Option<At<Option<PeerAddr>>>,
     splitbrain: Option<At<SplitBrainPolicy>>,
     metrics: Option<At<Option<PeerAddr>>>,
+    /// `secret <string>`, or `secret none` (None).
+    secret: Option<At<Option<String>>>,
+    secretfile: Option<At<PathBuf>>,
+    tls: Option<At<bool>>,
+    tlscert: Option<At<PathBuf>>,
+    tlskey: Option<At<PathBuf>>,
+    tlsca: Option<At<PathBuf>>,
 }
 
 impl Values {
@@ -79,6 +86,32 @@ impl Values {
                     level,
                     convert(word, parse_splitbrain)?,
                 )?,
+                Key::Secret => set(&mut v.secret, s, level, convert(word, parse_secret)?)?,
+                Key::Secretfile => set(
+                    &mut v.secretfile,
+                    s,
+                    level,
+                    convert(word, |w| absolute(w, "secretfile"))?,
+                )?,
+                Key::Tls => set(&mut v.tls, s, level, convert(word, |w| on_off(w, "tls"))?)?,
+                Key::Tlscert => set(
+                    &mut v.tlscert,
+                    s,
+                    level,
+                    convert(word, |w| absolute(w, "tlscert"))?,
+                )?,
+                Key::Tlskey => set(
+                    &mut v.tlskey,
+                    s,
+                    level,
+                    convert(word, |w| absolute(w, "tlskey"))?,
+                )?,
+                Key::Tlsca => set(
+                    &mut v.tlsca,
+                    s,
+                    level,
+                    convert(word, |w| absolute(w, "tlsca"))?,
+                )?,
                 Key::Remote => set(&mut v.remote, s, level, optional_addr(word, str::parse)?)?,
                 Key::Source => set(
                     &mut v.source,
@@ -88,7 +121,68 @@ impl Values {
                 )?,
             }
         }
+        if let (Some(a), Some(b)) = (&v.secret, &v.secretfile) {
+            return Err(Diag::new(
+                a.pos.max(b.pos),
+                format!(
+                    "both 'secret' (at {}) and 'secretfile' (at {}) in {}: give one of them",
+                    a.pos,
+                    b.pos,
+                    level.describe()
+                ),
+            ));
+        }
         Ok(v)
+    }
+
+    /// The secret this block sets: `Some(None)` for `secret none`.
+    fn secret(&self) -> Option<Option<Located<SecretSource>>> {
+        if let Some(at) = &self.secret {
+            return Some(
+                at.value
+                    .clone()
+                    .map(|s| Located::at(SecretSource::Inline(s), at.pos)),
+            );
+        }
+        self.secretfile
+            .as_ref()
+            .map(|at| Some(Located::at(SecretSource::File(at.value.clone()), at.pos)))
+    }
+}
+
+/// A shared secret written in the file, or `none`.
+fn parse_secret(s: &str) -> Result<Option<String>, String> {
+    use hast_datapath::peer::auth::{MAX_SECRET_LEN, MIN_SECRET_LEN};
+    if s == "none" {
+        return Ok(None);
+    }
+    if s.len() < MIN_SECRET_LEN || s.len() > MAX_SECRET_LEN {
+        return Err(format!(
+            "a secret must be {MIN_SECRET_LEN} to {MAX_SECRET_LEN} characters long (this one has {}); \
+             generate one with e.g. `openssl rand -hex 32`, or use 'secretfile'",
+            s.len()
+        ));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+fn absolute(s: &str, what: &str) -> Result<PathBuf, String> {
+    if s.starts_with('/') {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(format!(
+            "'{what}' needs an absolute path (hastd runs in '/'), found '{s}'"
+        ))
+    }
+}
+
+fn on_off(s: &str, what: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!(
+            "expected 'on' or 'off' after '{what}', found '{s}'"
+        )),
     }
 }
 
@@ -296,7 +390,7 @@ pub(crate) fn resolve(root: &Section, source: &Path, node: &NodeIdentity) -> Res
                 format!("duplicate resource \"{name}\" (first defined at {first})"),
             ));
         }
-        let res = resolve_resource(block, &global, node)?;
+        let res = resolve_resource(block, &global, here, node)?;
         check_socket_path(
             &exportdir.join(format!("{}.sock", res.provname)),
             &format!("resource \"{name}\": export socket"),
@@ -419,6 +513,7 @@ pub(crate) fn default_listen() -> Vec<PeerAddr> {
 fn resolve_resource(
     block: &Block,
     global: &Values,
+    global_node: &Values,
     node: &NodeIdentity,
 ) -> Result<ResourceConfig, Diag> {
     let name = &block.name.text;
@@ -460,6 +555,49 @@ fn resolve_resource(
             ),
         ));
     };
+    // Security: resource 'on' > resource > global 'on' > global.
+    let levels = [here, &res, global_node, global];
+    let secret = levels.iter().find_map(|v| v.secret()).flatten();
+    let tls_on = levels
+        .iter()
+        .find_map(|v| v.tls.as_ref().map(|at| at.value))
+        .unwrap_or(false);
+    let tls = if tls_on {
+        let file = |f: fn(&Values) -> &Option<At<PathBuf>>| {
+            levels
+                .iter()
+                .find_map(|v| f(v).as_ref())
+                .map(|at| Located::at(at.value.clone(), at.pos))
+        };
+        let (cert, key, ca) = (
+            file(|v| &v.tlscert),
+            file(|v| &v.tlskey),
+            file(|v| &v.tlsca),
+        );
+        match (cert, key, ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(TlsConfig { cert, key, ca }),
+            (cert, key, ca) => {
+                let missing: Vec<&str> = [
+                    ("tlscert", cert.is_none()),
+                    ("tlskey", key.is_none()),
+                    ("tlsca", ca.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(n, m)| m.then_some(n))
+                .collect();
+                return Err(Diag::new(
+                    on.pos,
+                    format!(
+                        "resource \"{name}\": 'tls on' needs 'tlscert', 'tlskey' and 'tlsca' for node \
+                         '{node_name}' (missing: {})",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+    } else {
+        None
+    };
     let provname = match here.name.as_ref().or(res.name.as_ref()) {
         Some(at) => at.value.clone(),
         None => parse_provname(name).map_err(|message| Diag::new(block.name.pos, message))?,
@@ -493,5 +631,7 @@ fn resolve_resource(
             SplitBrainPolicy::Manual,
         ),
         node_name: node_name.clone(),
+        secret,
+        tls,
     })
 }

@@ -69,6 +69,8 @@ fn defaults() {
             metaflush: true,
             splitbrain: crate::config::SplitBrainPolicy::Manual,
             node_name: "a".into(),
+            secret: None,
+            tls: None,
         }
     );
 }
@@ -778,6 +780,8 @@ fn config_serializes_for_status_output() {
             "exec": "/bin/x",
             "metaflush": true,
             "splitbrain": "manual",
+            "secret": null,
+            "tls": null,
             "node_name": "a",
         }],
     });
@@ -911,4 +915,99 @@ fn metrics_listen_is_off_by_default_and_takes_an_address() {
         msg.contains("'metrics' is not allowed in a resource block"),
         "{msg}"
     );
+}
+
+// ---------------------------------------------------------------- security
+
+fn secret_of(text: &str) -> Option<SecretSource> {
+    only(&parse(text)).secret.as_ref().map(|l| l.value.clone())
+}
+
+const S16: &str = "0123456789abcdef";
+
+#[test]
+fn secret_precedence_resource_node_over_resource_over_global_node_over_global() {
+    let r = |res: &str, node: &str| {
+        format!("resource r {{ {res} on a {{ local /tmp/a remote 127.0.0.2 {node} }} on b {{ local /tmp/b remote 127.0.0.1 }} }}")
+    };
+    assert_eq!(secret_of(&r("", "")), None);
+    let g = format!("secret global{S16}\n");
+    assert_eq!(
+        secret_of(&format!("{g}{}", r("", ""))),
+        Some(SecretSource::Inline(format!("global{S16}")))
+    );
+    let gn = format!("{g}on a {{ secretfile /etc/hast/a.key }}\n");
+    assert_eq!(
+        secret_of(&format!("{gn}{}", r("", ""))),
+        Some(SecretSource::File("/etc/hast/a.key".into()))
+    );
+    let res = format!("secret res{S16}");
+    assert_eq!(
+        secret_of(&format!("{gn}{}", r(&res, ""))),
+        Some(SecretSource::Inline(format!("res{S16}")))
+    );
+    assert_eq!(
+        secret_of(&format!("{gn}{}", r(&res, "secretfile /etc/hast/r.key"))),
+        Some(SecretSource::File("/etc/hast/r.key".into()))
+    );
+    // `secret none` at a more specific level turns an inherited one off.
+    assert_eq!(secret_of(&format!("{gn}{}", r("secret none", ""))), None);
+    // The line and column of the statement come along (for file errors).
+    let cfg = parse(&format!("{g}{}", r("", "")));
+    let l = only(&cfg).secret.as_ref().unwrap();
+    assert_eq!((l.line, l.column), (1, 1));
+    // Never printed.
+    assert!(!format!("{cfg:?}").contains(S16));
+    assert!(!serde_json::to_string(&cfg).unwrap().contains(S16));
+}
+
+#[test]
+fn secret_errors() {
+    let e = error(&format!("secret short\n{MIN}"));
+    assert!(
+        e.contains("1:8: a secret must be 16 to 4096 characters"),
+        "{e}"
+    );
+    let e = error(&format!("secret {S16}\nsecretfile /k\n{MIN}"));
+    assert!(
+        e.contains("2:1: both 'secret' (at 1:1) and 'secretfile' (at 2:1)"),
+        "{e}"
+    );
+    let e = error(&format!("secretfile k.key\n{MIN}"));
+    assert!(e.contains("'secretfile' needs an absolute path"), "{e}");
+    let e = error(&format!("secret {S16}\nsecret {S16}x\n{MIN}"));
+    assert!(e.contains("duplicate 'secret'"), "{e}");
+}
+
+#[test]
+fn tls_settings() {
+    let files = "tlscert /etc/hast/c.pem tlskey /etc/hast/k.pem tlsca /etc/hast/ca.pem";
+    let cfg = parse(&format!("{files}\n{MIN}"));
+    assert_eq!(only(&cfg).tls, None, "tls is off by default");
+    let cfg = parse(&format!("tls on\n{files}\n{MIN}"));
+    let t = only(&cfg).tls.clone().unwrap();
+    assert_eq!(t.cert.value, PathBuf::from("/etc/hast/c.pem"));
+    assert_eq!(t.ca.value, PathBuf::from("/etc/hast/ca.pem"));
+    // Per node certificates in the resource's 'on' block win.
+    let cfg = parse(&format!(
+        "tls on\n{files}\nresource r {{ on a {{ local /tmp/a remote 127.0.0.2 tlscert /etc/hast/a.pem }} on b {{ local /tmp/b remote 127.0.0.1 }} }}"
+    ));
+    assert_eq!(
+        only(&cfg).tls.as_ref().unwrap().cert.value,
+        PathBuf::from("/etc/hast/a.pem")
+    );
+    let e = error(&format!("tls on\ntlscert /c\n{MIN}"));
+    assert!(
+        e.contains("'tls on' needs") && e.contains("missing: tlskey, tlsca"),
+        "{e}"
+    );
+    let e = error(&format!("tls maybe\n{MIN}"));
+    assert!(e.contains("expected 'on' or 'off' after 'tls'"), "{e}");
+    let e = error(&format!("tlsca ca.pem\n{MIN}"));
+    assert!(e.contains("'tlsca' needs an absolute path"), "{e}");
+    // A resource can turn it off again.
+    let cfg = parse(&format!(
+        "tls on\n{files}\nresource r {{ tls off on a {{ local /tmp/a remote 127.0.0.2 }} on b {{ local /tmp/b remote 127.0.0.1 }} }}"
+    ));
+    assert_eq!(only(&cfg).tls, None);
 }

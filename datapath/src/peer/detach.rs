@@ -29,7 +29,7 @@ use super::handshake::Agreement;
 use super::link::{Payload, PeerLink};
 use super::proto::{HelloReply, Kind, Refusal};
 use super::remote::Remote;
-use crate::events::{Leg, PeerEventKind};
+use crate::events::{EventKind, Leg};
 use crate::generation::{Decision, SyncDirection};
 use crate::signal::Signal;
 
@@ -159,7 +159,7 @@ impl Remote {
                 if !self.stats.peer_disk_failed.swap(true, Relaxed) {
                     tracing::error!(resource = %self.cfg.resource, message,
                         "the secondary's disk is detached; running degraded until it is attached again");
-                    self.events.emit(PeerEventKind::DiskFailed(Leg::Remote));
+                    self.events.emit(EventKind::DiskFailed { leg: Leg::Remote });
                 }
             }
             Some(_) => {}
@@ -183,6 +183,16 @@ pub(super) fn peer_disk_error(e: &LinkError) -> bool {
         }
         | LinkError::Remote(_) => true,
         LinkError::Lost(inner) => peer_disk_error(inner),
+        _ => false,
+    }
+}
+
+/// Is this failure a request that failed on the secondary's disk, with
+/// its errno?
+pub(super) fn reported_by_peer_disk(e: &LinkError) -> bool {
+    match e {
+        LinkError::Remote(_) => true,
+        LinkError::Lost(inner) => reported_by_peer_disk(inner),
         _ => false,
     }
 }

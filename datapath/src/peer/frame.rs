@@ -47,6 +47,10 @@ pub enum LinkError {
     /// The peer sent something the protocol does not allow here.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Authentication failed: the peer's proof of the secret, its TLS
+    /// certificate, or its security settings (see the message).
+    #[error("authentication failed: {0}")]
+    Auth(String),
     /// A local disk operation failed.
     #[error("local {op}{} failed: {source}", at.map(|o| format!(" at {o}")).unwrap_or_default())]
     Disk {
@@ -165,6 +169,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
             w.write_all(payload).await?;
         }
     }
+    // A buffering transport (TLS, the authenticated stream) sends now.
+    w.flush().await?;
     Ok(())
 }
 

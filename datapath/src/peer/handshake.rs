@@ -24,9 +24,10 @@ pub fn gen_of(md: &Metadata) -> Gen {
 }
 
 /// Was the primary never written (the `p_virgin` of
-/// [`decide`](crate::generation::decide))?
+/// [`decide`](crate::generation::decide))? Generation 0, nothing dirty,
+/// and not the destination of an unfinished synchronisation.
 pub fn is_virgin(md: &Metadata, dirty: bool) -> bool {
-    md.localcnt == 0 && md.remotecnt == 0 && !dirty
+    md.localcnt == 0 && md.remotecnt == 0 && !dirty && md.flags & FLAG_INCONSISTENT == 0
 }
 
 /// The wire flags describing a node's state (the metadata flags are not
@@ -143,7 +144,12 @@ pub fn secondary_decide(
         ));
     }
     let mine = gen_of(md);
-    let raw = decide(&hello.gen, &mine, hello.flags & hello_flags::VIRGIN != 0);
+    let raw = decide(
+        &hello.gen,
+        &mine,
+        hello.flags & hello_flags::VIRGIN != 0,
+        md.flags & FLAG_INCONSISTENT != 0,
+    );
     let decision = resolve_split_brain(
         raw,
         md.flags & FLAG_DISCARD != 0,
@@ -200,6 +206,7 @@ pub fn primary_decide(
         &hello.gen,
         &reply.gen,
         hello.flags & hello_flags::VIRGIN != 0,
+        reply.flags & hello_flags::INCONSISTENT != 0,
     );
     let decision = resolve_split_brain(
         raw,

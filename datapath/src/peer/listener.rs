@@ -1,29 +1,53 @@
 //! The secondary's listener: plain threads accept on the `listen`
-//! addresses, read the Hello (bounded in size and time), check that the
-//! resource exists and that the connection comes from its configured
-//! `remote` address, and hand the socket to the executor that owns the
-//! resource. Refusals are answered here, before any executor is involved.
+//! addresses and run the pre-session ([`super::presession`]) of each
+//! connection, then hand the socket, with its [`Transport`], to the
+//! executor that owns the resource. Refusals before that are answered
+//! here, before any executor is involved.
+//!
+//! Hardening, in the order it applies:
+//!
+//! 1. A connection from an address that is no resource's `remote` is
+//!    closed at once, before a byte is read, and costs no thread.
+//! 2. Handshakes in progress are bounded: [`MAX_PER_SOURCE`] per source
+//!    address and [`MAX_PENDING_HANDSHAKES`] in all. A source at its bound
+//!    that connects again evicts its oldest handshake (a silent one first):
+//!    half-open or slow connections cannot keep the real peer out.
+//! 3. The whole pre-session, reading included, has one deadline (the
+//!    peer timeout); a byte now and then does not stretch it.
+//! 4. The resource's `remote` must match the source address, its security
+//!    modes the primary's, and with a secret both proofs must hold, before
+//!    anything about the resource's state is sent.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::proto::{Header, Hello, HelloReply, Kind, Refusal, HEADER_LEN, PROTO_VERSION};
+use super::presession::{self, Chan, Deadline, PeerSecurity, Transport};
+use super::proto::{Header, HelloReply, Kind, Refusal};
 use super::secondary::Incoming;
-use crate::generation::Gen;
+use crate::stats::ResourceStats;
 
-/// Handshakes being read at once, at most (more connections are dropped).
-const MAX_PENDING_HANDSHAKES: usize = 32;
+/// Handshakes in progress at once, at most (more connections are
+/// dropped).
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Handshakes in progress from one source address, at most.
+pub const MAX_PER_SOURCE: usize = 8;
 
 /// Where connections for one resource go.
 pub struct Route {
     /// IPs the resource's primary may connect from (its `remote`).
     pub allowed: Vec<IpAddr>,
+    /// This node's name (sent in the Challenge).
+    pub node: String,
+    /// How the resource's connections are secured.
+    pub security: PeerSecurity,
+    /// The resource's counters (authentication failures).
+    pub stats: Arc<ResourceStats>,
     /// Hands the connection to the resource's executor; gives it back if
     /// that is not possible (queue full, stopping).
     pub deliver: Box<dyn Fn(Incoming) -> Result<(), Box<Incoming>> + Send + Sync>,
@@ -43,7 +67,7 @@ pub struct Listener {
 
 impl Listener {
     /// Binds every address and starts accepting. Fails if an address
-    /// cannot be bound, naming it.
+    /// cannot be bound, naming it. `timeout` bounds each pre-session.
     pub fn start(
         addrs: &[SocketAddr],
         routes: HashMap<String, Route>,
@@ -51,7 +75,7 @@ impl Listener {
     ) -> std::io::Result<Listener> {
         let routes: Routes = Arc::new(RwLock::new(Arc::new(routes)));
         let stop = Arc::new(AtomicBool::new(false));
-        let pending = Arc::new(AtomicUsize::new(0));
+        let slots = Arc::new(Slots::default());
         let mut sockets = Vec::new();
         for addr in addrs {
             sockets.push(bind(addr).map_err(|e| {
@@ -63,13 +87,13 @@ impl Listener {
         for sock in &sockets {
             let sock = sock.try_clone()?;
             fds.push(sock.as_raw_fd());
-            let (routes, stop, pending) = (routes.clone(), stop.clone(), pending.clone());
+            let (routes, stop, slots) = (routes.clone(), stop.clone(), slots.clone());
             let local = sock.local_addr()?;
             tracing::info!(address = %local, "listening for primaries");
             threads.push(
                 std::thread::Builder::new()
                     .name("hast-listen".into())
-                    .spawn(move || accept_loop(sock, routes, stop, pending, timeout))?,
+                    .spawn(move || accept_loop(sock, routes, stop, slots, timeout))?,
             );
         }
         Ok(Listener {
@@ -122,13 +146,118 @@ fn bind(addr: &SocketAddr) -> std::io::Result<TcpListener> {
     Ok(sock.into())
 }
 
+/// One handshake in progress.
+struct Pending {
+    id: u64,
+    ip: IpAddr,
+    /// The introduction was read: the peer speaks.
+    spoke: Arc<AtomicBool>,
+    /// A clone of the socket, to evict it.
+    sock: TcpStream,
+}
+
+/// The handshakes in progress (see the module documentation).
+#[derive(Default)]
+struct Slots {
+    state: Mutex<(u64, Vec<Pending>)>,
+}
+
+/// A handshake's place; given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    spoke: Arc<AtomicBool>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.slots.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1.retain(|p| p.id != self.id);
+    }
+}
+
+/// Why a connection got no handshake slot.
+enum NoSlot {
+    Full,
+    Io(std::io::Error),
+}
+
+impl Slots {
+    /// A slot for a connection from `ip`, evicting that source's oldest
+    /// handshake (silent ones first) when it is at its bound.
+    fn admit(self: &Arc<Self>, ip: IpAddr, sock: &TcpStream) -> Result<Slot, NoSlot> {
+        let clone = sock.try_clone().map_err(NoSlot::Io)?;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let from_ip = st.1.iter().filter(|p| p.ip == ip).count();
+        if from_ip >= MAX_PER_SOURCE {
+            // Pending is in arrival order: the first silent one, else the
+            // first.
+            let victim =
+                st.1.iter()
+                    .position(|p| p.ip == ip && !p.spoke.load(Ordering::SeqCst))
+                    .or_else(|| st.1.iter().position(|p| p.ip == ip));
+            if let Some(i) = victim {
+                let p = st.1.remove(i);
+                let _ = p.sock.shutdown(Shutdown::Both);
+                tracing::debug!(peer = %ip, "too many handshakes from this address; the oldest is dropped");
+            }
+        }
+        if st.1.len() >= MAX_PENDING_HANDSHAKES {
+            return Err(NoSlot::Full);
+        }
+        st.0 += 1;
+        let id = st.0;
+        let spoke = Arc::new(AtomicBool::new(false));
+        st.1.push(Pending {
+            id,
+            ip,
+            spoke: spoke.clone(),
+            sock: clone,
+        });
+        Ok(Slot {
+            slots: self.clone(),
+            id,
+            spoke,
+        })
+    }
+}
+
+/// Logs at most one line a second (with how many were left out).
+struct Throttle {
+    last: Mutex<Option<Instant>>,
+    skipped: AtomicU64,
+}
+
+impl Throttle {
+    fn new() -> Throttle {
+        Throttle {
+            last: Mutex::new(None),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `log` with the count of lines left out since the last one, or
+    /// counts this one.
+    fn log(&self, log: impl FnOnce(u64)) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        log(self.skipped.swap(0, Ordering::Relaxed));
+    }
+}
+
 fn accept_loop(
     sock: TcpListener,
     routes: Routes,
     stop: Arc<AtomicBool>,
-    pending: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
     timeout: Duration,
 ) {
+    let (strangers, full) = (Throttle::new(), Throttle::new());
     loop {
         let accepted = sock.accept();
         if stop.load(Ordering::SeqCst) {
@@ -142,18 +271,38 @@ fn accept_loop(
                 continue;
             }
         };
-        if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
-            pending.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(peer = %peer, "too many handshakes in progress; dropping connection");
+        let deadline = Instant::now() + timeout;
+        let routes = routes.read().map(|r| r.clone()).unwrap_or_default();
+        // Before anything is read: is this the peer of any resource?
+        let known = routes
+            .values()
+            .any(|r| r.allowed.iter().any(|ip| same_ip(ip, &peer.ip())));
+        if !known {
+            strangers.log(|skipped| {
+                tracing::warn!(peer = %peer, also_refused = skipped,
+                    "connection from an address that is no resource's remote; closed unread")
+            });
             continue;
         }
-        let routes = routes.read().map(|r| r.clone()).unwrap_or_default();
-        let pending = pending.clone();
+        let slot = match slots.admit(canonical(peer.ip()), &conn) {
+            Ok(s) => s,
+            Err(NoSlot::Full) => {
+                full.log(|skipped| {
+                    tracing::warn!(peer = %peer, also_dropped = skipped,
+                        "too many handshakes in progress; dropping connection")
+                });
+                continue;
+            }
+            Err(NoSlot::Io(e)) => {
+                tracing::warn!(peer = %peer, error = %e, "cannot track the connection; dropped");
+                continue;
+            }
+        };
         let spawned = std::thread::Builder::new()
             .name("hast-handshake".into())
             .spawn(move || {
-                handshake(conn, peer, &routes, timeout);
-                pending.fetch_sub(1, Ordering::SeqCst);
+                handshake(conn, peer, &routes, deadline, &slot);
+                drop(slot);
             });
         if spawned.is_err() {
             tracing::error!("cannot start a handshake thread");
@@ -161,93 +310,130 @@ fn accept_loop(
     }
 }
 
-/// Answers a connection with a refusal (best effort).
-pub fn refuse(mut conn: &TcpStream, why: Refusal, message: String) {
-    let reply = HelloReply {
-        version: PROTO_VERSION,
-        refusal: Some(why),
-        message,
-        datasize: 0,
-        extentsize: 0,
-        gen: Gen::default(),
-        flags: 0,
-        bitmap: Vec::new(),
-    };
-    let body = reply.encode();
-    let hdr = Header::reply(Kind::HelloReply, 0, 0).with_payload(&body);
-    let mut out = hdr.encode().to_vec();
-    out.extend_from_slice(&body);
-    let _ = conn.write_all(&out);
-}
-
-fn read_hello(conn: &mut TcpStream) -> Result<Hello, String> {
-    let mut head = [0u8; HEADER_LEN];
-    conn.read_exact(&mut head)
-        .map_err(|e| format!("reading hello: {e}"))?;
-    let hdr = Header::decode(&head).map_err(|e| e.to_string())?;
-    if hdr.kind != Kind::Hello {
-        return Err(format!("expected Hello, got {:?}", hdr.kind));
-    }
-    let mut body = vec![0u8; hdr.payload_len as usize];
-    conn.read_exact(&mut body)
-        .map_err(|e| format!("reading hello: {e}"))?;
-    hdr.check_payload(&body).map_err(|e| e.to_string())?;
-    Hello::decode(&body).map_err(|e| e.to_string())
-}
-
 fn handshake(
-    mut conn: TcpStream,
+    conn: TcpStream,
     peer: SocketAddr,
     routes: &HashMap<String, Route>,
-    timeout: Duration,
+    deadline: Instant,
+    slot: &Slot,
 ) {
-    let _ = conn.set_read_timeout(Some(timeout));
-    let _ = conn.set_write_timeout(Some(timeout));
-    let hello = match read_hello(&mut conn) {
+    let mut chan = Chan::new(Deadline::new(&conn, deadline));
+    let intro = match presession::read_introduction(&mut chan) {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(peer = %peer, error = %e, "bad handshake; connection closed");
             return;
         }
     };
-    let Some(route) = routes.get(&hello.resource) else {
-        tracing::warn!(peer = %peer, resource = %hello.resource, "connection for an unknown resource refused");
-        refuse(
-            &conn,
+    slot.spoke.store(true, Ordering::SeqCst);
+    let Some(route) = routes.get(&intro.resource) else {
+        tracing::warn!(peer = %peer, resource = %intro.resource, "connection for an unknown resource refused");
+        chan.refuse(
             Refusal::UnknownResource,
-            format!("no resource '{}' on this node", hello.resource),
+            format!("no resource '{}' on this node", intro.resource),
         );
         return;
     };
     if !route.allowed.iter().any(|ip| same_ip(ip, &peer.ip())) {
-        tracing::warn!(peer = %peer, resource = %hello.resource,
+        tracing::warn!(peer = %peer, resource = %intro.resource,
             "connection from an address that is not the resource's remote; refused");
-        refuse(
-            &conn,
+        chan.refuse(
             Refusal::Refused,
             format!(
                 "{} may not connect for resource '{}'",
                 peer.ip(),
-                hello.resource
+                intro.resource
             ),
         );
         return;
     }
+    let transport = match presession::respond(chan, &intro, &route.node, &route.security) {
+        Ok(t) => t,
+        Err(f) => {
+            if f.auth {
+                route
+                    .stats
+                    .auth_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(peer = %peer, resource = %intro.resource, node = %intro.node,
+                    reason = %f.message, "authentication of the primary failed; connection closed");
+            } else {
+                tracing::warn!(peer = %peer, resource = %intro.resource, error = %f.message,
+                    "handshake failed; connection closed");
+            }
+            linger(&conn, deadline);
+            return;
+        }
+    };
+    tracing::info!(peer = %peer, resource = %intro.resource, transport = transport.name(),
+        "primary authenticated; handing over the connection");
     let _ = conn.set_read_timeout(None);
     let _ = conn.set_write_timeout(None);
-    let resource = hello.resource.clone();
+    let resource = intro.resource.clone();
+    let authenticated = route.security.secret.is_some();
     let fd: OwnedFd = conn.into();
-    if let Err(back) = (route.deliver)(Incoming { fd, hello, peer }) {
+    let inc = Incoming {
+        fd,
+        transport,
+        intro,
+        peer,
+        authenticated,
+        deadline,
+    };
+    if let Err(back) = (route.deliver)(inc) {
         tracing::warn!(peer = %peer, resource = %resource, "resource busy; connection refused");
-        let conn = TcpStream::from(back.fd);
-        refuse(&conn, Refusal::Busy, "resource is busy; retry".into());
+        let Incoming { fd, transport, .. } = *back;
+        refuse_after(
+            TcpStream::from(fd),
+            transport,
+            Refusal::Busy,
+            "resource is busy; retry",
+        );
+    }
+}
+
+/// Answers a connection past its pre-session with a refusal in its
+/// transport, then waits (briefly) for the primary to close first, so
+/// that the unread Hello does not turn our close into a reset that would
+/// lose the refusal.
+pub fn refuse_after(mut sock: TcpStream, mut transport: Transport, why: Refusal, message: &str) {
+    let _ = sock.set_nonblocking(false);
+    let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
+    let body = HelloReply::refused(why, message).encode();
+    let hdr = Header::reply(Kind::HelloReply, 0, 0).with_payload(&body);
+    if transport.send_frame(&mut sock, &hdr, &body).is_ok() {
+        let _ = sock.flush();
+        linger(&sock, Instant::now() + Duration::from_secs(1));
+    }
+}
+
+/// Closes our side, then reads (and drops) what the peer still sends
+/// until it closes too, for a second at most: data left unread would
+/// turn our close into a reset, and the peer could lose the refusal or
+/// the TLS alert we sent it.
+fn linger(sock: &TcpStream, deadline: Instant) {
+    let _ = sock.shutdown(Shutdown::Write);
+    let until = deadline.min(Instant::now() + Duration::from_secs(1));
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        if !matches!((&mut &*sock).read(&mut sink), Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 
 fn same_ip(a: &IpAddr, b: &IpAddr) -> bool {
-    let norm = |ip: &IpAddr| match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(*ip),
-        v4 => *v4,
-    };
-    norm(a) == norm(b)
+    canonical(*a) == canonical(*b)
 }

@@ -3,6 +3,7 @@
 //!
 //! See `docs/protocol.md`.
 
+pub mod auth;
 pub mod checksum;
 pub mod compress;
 pub mod detach;
@@ -11,8 +12,11 @@ pub mod frame;
 pub mod handshake;
 pub mod link;
 pub mod listener;
+pub mod presession;
 pub mod proto;
 pub mod remote;
+pub mod seal;
 pub mod secondary;
 pub mod sync;
+pub mod tls;
 pub mod verify;

@@ -27,9 +27,10 @@ use super::detach::{self, Notice};
 use super::frame::{self, LinkError};
 use super::handshake::{self, Agreement};
 use super::link::{LinkLimits, PeerLink};
-use super::proto::{Header, HelloReply, Kind, Refusal};
+use super::presession::{self, PeerSecurity};
+use super::proto::{Header, Hello, HelloReply, Kind, Refusal};
 use super::sync::SyncMode;
-use crate::events::{EventSink, PeerEventKind};
+use crate::events::{EventKind, EventSink};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;
 use crate::semaphore::Semaphore;
@@ -149,9 +150,11 @@ pub struct Remote {
 
 impl Remote {
     /// Starts the connection manager on the current executor, reaching the
-    /// secondary over TCP.
+    /// secondary over TCP, secured as `security` says (see
+    /// [`super::presession`]).
     pub fn start(
         cfg: RemoteConfig,
+        security: PeerSecurity,
         disk: Rc<LocalDisk>,
         stats: Arc<ResourceStats>,
         events: EventSink,
@@ -159,11 +162,23 @@ impl Remote {
         let (addrs, source) = (cfg.remote.clone(), cfg.source);
         let timeout = Rc::new(Cell::new(cfg.timeout));
         let connect_timeout = timeout.clone();
+        let intro = Arc::new(presession::introduction(
+            &cfg.resource,
+            &cfg.node,
+            &security,
+        ));
+        let security = Arc::new(security);
+        let counters = stats.clone();
         let connector: Connector = Box::new(move || {
             let (addrs, timeout) = (addrs.clone(), connect_timeout.get());
+            let (intro, security, stats) = (intro.clone(), security.clone(), counters.clone());
             Box::pin(async move {
-                let s = tcp_connect(addrs, source, timeout).await?;
-                Ok(Box::new(s) as PeerStream)
+                let (s, opened) = secure_connect(addrs, source, timeout, intro, security).await?;
+                tracing::info!(secondary = %opened.peer_node, transport = opened.transport.name(),
+                    "pre-session with the secondary done");
+                Ok(opened.transport.stream(s, move || {
+                    stats.auth_failures.fetch_add(1, Relaxed);
+                }))
             })
         });
         let r = Self::start_with(cfg, connector, disk, stats, events);
@@ -354,23 +369,47 @@ impl Remote {
         // Failures in a row caused by the secondary's disk: the pause grows
         // (reconnecting at once would only repeat them).
         let mut disk_streak = 0u32;
+        let mut last = String::new();
+        // The last disk error the secondary reported for a request: its
+        // refusal of a detached disk says no more to a peer that proved no
+        // secret, so the cause shown is this one.
+        let mut disk_cause: Option<String> = None;
         while !self.stop.is_fired() {
             let r = self.session().await;
             self.first.fire();
             self.set_conn(Conn::Down);
             match r {
-                Ok(()) => (failures, disk_streak) = (0, 0),
+                Ok(()) => {
+                    (failures, disk_streak) = (0, 0);
+                    disk_cause = None;
+                }
                 Err(e) => {
                     failures += 1;
-                    let message = e.to_string();
-                    // Log the first failure, every 10th, and a new cause,
-                    // so a dead peer does not flood the log.
-                    let new_cause = self.stats.last_error.lock().is_ok_and(|l| *l != message);
-                    if failures == 1 || failures.is_multiple_of(10) || new_cause {
-                        tracing::warn!(resource = %self.cfg.resource, attempt = failures,
-                            error = %e, "cannot replicate to the secondary");
+                    let text = e.to_string();
+                    if is_auth_failure(&e) {
+                        self.stats.auth_failures.fetch_add(1, Relaxed);
                     }
-                    self.set_error(message);
+                    // Log the first failure, a new reason, and every 10th,
+                    // so a dead peer does not flood the log.
+                    if failures == 1 || failures.is_multiple_of(10) || text != last {
+                        if is_auth_failure(&e) {
+                            tracing::error!(resource = %self.cfg.resource, attempt = failures,
+                                error = %e, "authentication with the secondary failed");
+                        } else {
+                            tracing::warn!(resource = %self.cfg.resource, attempt = failures,
+                                error = %e, "cannot replicate to the secondary");
+                        }
+                    }
+                    if detach::reported_by_peer_disk(&e) {
+                        disk_cause = Some(text.clone());
+                    }
+                    match (&disk_cause, detach::peer_disk_error(&e)) {
+                        (Some(cause), true) if *cause != text => self.set_error(format!(
+                            "{text} (the last error the secondary reported: {cause})"
+                        )),
+                        _ => self.set_error(text.clone()),
+                    }
+                    last = text;
                     if detach::peer_disk_error(&e) {
                         disk_streak += 1;
                     } else {
@@ -411,6 +450,7 @@ impl Remote {
         } else if let Err(e) = self.prepare(&agreement.decision, &reply).await {
             let e = LinkError::disk("activemap update", None, e);
             link.kill(e.clone());
+            self.disk.new_epoch();
             return Err(e);
         }
         let initial = (dir == SyncDirection::FromSecondary && !detached).then_some(dir);
@@ -423,7 +463,7 @@ impl Remote {
         self.set_error(String::new());
         tracing::info!(resource = %self.cfg.resource, decision = %agreement.decision,
             "connected to the secondary");
-        self.events.emit(PeerEventKind::Connect);
+        self.events.emit(EventKind::Connect);
         self.first.fire();
 
         let target = if agreement.resolved_split {
@@ -447,6 +487,8 @@ impl Remote {
         drop(_flusher);
         drop(_detach);
         self.set_conn(Conn::Down);
+        // Writes from now on are alone: a new epoch, a new generation.
+        self.disk.new_epoch();
         if self.stop.is_fired() {
             // stop() flushes the secondary, then records what is left.
             return Ok(());
@@ -456,7 +498,7 @@ impl Remote {
         self.disk.with_map(|m| m.peer_lost());
         let why = link.death_reason().unwrap_or(LinkError::Closed);
         tracing::warn!(resource = %self.cfg.resource, reason = %why, "disconnected from the secondary");
-        self.events.emit(PeerEventKind::Disconnect);
+        self.events.emit(EventKind::Disconnect);
         Err(LinkError::Lost(Box::new(why)))
     }
 
@@ -575,35 +617,63 @@ impl Remote {
         if !self.split_brain_reported.replace(true) {
             tracing::error!(resource = %self.cfg.resource, primary = %p, secondary = %s,
                 "split-brain: both nodes wrote since they last agreed; not synchronising");
-            self.events.emit(PeerEventKind::SplitBrain);
+            self.events.emit(EventKind::SplitBrain);
         }
     }
 }
 
-/// Connects over TCP (from `source`, to each address in turn) on a helper
-/// thread, so the executor keeps serving.
-async fn tcp_connect(
+/// Does a failure mean the peers could not authenticate each other (a
+/// wrong or missing secret, a certificate refused, security settings that
+/// differ, or an authenticated stream that failed its MAC)?
+pub fn is_auth_failure(e: &LinkError) -> bool {
+    match e {
+        LinkError::Auth(_) => true,
+        LinkError::Refused { reason, .. } => {
+            matches!(reason, Refusal::AuthFailed | Refusal::AuthMismatch)
+        }
+        LinkError::Lost(inner) => is_auth_failure(inner),
+        LinkError::Io(io) => io
+            .get_ref()
+            .is_some_and(|i| i.downcast_ref::<super::seal::SealError>().is_some()),
+        _ => false,
+    }
+}
+
+/// Connects over TCP (from `source`, to each address in turn) and runs the
+/// pre-session, on a helper thread, so the executor keeps serving; the
+/// whole takes at most `timeout`.
+async fn secure_connect(
     addrs: Vec<SocketAddr>,
     source: Option<SocketAddr>,
     timeout: Duration,
-) -> Result<TcpStream, LinkError> {
+    intro: Arc<Hello>,
+    security: Arc<PeerSecurity>,
+) -> Result<(TcpStream, presession::Opened), LinkError> {
     let (tx, rx) = flume::bounded(1);
     std::thread::Builder::new()
         .name("hast-connect".into())
         .spawn(move || {
-            let _ = tx.send(connect_blocking(&addrs, source, timeout));
+            let until = std::time::Instant::now() + timeout;
+            let r = connect_blocking(&addrs, source, timeout)
+                .map_err(LinkError::from)
+                .and_then(|sock| {
+                    let _ = sock.set_nodelay(true);
+                    let opened = presession::initiate(&sock, &intro, &security, until)?;
+                    let _ = sock.set_read_timeout(None);
+                    let _ = sock.set_write_timeout(None);
+                    Ok((sock, opened))
+                });
+            let _ = tx.send(r);
         })
         .map_err(LinkError::from)?;
-    let sock = rx
+    let (sock, opened) = rx
         .recv_async()
         .await
-        .map_err(|_| LinkError::Io(Arc::new(std::io::Error::other("connect thread vanished"))))?
-        .map_err(LinkError::from)?;
-    let _ = sock.set_nodelay(true);
+        .map_err(|_| LinkError::Io(Arc::new(std::io::Error::other("connect thread vanished"))))??;
     let fd = sock.into_raw_fd();
     // SAFETY: fd is a connected TCP socket we own (just released from the
     // std stream); the glommio stream takes ownership and closes it.
-    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    Ok((unsafe { TcpStream::from_raw_fd(fd) }, opened))
 }
 
 fn connect_blocking(

@@ -1,6 +1,13 @@
 //! The secondary's side: accept the primary's connection (handed over by
-//! the listener with its already-read Hello), answer the handshake, then
-//! apply the primary's requests to the local provider.
+//! the listener once its pre-session is done, see
+//! [`super::presession`]), answer the handshake, then apply the primary's
+//! requests to the local provider.
+//!
+//! An established session is never disturbed by a new connection: the
+//! newcomer is refused with `Busy` until the current session has ended
+//! (the primary closed it, or it was silent for the whole peer timeout).
+//! A peer that did not prove a shared secret learns nothing of the
+//! resource's state from a refusal.
 //!
 //! Ordering: the reader takes each write's range-lock ticket before it
 //! reads the next frame, so overlapping writes are applied in the order the
@@ -27,7 +34,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::io::BufReader;
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -40,12 +47,14 @@ use super::checksum::digest_range;
 use super::compress::{self, Compression, Wire};
 use super::frame::{self, LinkError};
 use super::handshake;
+use super::presession::Transport;
 use super::proto::{
     flags, hello_flags, ChecksumsRequest, Header, Hello, HelloReply, Kind, Refusal, SyncComplete,
     HEADER_LEN,
 };
+use super::remote::PeerStream;
 use crate::batch::{self, SendEnd};
-use crate::events::{EventSink, Leg, PeerEventKind};
+use crate::events::{EventKind, EventSink, Leg};
 use crate::local::{LocalDisk, Settled};
 use crate::metadata::{FLAG_DISCARD, FLAG_INCONSISTENT};
 use crate::semaphore::{Semaphore, StaticPermit};
@@ -56,14 +65,75 @@ use crate::storage::ReadData;
 /// Hello flag: the primary has never been written (both sides virgin).
 pub const HELLO_VIRGIN: u64 = super::proto::hello_flags::VIRGIN;
 
-/// A connection handed over by the listener.
+/// A connection handed over by the listener, its pre-session done.
 pub struct Incoming {
     /// The accepted socket.
     pub fd: OwnedFd,
-    /// The Hello the listener already read from it.
-    pub hello: Hello,
+    /// How the session's bytes travel on it.
+    pub transport: Transport,
+    /// The introduction the listener read (resource, node, versions).
+    pub intro: Hello,
     /// Who connected.
     pub peer: SocketAddr,
+    /// The primary proved the shared secret.
+    pub authenticated: bool,
+    /// When the handshake's time is up.
+    pub deadline: Instant,
+}
+
+impl Incoming {
+    /// The session stream: the socket in its transport; MAC failures of
+    /// the authenticated stream count in `stats`.
+    fn into_stream(
+        self,
+        stats: Arc<ResourceStats>,
+    ) -> (PeerStream, Hello, SocketAddr, bool, Instant) {
+        let fd = self.fd.into_raw_fd();
+        // SAFETY: fd is a connected TCP socket whose ownership we just took
+        // from the OwnedFd; the glommio stream now owns and closes it.
+        let tcp = unsafe { TcpStream::from_raw_fd(fd) };
+        let _ = tcp.set_nodelay(true);
+        let stream = self.transport.stream(tcp, move || {
+            stats.auth_failures.fetch_add(1, Relaxed);
+        });
+        (
+            stream,
+            self.intro,
+            self.peer,
+            self.authenticated,
+            self.deadline,
+        )
+    }
+}
+
+/// Reads the session Hello of a handed-over connection within what is
+/// left of its handshake time.
+async fn session_hello(stream: &mut PeerStream, deadline: Instant) -> Result<Hello, LinkError> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    frame::with_timeout(left, frame::read_hello(stream)).await
+}
+
+/// Sends a refusal that reveals no state, bounded by `timeout`.
+async fn send_refusal<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    why: Refusal,
+    message: String,
+    timeout: Duration,
+) {
+    let body = HelloReply::refused(why, message).encode();
+    let hdr = Header::reply(Kind::HelloReply, 0, 0).with_payload(&body);
+    let _ = frame::with_timeout(timeout, frame::write_frame(stream, &hdr, &body)).await;
+}
+
+/// Refuses a handed-over connection (not secondary, unknown here): reads
+/// its Hello first (so that closing does not reset the connection and
+/// lose the refusal), answers in its transport, closes.
+pub async fn refuse_incoming(inc: Incoming, why: Refusal, message: &str) {
+    let (mut stream, _, _, _, deadline) = inc.into_stream(Arc::new(ResourceStats::default()));
+    let _ = session_hello(&mut stream, deadline).await;
+    send_refusal(&mut stream, why, message.to_owned(), Duration::from_secs(1)).await;
 }
 
 /// What the secondary of one resource needs.
@@ -102,6 +172,9 @@ pub struct Secondary {
 struct Connection {
     stop: Signal,
     task: Task<()>,
+    /// Set until the connection has ended (refused, or served and
+    /// drained).
+    live: Rc<Cell<bool>>,
 }
 
 impl Secondary {
@@ -130,34 +203,91 @@ impl Secondary {
         }
     }
 
-    /// Handles a new TCP connection from the primary (see
-    /// [`Secondary::attach`]).
+    /// Handles a new TCP connection from the primary, its pre-session
+    /// done (see [`Secondary::attach`]): reads its session Hello, which
+    /// must match its introduction.
     pub async fn accept(self: &Rc<Self>, inc: Incoming) {
-        let fd = inc.fd.into_raw_fd();
-        // SAFETY: fd is a connected TCP socket whose ownership we just took
-        // from the OwnedFd; the glommio stream now owns and closes it.
-        let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        let _ = stream.set_nodelay(true);
-        self.attach(stream, inc.hello, inc.peer).await;
+        let ctx = &self.ctx;
+        let (mut stream, intro, peer, authenticated, deadline) = inc.into_stream(ctx.stats.clone());
+        let hello = match session_hello(&mut stream, deadline).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(resource = %ctx.resource, peer = %peer, error = %e,
+                    "handshake failed: no Hello from the primary");
+                return;
+            }
+        };
+        if (
+            &hello.resource,
+            &hello.node,
+            hello.version_min,
+            hello.version_max,
+        ) != (
+            &intro.resource,
+            &intro.node,
+            intro.version_min,
+            intro.version_max,
+        ) {
+            tracing::warn!(resource = %ctx.resource, peer = %peer,
+                "the primary's Hello does not match its introduction; connection closed");
+            return;
+        }
+        self.attach_peer(stream, hello, peer, authenticated).await;
     }
 
-    /// Serves a primary's connection whose Hello has been read: replaces
-    /// any current connection, answers the handshake and serves requests
-    /// in a task.
+    /// Serves a primary's connection whose Hello has been read, as an
+    /// unauthenticated peer: answers the handshake and serves requests in
+    /// a task — or refuses it with `Busy` while another primary's session
+    /// is up.
     pub async fn attach<S>(self: &Rc<Self>, stream: S, hello: Hello, peer: SocketAddr)
     where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        // A reconnecting primary replaces a connection it gave up on; the
-        // old one's requests finish first so ordering is kept.
+        self.attach_peer(stream, hello, peer, false).await
+    }
+
+    /// Is a session up (handshaking or serving)?
+    pub fn is_connected(&self) -> bool {
+        self.current.borrow().as_ref().is_some_and(|c| c.live.get())
+    }
+
+    async fn attach_peer<S>(
+        self: &Rc<Self>,
+        mut stream: S,
+        hello: Hello,
+        peer: SocketAddr,
+        authenticated: bool,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        if self.is_connected() {
+            // The session up is never disturbed by a newcomer: it ends
+            // when its primary closes it or falls silent for the timeout.
+            tracing::warn!(resource = %self.ctx.resource, peer = %peer, node = %hello.node,
+                "a primary is already connected; the new connection is refused (Busy)");
+            send_refusal(
+                &mut stream,
+                Refusal::Busy,
+                "the resource already has a connected primary; retry later".into(),
+                self.ctx.timeout,
+            )
+            .await;
+            return;
+        }
+        // The ended session's requests finish first so ordering is kept.
         self.disconnect().await;
         let me = self.clone();
         let stop = Signal::new();
+        let live = Rc::new(Cell::new(true));
         let task = glommio::spawn_local({
-            let stop = stop.clone();
-            async move { me.connection(stream, hello, peer, stop).await }
+            let (stop, live) = (stop.clone(), live.clone());
+            async move {
+                me.connection(stream, hello, peer, authenticated, stop)
+                    .await;
+                live.set(false);
+            }
         });
-        *self.current.borrow_mut() = Some(Connection { stop, task });
+        *self.current.borrow_mut() = Some(Connection { stop, task, live });
     }
 
     async fn connection<S>(
@@ -165,21 +295,27 @@ impl Secondary {
         mut stream: S,
         hello: Hello,
         peer: SocketAddr,
+        authenticated: bool,
         stop: Signal,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
         let ctx = &self.ctx;
-        let reply = self.handshake(&hello).await;
+        let mut reply = self.handshake(&hello).await;
         let refused = reply.refusal.is_some();
         let only_copy = !refused && hello.flags & hello_flags::DISK_FAILED != 0;
+        let full_reply = reply.clone();
+        if let (Some(why), false) = (reply.refusal, authenticated) {
+            // A peer that proved no secret learns nothing of our state.
+            reply = HelloReply::refused(why, format!("{why}: the secondary's log has the details"));
+        }
         let body = reply.encode();
         let hdr = Header::reply(Kind::HelloReply, 0, 0).with_payload(&body);
         let sent =
             frame::with_timeout(ctx.timeout, frame::write_frame(&mut stream, &hdr, &body)).await;
         if refused {
             tracing::warn!(resource = %ctx.resource, peer = %peer,
-                reason = ?reply.refusal, message = %reply.message, "refused the primary");
+                reason = ?full_reply.refusal, message = %full_reply.message, "refused the primary");
             return;
         }
         if let Err(e) = sent {
@@ -189,7 +325,7 @@ impl Secondary {
         self.split_brain_reported.set(false);
         ctx.stats.connected.store(true, Relaxed);
         tracing::info!(resource = %ctx.resource, peer = %peer, "primary connected");
-        ctx.events.emit(PeerEventKind::Connect);
+        ctx.events.emit(EventKind::Connect);
         let result = serve(ctx, stream, stop, only_copy).await;
         ctx.stats.connected.store(false, Relaxed);
         match result {
@@ -198,7 +334,7 @@ impl Secondary {
                 tracing::warn!(resource = %ctx.resource, error = %e, "primary connection lost")
             }
         }
-        ctx.events.emit(PeerEventKind::Disconnect);
+        ctx.events.emit(EventKind::Disconnect);
     }
 
     /// Checks the primary's Hello (see [`handshake::secondary_decide`]);
@@ -233,7 +369,7 @@ impl Secondary {
                     tracing::error!(resource = %ctx.resource, primary = %hello.gen,
                         secondary = %handshake::gen_of(&md),
                         "split-brain: both nodes wrote since they last agreed; refusing to synchronise");
-                    ctx.events.emit(PeerEventKind::SplitBrain);
+                    ctx.events.emit(EventKind::SplitBrain);
                 }
                 ctx.stats.split_brain.store(true, Relaxed);
             }
@@ -291,13 +427,13 @@ impl Secondary {
 
 async fn set_only_copy(ctx: &SecondaryCtx, on: bool) -> std::io::Result<()> {
     if on {
-        ctx.disk.bump_generation_if_needed().await?;
+        ctx.disk.bump_generation_if_needed(true).await?;
     }
     let was = ctx.stats.peer_disk_failed.swap(on, Relaxed);
     if on && !was {
         tracing::warn!(resource = %ctx.resource,
             "the primary's disk is detached: this node holds the only copy of the data");
-        ctx.events.emit(PeerEventKind::DiskFailed(Leg::Remote));
+        ctx.events.emit(EventKind::DiskFailed { leg: Leg::Remote });
     } else if was && !on {
         tracing::info!(resource = %ctx.resource, "the primary's disk is attached again");
     }

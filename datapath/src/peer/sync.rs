@@ -45,7 +45,7 @@ use super::link::{Payload, PeerLink, Pending};
 use super::proto::{flags, ChecksumsRequest, Kind, SyncComplete};
 use super::remote::Remote;
 use crate::digest::{Algo, DIGEST_BLOCK};
-use crate::events::PeerEventKind;
+use crate::events::EventKind;
 use crate::generation::{Gen, SyncDirection};
 use crate::local::LocalDisk;
 use crate::metadata::FLAG_INCONSISTENT;
@@ -198,19 +198,25 @@ impl Remote {
             bytes = self.disk.dirty_bytes(),
             checksums = self.pass_checksums(), compression = %self.compression(),
             "synchronisation started");
-        self.events.emit(PeerEventKind::SyncStart);
+        self.events.emit(EventKind::SyncStart);
         let result = self.copy_dirty(link, dir).await;
         self.set_sync(None);
         if let Err(e) = result {
             tracing::warn!(resource = %self.cfg.resource, error = %e,
                 done = stats.sync_done.load(Relaxed), "synchronisation interrupted");
-            self.events.emit(PeerEventKind::SyncIntr);
+            self.events.emit(EventKind::SyncIntr);
             return Err(e);
         }
         // Everything copied: both legs are identical. The destination
         // records the new generation first (after flushing the copied
         // data), then the source: a crash in between is recognised at the
-        // next handshake (see generation::decide).
+        // next handshake (see generation::decide). A generation this node
+        // started meanwhile (a write before the link carried writes, the
+        // first write ever) is part of what was copied: never record less.
+        let target = match dir {
+            SyncDirection::ToSecondary => target.max(self.disk.metadata().localcnt),
+            SyncDirection::FromSecondary => target,
+        };
         let body = SyncComplete { generation: target }.encode();
         let record_here = async {
             self.disk.flush().await?;
@@ -242,7 +248,7 @@ impl Remote {
             sent = stats.net_sent_bytes.load(Relaxed) - sent_before,
             received = stats.net_received_bytes.load(Relaxed) - received_before,
             generation = target, "synchronisation complete");
-        self.events.emit(PeerEventKind::SyncDone);
+        self.events.emit(EventKind::SyncDone);
         Ok(())
     }
 

@@ -31,7 +31,7 @@ use super::proto::ChecksumsRequest;
 use super::remote::Remote;
 use super::sync::now_ms;
 use crate::digest::{Algo, DIGEST_BLOCK};
-use crate::events::PeerEventKind;
+use crate::events::EventKind;
 use crate::metadata::{round_down, round_up};
 use crate::semaphore::Semaphore;
 use crate::signal::{Notify, Signal};
@@ -147,7 +147,7 @@ impl Remote {
         }
         tracing::info!(resource = %self.cfg.resource, offset = start, length = end - start,
             algorithm = %params.algo, repair = params.repair, "verify started");
-        self.events.emit(PeerEventKind::VerifyStart);
+        self.events.emit(EventKind::VerifyStart);
         let me = self.clone();
         glommio::spawn_local(async move {
             let r = futures_lite::future::or(me.verify_range(&link, start, end, params), async {
@@ -203,13 +203,13 @@ impl Remote {
                 tracing::warn!(resource = %self.cfg.resource, offset = off, length = len,
                     "blocks differ between the nodes");
             }
-            self.events.emit(PeerEventKind::OutOfSync {
+            self.events.emit(EventKind::OutOfSync {
                 blocks: report.blocks_different,
                 bytes: report.bytes_different,
                 ranges: report.ranges_total,
             });
         }
-        self.events.emit(PeerEventKind::VerifyDone {
+        self.events.emit(EventKind::VerifyDone {
             ok: r.is_ok(),
             compared: report.blocks_compared,
             different: report.blocks_different,

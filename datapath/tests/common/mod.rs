@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::io::DmaBuffer;
-use hast_datapath::events::{EventSink, PeerEvent, PeerEventKind};
+use hast_datapath::events::{Event, EventKind, EventSink};
 use hast_datapath::export::{BlockBackend, WriteFlags};
 use hast_datapath::local::LocalDisk;
 use hast_datapath::metadata::{Metadata, Role};
@@ -93,8 +93,8 @@ pub struct Pair {
     pub wire: Rc<RefCell<Option<Cutter>>>,
     /// Events of A (the primary) and B (the secondary), disk detaches
     /// included.
-    pub events_a: flume::Receiver<PeerEvent>,
-    pub events_b: flume::Receiver<PeerEvent>,
+    pub events_a: flume::Receiver<Event>,
+    pub events_b: flume::Receiver<Event>,
     /// Connection attempts of A so far.
     pub attempts: Rc<Cell<u32>>,
 }
@@ -201,7 +201,7 @@ impl Pair {
     }
 
     /// The events of A (`a`) or B so far, without waiting.
-    pub fn events(&self, a: bool) -> Vec<PeerEventKind> {
+    pub fn events(&self, a: bool) -> Vec<EventKind> {
         let rx = if a { &self.events_a } else { &self.events_b };
         rx.try_iter().map(|e| e.kind).collect()
     }

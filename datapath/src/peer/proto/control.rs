@@ -1,6 +1,7 @@
-//! The control payload codec: [`Hello`], [`HelloReply`] (with [`Refusal`])
-//! and [`SyncComplete`], protocol version negotiation ([`negotiate`]) and
-//! the length of the dirty bitmap ([`bitmap_len`]).
+//! The control payload codec: [`Hello`], [`HelloReply`] (with [`Refusal`]),
+//! [`Challenge`] and [`Proof`] (the authentication of the handshake) and
+//! [`SyncComplete`], protocol version negotiation ([`negotiate`]) and the
+//! length of the dirty bitmap ([`bitmap_len`]).
 
 use std::fmt;
 
@@ -12,11 +13,15 @@ use crate::digest::Algo;
 use crate::generation::Gen;
 
 /// Highest protocol version this build speaks. Version 2 added the
-/// Checksums / ChecksumsReply kinds and the compression flags.
-pub const PROTO_VERSION: u16 = 2;
-/// Lowest protocol version this build accepts (a version 1 peer would
-/// refuse the frames of version 2).
-pub const PROTO_VERSION_MIN: u16 = 2;
+/// Checksums / ChecksumsReply and WrittenMap / WrittenMapReply kinds and
+/// the compression flags. Version 3: the connection opens with an
+/// introduction (a Hello without state), a Challenge and, with a secret,
+/// a Proof each way; TLS and the authenticated stream.
+pub const PROTO_VERSION: u16 = 3;
+/// Lowest protocol version this build accepts: versions 1 and 2 have no
+/// authentication (and cannot be told apart from an impostor), and such a
+/// peer answers our introduction with `VersionUnsupported`.
+pub const PROTO_VERSION_MIN: u16 = 3;
 /// Longest resource name in a Hello (bytes of UTF-8).
 pub const MAX_RESOURCE_LEN: usize = 127;
 /// Longest node name in a Hello (bytes of UTF-8).
@@ -52,10 +57,59 @@ pub mod hello_flags {
     /// The sender's dirty map is empty: it changed no extent the peer
     /// lacks (used by the `splitbrain auto` policy).
     pub const CLEAN: u64 = 8;
+    /// Introduction (protocol 3): the primary's resource has `tls on`.
+    pub const TLS: u64 = 16;
+    /// Introduction (protocol 3): the primary's resource has a secret.
+    pub const SECRET: u64 = 32;
     /// Hello only: the primary's disk is detached (after its errors): the
     /// secondary will hold the only copy of what is written, and records
     /// so before it accepts (as for the `DiskFailed` request).
-    pub const DISK_FAILED: u64 = 16;
+    pub const DISK_FAILED: u64 = 64;
+}
+
+/// Security mode bits of a [`Challenge`] and of the authentication
+/// transcript.
+pub mod modes {
+    /// The connection continues in TLS.
+    pub const TLS: u16 = 1;
+    /// Both sides prove the shared secret.
+    pub const SECRET: u16 = 2;
+    /// Every mode bit defined.
+    pub const ALL: u16 = TLS | SECRET;
+
+    /// The mode bits of an introduction's flags.
+    pub const fn of_hello_flags(flags: u64) -> u16 {
+        let mut m = 0;
+        if flags & super::hello_flags::TLS != 0 {
+            m |= TLS;
+        }
+        if flags & super::hello_flags::SECRET != 0 {
+            m |= SECRET;
+        }
+        m
+    }
+
+    /// The introduction flags of mode bits.
+    pub const fn to_hello_flags(modes: u16) -> u64 {
+        let mut f = 0;
+        if modes & TLS != 0 {
+            f |= super::hello_flags::TLS;
+        }
+        if modes & SECRET != 0 {
+            f |= super::hello_flags::SECRET;
+        }
+        f
+    }
+
+    /// "TLS and a secret", "a secret", "TLS", "neither TLS nor a secret".
+    pub fn describe(modes: u16) -> &'static str {
+        match (modes & TLS != 0, modes & SECRET != 0) {
+            (true, true) => "TLS and a secret",
+            (false, true) => "a secret (no TLS)",
+            (true, false) => "TLS (no secret)",
+            (false, false) => "neither TLS nor a secret",
+        }
+    }
 }
 
 /// Highest protocol version in both ranges, `None` when they do not
@@ -321,14 +375,18 @@ pub enum Refusal {
     /// Any other reason (see the message); also what an unknown code
     /// received from a newer peer decodes as.
     Refused = 9,
+    /// One node has a secret or TLS and the other has not (protocol 3).
+    AuthMismatch = 10,
+    /// The primary's proof of the shared secret is wrong (protocol 3).
+    AuthFailed = 11,
     /// The secondary's disk is detached after its errors: it takes no
     /// primary until it is attached again (see the message).
-    DiskFailed = 10,
+    DiskFailed = 12,
 }
 
 impl Refusal {
     /// Every refusal, in code order.
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::UnknownResource,
         Refusal::NotSecondary,
         Refusal::GeometryMismatch,
@@ -338,6 +396,8 @@ impl Refusal {
         Refusal::Busy,
         Refusal::InconsistentCounters,
         Refusal::Refused,
+        Refusal::AuthMismatch,
+        Refusal::AuthFailed,
         Refusal::DiskFailed,
     ];
 
@@ -358,7 +418,9 @@ impl Refusal {
             7 => Refusal::Busy,
             8 => Refusal::InconsistentCounters,
             9 => Refusal::Refused,
-            10 => Refusal::DiskFailed,
+            10 => Refusal::AuthMismatch,
+            11 => Refusal::AuthFailed,
+            12 => Refusal::DiskFailed,
             _ => return None,
         })
     }
@@ -386,6 +448,8 @@ impl Refusal {
             Refusal::Busy => "resource already connected to a primary",
             Refusal::InconsistentCounters => "generation counters are inconsistent",
             Refusal::Refused => "refused",
+            Refusal::AuthMismatch => "security settings differ (secret, TLS)",
+            Refusal::AuthFailed => "authentication failed (wrong secret)",
             Refusal::DiskFailed => "the secondary's disk failed",
         }
     }
@@ -553,6 +617,126 @@ impl HelloReply {
     /// Is the secondary mid-synchronisation ([`hello_flags::INCONSISTENT`])?
     pub const fn is_inconsistent(&self) -> bool {
         self.flags & hello_flags::INCONSISTENT != 0
+    }
+}
+
+/// Fixed part of a Challenge payload (40 bytes).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct RawChallenge {
+    version: U16,
+    modes: U16,
+    reserved: U32,
+    nonce: [u8; CHALLENGE_NONCE_LEN],
+}
+
+/// Bytes of a nonce in a [`Challenge`] or a [`Proof`].
+pub const CHALLENGE_NONCE_LEN: usize = 32;
+/// Bytes of a MAC in a [`Proof`].
+pub const PROOF_MAC_LEN: usize = 32;
+/// Size of the fixed part of a Challenge payload.
+pub const CHALLENGE_FIXED_LEN: usize = 40;
+const _: () = assert!(core::mem::size_of::<RawChallenge>() == CHALLENGE_FIXED_LEN);
+/// Largest Challenge payload.
+pub const MAX_CHALLENGE_LEN: usize = CHALLENGE_FIXED_LEN + 2 + MAX_NODE_LEN;
+/// Size of a Proof payload.
+pub const PROOF_LEN: usize = CHALLENGE_NONCE_LEN + PROOF_MAC_LEN;
+
+/// Payload of a Challenge (protocol 3): the secondary accepts the
+/// introduction, states its security modes and its node name, and sends
+/// its nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// The negotiated protocol version.
+    pub version: u16,
+    /// [`modes`] bits: what the connection continues with.
+    pub modes: u16,
+    /// The secondary's nonce (random; zero when there is no secret).
+    pub nonce: [u8; CHALLENGE_NONCE_LEN],
+    /// The secondary's node name (at most 63 bytes of UTF-8, no NUL).
+    pub node: String,
+}
+
+impl Challenge {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let raw = RawChallenge {
+            version: U16::new(self.version),
+            modes: U16::new(self.modes),
+            reserved: U32::new(0),
+            nonce: self.nonce,
+        };
+        let mut out = Vec::with_capacity(CHALLENGE_FIXED_LEN + 2 + self.node.len());
+        out.extend_from_slice(raw.as_bytes());
+        put_str(&mut out, &self.node);
+        out
+    }
+
+    /// Decodes and validates a Challenge payload.
+    pub fn decode(payload: &[u8]) -> Result<Challenge, FrameError> {
+        let mut r = Reader {
+            buf: payload,
+            what: "Challenge",
+        };
+        let raw: RawChallenge = r.fixed()?;
+        reserved_zero("Challenge bytes 4..8", raw.reserved.get().into())?;
+        let node = r.string("node name", MAX_NODE_LEN)?;
+        r.finish()?;
+        let modes = raw.modes.get();
+        if modes & !modes::ALL != 0 {
+            return Err(FrameError::Malformed(format!(
+                "Challenge has unknown mode bits {:#06x}",
+                modes & !modes::ALL
+            )));
+        }
+        if raw.version.get() == 0 {
+            return Err(FrameError::Malformed("Challenge version 0".into()));
+        }
+        Ok(Challenge {
+            version: raw.version.get(),
+            modes,
+            nonce: raw.nonce,
+            node,
+        })
+    }
+}
+
+/// Payload of a Proof (protocol 3, 64 bytes): the sender's nonce (the
+/// secondary sends zeroes: its nonce was in the Challenge) and its
+/// HMAC-SHA256 proof of the shared secret over the handshake transcript.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    /// The sender's nonce.
+    pub nonce: [u8; CHALLENGE_NONCE_LEN],
+    /// The sender's proof.
+    pub mac: [u8; PROOF_MAC_LEN],
+}
+
+impl Proof {
+    /// The 64 payload bytes.
+    pub fn encode(&self) -> [u8; PROOF_LEN] {
+        let mut out = [0u8; PROOF_LEN];
+        out[..CHALLENGE_NONCE_LEN].copy_from_slice(&self.nonce);
+        out[CHALLENGE_NONCE_LEN..].copy_from_slice(&self.mac);
+        out
+    }
+
+    /// Decodes a Proof payload.
+    pub fn decode(payload: &[u8]) -> Result<Proof, FrameError> {
+        let mut r = Reader {
+            buf: payload,
+            what: "Proof",
+        };
+        let nonce = r
+            .take(CHALLENGE_NONCE_LEN)?
+            .try_into()
+            .map_err(|_| FrameError::Malformed("Proof nonce".into()))?;
+        let mac = r
+            .take(PROOF_MAC_LEN)?
+            .try_into()
+            .map_err(|_| FrameError::Malformed("Proof MAC".into()))?;
+        r.finish()?;
+        Ok(Proof { nonce, mac })
     }
 }
 
@@ -748,7 +932,7 @@ mod tests {
         let h = sample_hello();
         let b = h.encode();
         assert_eq!(b.len(), HELLO_FIXED_LEN + 2 + 6 + 2 + 5);
-        assert_eq!(&b[0..4], &[2, 0, 2, 0]);
+        assert_eq!(&b[0..4], &[3, 0, 3, 0]);
         assert_eq!(&b[8..16], &(1u64 << 30).to_le_bytes());
         assert_eq!(&b[16..20], &(2u32 << 20).to_le_bytes());
         assert_eq!(&b[24..32], &0xdead_beef_0bad_cafeu64.to_le_bytes());
@@ -759,7 +943,7 @@ mod tests {
         assert_eq!(&b[64..], b"\x05\x00alpha");
         assert_eq!(Hello::decode(&b).unwrap(), h);
         assert!(h.is_inconsistent());
-        assert_eq!(Hello::peek_versions(&b), Some((2, 2)));
+        assert_eq!(Hello::peek_versions(&b), Some((3, 3)));
         assert_eq!(Hello::peek_versions(&b[..3]), None);
     }
 
@@ -925,7 +1109,7 @@ mod tests {
             assert!(!r.to_string().is_empty());
         }
         assert_eq!(Refusal::from_code(0), None);
-        assert_eq!(Refusal::from_code(11), None);
+        assert_eq!(Refusal::from_code(13), None);
         use crate::generation::Decision;
         assert_eq!(
             Refusal::from_decision(&Decision::SplitBrain),
@@ -940,6 +1124,67 @@ mod tests {
             Some(Refusal::ResuidMismatch)
         );
         assert_eq!(Refusal::from_decision(&Decision::InSync), None);
+    }
+
+    #[test]
+    fn challenge_and_proof_layout() {
+        let c = Challenge {
+            version: 3,
+            modes: modes::SECRET,
+            nonce: [9; 32],
+            node: "beta".into(),
+        };
+        let b = c.encode();
+        assert_eq!(b.len(), CHALLENGE_FIXED_LEN + 2 + 4);
+        assert_eq!(&b[0..8], &[3, 0, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[8..40], &[9; 32]);
+        assert_eq!(&b[40..], b"\x04\x00beta");
+        assert_eq!(Challenge::decode(&b), Ok(c.clone()));
+        let mut bad = b.clone();
+        bad[2] = 4;
+        assert!(
+            matches!(Challenge::decode(&bad), Err(FrameError::Malformed(m)) if m.contains("mode"))
+        );
+        let mut bad = b.clone();
+        bad[5] = 1;
+        assert!(matches!(
+            Challenge::decode(&bad),
+            Err(FrameError::ReservedNonZero { .. })
+        ));
+        let mut bad = b.clone();
+        bad[0] = 0;
+        assert!(Challenge::decode(&bad).is_err());
+        assert!(Challenge::decode(&b[..39]).is_err());
+        let mut long = b.clone();
+        long.push(0);
+        assert!(matches!(
+            Challenge::decode(&long),
+            Err(FrameError::TrailingBytes { .. })
+        ));
+        let mut c2 = c;
+        c2.node = "n".repeat(64);
+        assert!(Challenge::decode(&c2.encode()).is_err());
+
+        let p = Proof {
+            nonce: [1; 32],
+            mac: [2; 32],
+        };
+        let b = p.encode();
+        assert_eq!(&b[..32], &[1; 32]);
+        assert_eq!(&b[32..], &[2; 32]);
+        assert_eq!(Proof::decode(&b), Ok(p));
+        assert!(Proof::decode(&b[..63]).is_err());
+        let mut long = b.to_vec();
+        long.push(0);
+        assert!(Proof::decode(&long).is_err());
+        assert_eq!(
+            modes::of_hello_flags(hello_flags::TLS | hello_flags::CLEAN),
+            modes::TLS
+        );
+        assert_eq!(
+            modes::to_hello_flags(modes::ALL),
+            hello_flags::TLS | hello_flags::SECRET
+        );
     }
 
     #[test]
@@ -1084,6 +1329,12 @@ mod tests {
             }
             if let Ok(s) = SyncComplete::decode(&bytes) {
                 prop_assert_eq!(s.encode().to_vec(), bytes.clone());
+            }
+            if let Ok(c) = Challenge::decode(&bytes) {
+                prop_assert_eq!(c.encode(), bytes.clone());
+            }
+            if let Ok(p) = Proof::decode(&bytes) {
+                prop_assert_eq!(p.encode().to_vec(), bytes.clone());
             }
             let _ = Hello::peek_versions(&bytes);
         }

@@ -7,7 +7,9 @@ use std::fmt;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::control::{CHECKSUMS_REQUEST_LEN, MAX_DIGESTS_PAYLOAD, SYNC_COMPLETE_LEN};
+use super::control::{
+    CHECKSUMS_REQUEST_LEN, MAX_CHALLENGE_LEN, MAX_DIGESTS_PAYLOAD, PROOF_LEN, SYNC_COMPLETE_LEN,
+};
 
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 48;
@@ -78,6 +80,14 @@ pub enum Kind {
     /// and every later write of the connection marked), durably, and
     /// replies Done.
     DiskFailed = 9,
+    /// Secondary → primary, after the introduction (protocol 3): the
+    /// security modes, the secondary's node name and nonce
+    /// ([`Challenge`](super::Challenge) payload).
+    Challenge = 3,
+    /// Either side, after the Challenge when a secret is configured
+    /// (protocol 3): the proof of the secret ([`Proof`](super::Proof)
+    /// payload).
+    Proof = 4,
     /// memsync: the payload of request `seq` was received; the write is not
     /// yet done.
     Received = 20,
@@ -107,7 +117,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in declaration order (new kinds are added at the end).
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Hello,
         Kind::HelloReply,
         Kind::Write,
@@ -127,6 +137,8 @@ impl Kind {
         Kind::ChecksumsReply,
         Kind::WrittenMap,
         Kind::WrittenMapReply,
+        Kind::Challenge,
+        Kind::Proof,
     ];
 
     /// Kind from its wire code.
@@ -151,6 +163,8 @@ impl Kind {
             24 => Kind::ChecksumsReply,
             19 => Kind::WrittenMap,
             25 => Kind::WrittenMapReply,
+            3 => Kind::Challenge,
+            4 => Kind::Proof,
             _ => return None,
         })
     }
@@ -177,6 +191,7 @@ impl Kind {
                 | Kind::DiskFailed
                 | Kind::Checksums
                 | Kind::WrittenMap
+                | Kind::Proof
         )
     }
 
@@ -191,6 +206,8 @@ impl Kind {
             Kind::Write | Kind::ReadReply => MAX_DATA,
             Kind::Hello | Kind::HelloReply | Kind::WrittenMapReply => MAX_CONTROL_PAYLOAD,
             Kind::SyncComplete => SYNC_COMPLETE_LEN as u32,
+            Kind::Challenge => MAX_CHALLENGE_LEN as u32,
+            Kind::Proof => PROOF_LEN as u32,
             Kind::Checksums => CHECKSUMS_REQUEST_LEN as u32,
             Kind::ChecksumsReply => MAX_DIGESTS_PAYLOAD,
             _ => 0,
@@ -219,6 +236,8 @@ impl Kind {
             Kind::ChecksumsReply => "ChecksumsReply",
             Kind::WrittenMap => "WrittenMap",
             Kind::WrittenMapReply => "WrittenMapReply",
+            Kind::Challenge => "Challenge",
+            Kind::Proof => "Proof",
         }
     }
 }
@@ -513,6 +532,8 @@ impl Header {
                     "payload exceeds the 16 MiB control payload limit"
                 }
                 Kind::SyncComplete => "a SyncComplete payload is exactly 16 bytes",
+                Kind::Challenge => "a Challenge payload is at most 105 bytes",
+                Kind::Proof => "a Proof payload is exactly 64 bytes",
                 Kind::Checksums => "a Checksums payload is exactly 8 bytes",
                 Kind::ChecksumsReply => "payload exceeds the 2 MiB digest limit",
                 _ => "this kind carries no payload",
@@ -552,6 +573,9 @@ impl Header {
             }
             Kind::SyncComplete if self.payload_len as usize != SYNC_COMPLETE_LEN => {
                 bad("a SyncComplete payload is exactly 16 bytes")
+            }
+            Kind::Proof if self.payload_len as usize != PROOF_LEN => {
+                bad("a Proof payload is exactly 64 bytes")
             }
             Kind::ReadReply if self.status != 0 && self.payload_len != 0 => {
                 bad("a failed ReadReply carries no data")
@@ -700,7 +724,7 @@ mod tests {
                 None => assert!(!Kind::ALL.iter().any(|k| k.code() == code)),
             }
         }
-        assert_eq!(Kind::ALL.len(), 19);
+        assert_eq!(Kind::ALL.len(), 21);
         let requests: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.is_request()).collect();
         assert_eq!(
             requests,
@@ -716,7 +740,8 @@ mod tests {
                 Kind::Bye,
                 Kind::DiskFailed,
                 Kind::Checksums,
-                Kind::WrittenMap
+                Kind::WrittenMap,
+                Kind::Proof
             ]
         );
         let data: Vec<Kind> = Kind::ALL
@@ -778,7 +803,7 @@ mod tests {
     #[test]
     fn unknown_kind() {
         let (h, _) = sample_write();
-        for code in [0u8, 3, 8, 26, 255] {
+        for code in [0u8, 5, 8, 26, 255] {
             let b = edited(h, |b| b[4] = code);
             assert_eq!(Header::decode(&b), Err(FrameError::UnknownKind(code)));
         }
@@ -1059,6 +1084,7 @@ mod tests {
                         h.payload_len = CHECKSUMS_REQUEST_LEN as u32;
                     }
                     Kind::SyncComplete => h.payload_len = SYNC_COMPLETE_LEN as u32,
+                    Kind::Proof => h.payload_len = PROOF_LEN as u32,
                     Kind::ReadReply | Kind::ChecksumsReply | Kind::WrittenMapReply
                         if h.status != 0 =>
                     {
