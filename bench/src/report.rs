@@ -24,7 +24,7 @@ pub fn hastd(mode: &str) -> String {
 }
 
 /// System name of the `security` part's rows: memsync over the link
-/// variant `key` (`plain`, `hmac`, `tls`).
+/// variant `key` (`plain`, `secret`, `tls`).
 pub fn secured(key: &str) -> String {
     format!("hastd memsync, {key}")
 }

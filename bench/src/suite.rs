@@ -942,15 +942,15 @@ pub fn sync(cfg: &Config, res: &mut Results) {
 /// The `security` part's link variants: (key, label).
 pub const SECURITY_VARIANTS: [(&str, &str); 3] = [
     ("plain", "unauthenticated"),
-    ("hmac", "secret (HMAC-SHA256 records)"),
+    ("secret", "secret (AES-256-GCM records)"),
     ("tls", "TLS 1.3"),
 ];
 
 /// The cost of authentication: one memsync pair, 4k randwrite QD32 and 1M
 /// sequential write over the unauthenticated link, with a secret (the
-/// HMAC record stream) and with TLS, in this run; rows `hastd memsync,
+/// AES-GCM record stream) and with TLS, in this run; rows `hastd memsync,
 /// <variant>` and a table of the ratios to the unauthenticated link
-/// (targets: HMAC ≥ 0.95 on both, TLS ≥ 0.8 on 1M sequential).
+/// (targets: secret ≥ 0.95 on both, TLS ≥ 0.8 on 1M sequential).
 pub fn security(cfg: &Config, res: &mut Results) {
     require_tool("fio");
     let names = ["r1"];
@@ -979,7 +979,7 @@ pub fn security(cfg: &Config, res: &mut Results) {
         for (i, n) in [&mut c.a, &mut c.b].into_iter().enumerate() {
             n.cfg.resource_extra = base[i].clone();
             match key {
-                "hmac" => n.cfg.resource_extra.push_str(secret),
+                "secret" => n.cfg.resource_extra.push_str(secret),
                 "tls" => n
                     .cfg
                     .resource_extra
@@ -1031,7 +1031,7 @@ pub fn security(cfg: &Config, res: &mut Results) {
         json.push(json!({"link": key, "randwrite_4k_qd32_iops": q, "seqwrite_1m_mb_s": s}));
     }
     t.push_str(
-        "\ntargets: HMAC ≥ 0.95 × unauthenticated on both; TLS ≥ 0.8 × on 1M sequential writes\n",
+        "\ntargets: secret ≥ 0.95 × unauthenticated on both; TLS ≥ 0.8 × on 1M sequential writes\n",
     );
     eprintln!("{t}");
     res.extra.push((

@@ -56,7 +56,7 @@ commands:
   wire         resync and compression in one run
   security     the cost of authentication: 4k randwrite QD32 and 1M sequential
                write in memsync over the unauthenticated link, with a secret
-               (HMAC records) and with TLS, as ratios to the unauthenticated link
+               (AES-GCM records) and with TLS, as ratios to the unauthenticated link
 
 options:
   --size SIZE         file / data area of each resource, covered by every job (2G)

@@ -396,7 +396,7 @@ fn handshake(
 /// transport, then waits (briefly) for the primary to close first, so
 /// that the unread Hello does not turn our close into a reset that would
 /// lose the refusal.
-pub fn refuse_after(mut sock: TcpStream, mut transport: Transport, why: Refusal, message: &str) {
+pub fn refuse_after(mut sock: TcpStream, transport: Transport, why: Refusal, message: &str) {
     let _ = sock.set_nonblocking(false);
     let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
     let body = HelloReply::refused(why, message).encode();

@@ -125,13 +125,9 @@ impl Transport {
     }
 
     /// Sends one frame over a blocking socket in this transport (a
-    /// refusal from a thread).
-    pub fn send_frame(
-        &mut self,
-        sock: &mut TcpStream,
-        hdr: &Header,
-        body: &[u8],
-    ) -> io::Result<()> {
+    /// refusal from a thread). Consumes the transport: its record keys
+    /// seal from record 0 once, never twice.
+    pub fn send_frame(self, sock: &mut TcpStream, hdr: &Header, body: &[u8]) -> io::Result<()> {
         let mut bytes = hdr.encode().to_vec();
         bytes.extend_from_slice(body);
         match self {
@@ -141,7 +137,7 @@ impl Transport {
                 super::seal::Sealer::new(&keys.send).seal(&bytes, &mut out);
                 sock.write_all(&out)
             }
-            Transport::Tls(conn) => tls::send_blocking(conn, sock, &bytes),
+            Transport::Tls(mut conn) => tls::send_blocking(&mut conn, sock, &bytes),
         }
     }
 }

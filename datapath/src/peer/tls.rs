@@ -16,7 +16,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use rustls::crypto::CryptoProvider;
@@ -343,12 +343,24 @@ fn tls_error(e: rustls::Error) -> io::Error {
 pub struct TlsStream<S> {
     inner: S,
     conn: Connection,
+    /// TLS records taken from rustls, not yet handed to `inner`:
+    /// `out[out_pos..]`. rustls hands out one record (16 KiB at most) per
+    /// write, and the sockets write one buffer per call; gathering them
+    /// here makes one write of a batch. Refilled only once empty, so it
+    /// holds at most what rustls held ([`BUFFER_LIMIT`]).
+    out: Vec<u8>,
+    out_pos: usize,
 }
 
 impl<S> TlsStream<S> {
     /// Wraps `inner` with a rustls connection in any state.
     pub fn new(inner: S, conn: Connection) -> TlsStream<S> {
-        TlsStream { inner, conn }
+        TlsStream {
+            inner,
+            conn,
+            out: Vec::new(),
+            out_pos: 0,
+        }
     }
 
     /// The rustls connection.
@@ -414,19 +426,26 @@ impl<S: AsyncWrite + Unpin> TlsStream<S> {
     /// Hands rustls's pending records to `inner`: `Ready(Ok)` once all are
     /// taken.
     fn poll_push(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.conn.wants_write() {
-            let mut io = SyncIo {
-                io: &mut self.inner,
-                cx,
-            };
-            match self.conn.write_tls(&mut io) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
-                Err(e) => return Poll::Ready(Err(e)),
+        loop {
+            while self.out_pos < self.out.len() {
+                let n =
+                    ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.out_pos..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.out_pos += n;
+            }
+            self.out.clear();
+            self.out_pos = 0;
+            if !self.conn.wants_write() {
+                return Poll::Ready(Ok(()));
+            }
+            // Everything rustls holds (at most its buffer limit), in one
+            // buffer.
+            while self.conn.wants_write() {
+                self.conn.write_tls(&mut self.out)?;
             }
         }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -488,14 +507,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         me.conn.writer().flush()?;
-        std::task::ready!(me.poll_push(cx))?;
+        ready!(me.poll_push(cx))?;
         Pin::new(&mut me.inner).poll_flush(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         me.conn.send_close_notify();
-        std::task::ready!(me.poll_push(cx))?;
+        ready!(me.poll_push(cx))?;
         Pin::new(&mut me.inner).poll_close(cx)
     }
 }
