@@ -403,14 +403,15 @@ impl Remote {
                     if detach::reported_by_peer_disk(&e) {
                         disk_cause = Some(text.clone());
                     }
-                    match (&disk_cause, detach::peer_disk_error(&e)) {
+                    let from_peer_disk = detach::peer_disk_error(&e);
+                    match (&disk_cause, from_peer_disk) {
                         (Some(cause), true) if *cause != text => self.set_error(format!(
                             "{text} (the last error the secondary reported: {cause})"
                         )),
                         _ => self.set_error(text.clone()),
                     }
                     last = text;
-                    if detach::peer_disk_error(&e) {
+                    if from_peer_disk {
                         disk_streak += 1;
                     } else {
                         disk_streak = 0;
