@@ -394,13 +394,31 @@ impl Primary {
     }
 
     /// Reads `[offset, offset + len)` from the secondary; None (logged)
-    /// when it cannot, or when the extent turned out to be one the
-    /// secondary lacks (a write's remote leg failed meanwhile).
-    async fn read_peer(&self, remote: &Remote, offset: u64, len: u32) -> Option<DmaBuffer> {
-        let link = remote.link()?;
+    /// when it cannot. `PeerCopy::Replica`: the secondary holds a copy of
+    /// this node's data, and a reply for an extent that turned out to be
+    /// one the secondary lacks (a write's remote leg failed meanwhile) is
+    /// refused. `PeerCopy::Current`: this node is out of date and the
+    /// secondary holds the current data of the extents marked here.
+    async fn read_peer(
+        &self,
+        remote: &Remote,
+        offset: u64,
+        len: u32,
+        source: PeerCopy,
+    ) -> Option<DmaBuffer> {
+        let Some(link) = remote.link_for_read().await else {
+            tracing::debug!(
+                offset,
+                len,
+                "read refused: the secondary holds the only current copy and is not connected"
+            );
+            return None;
+        };
         match link.call(Kind::Read, 0, offset, len, Payload::None).await {
             Ok(Some(buf)) if buf.len() == len as usize => {
-                (!self.peer_lacks(offset, u64::from(len))).then_some(buf)
+                let refused =
+                    source == PeerCopy::Replica && self.peer_lacks(offset, u64::from(len));
+                (!refused).then_some(buf)
             }
             Ok(_) => {
                 tracing::warn!(
@@ -508,6 +526,15 @@ impl RemoteLeg {
     }
 }
 
+/// What the secondary's copy of a range is, for a read served from it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PeerCopy {
+    /// A replica of this node's data (valid unless marked towards it).
+    Replica,
+    /// The current data, which this node lacks (valid where marked here).
+    Current,
+}
+
 /// What the client is told when no leg took a write: ENOSPC when a leg
 /// ran out of space (the filesystem under a sparse provider is full),
 /// else EIO.
@@ -571,7 +598,7 @@ impl BlockBackend for Primary {
         if let Some(r) = &remote {
             if r.reads_from_peer(offset, u64::from(len)) {
                 // Not synchronised yet: the secondary has the current data.
-                return match self.read_peer(r, offset, len).await {
+                return match self.read_peer(r, offset, len, PeerCopy::Current).await {
                     Some(buf) => Ok(PrimaryRead::Remote(buf)),
                     None => Err(fail()),
                 };
@@ -580,7 +607,7 @@ impl BlockBackend for Primary {
         if self.disk.failed() {
             let peer = remote.filter(|_| !self.peer_lacks(offset, u64::from(len)));
             return match peer {
-                Some(r) => match self.read_peer(&r, offset, len).await {
+                Some(r) => match self.read_peer(&r, offset, len, PeerCopy::Replica).await {
                     Some(buf) => Ok(PrimaryRead::Remote(buf)),
                     None => Err(fail()),
                 },
@@ -608,7 +635,7 @@ impl BlockBackend for Primary {
         };
         tracing::warn!(path = %self.disk.path().display(), offset, len, error = %e,
             "local read failed; trying the secondary");
-        match self.read_peer(&r, offset, len).await {
+        match self.read_peer(&r, offset, len, PeerCopy::Replica).await {
             Some(buf) => {
                 self.stats.reads_from_peer.fetch_add(1, Relaxed);
                 Ok(PrimaryRead::Remote(buf))

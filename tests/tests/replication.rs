@@ -351,13 +351,24 @@ fn out_of_date_primary_synchronises_from_the_secondary() {
     c.b.hastctl(&["role", "secondary", "r1"]);
     c.a.start();
     c.a.role("primary", "r1");
-    qemu_io(
-        &c.a.uri("r1"),
-        &[
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
             "read -P 0x10 0 2M",
+            "-c",
             "read -P 0x20 2M 4M",
-            "read -P 0x10 6M 2M",
-        ],
+        ])
+        .args(["-c", "read -P 0x10 6M 2M", &c.a.uri("r1")])
+        .output()
+        .expect("run qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"),
+        "reads of an out-of-date primary:\n{text}\nA's log:\n{}\nB's log:\n{}",
+        c.a.log_tail(40),
+        c.b.log_tail(40)
     );
     let a = wait_in_sync(&c.a);
     assert!(
@@ -371,6 +382,80 @@ fn out_of_date_primary_synchronises_from_the_secondary() {
         "counters agree after the sync"
     );
     assert_eq!(d["flags"].as_u64(), Some(0), "not inconsistent any more");
+    c.stop();
+}
+
+/// An out-of-date primary that loses its secondary halfway through the
+/// copy fails reads of the extents it has not received (EIO) instead of
+/// serving its own older data, and serves the current data once a new
+/// connection has finished the copy.
+#[test]
+fn out_of_date_primary_never_serves_its_older_copy() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::new(
+        vec![ResourceDef::file("r1", 64 * MIB)],
+        ClusterOptions {
+            timeout_secs: 60,
+            with_proxy: true,
+            ..Default::default()
+        },
+    );
+    c.create_all();
+    c.start();
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    c.a.role("primary", "r1");
+    wait_in_sync(&c.a);
+    qemu_io(&c.a.uri("r1"), &["write -P 0x10 0 48M", "flush"]);
+    wait_in_sync(&c.a);
+    c.a.kill9();
+    c.b.role("primary", "r1");
+    qemu_io(&c.b.uri("r1"), &["write -P 0x20 0 48M", "flush"]);
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    // Every chunk between the nodes takes 200 ms each way, and the proxy
+    // holds 256 KiB per direction: the copy of 48 MiB B -> A runs at about
+    // 1.25 MiB/s, so its last extents arrive half a minute after it starts
+    // (and a read queued behind the 16 MiB of copy replies in flight takes
+    // about 13 s).
+    c.proxy_ab()
+        .expect("proxy")
+        .set_delay(Duration::from_millis(200));
+    c.a.start();
+    c.a.role("primary", "r1");
+    c.a.wait_list("r1", SYNC_LIMIT, |j| {
+        j["sync"]["direction"] == "from-secondary"
+    });
+    // While connected, a read of an extent not copied yet is served by
+    // the secondary.
+    qemu_io(&c.a.uri("r1"), &["read -P 0x20 46M 4k"]);
+    // Cut the connection halfway.
+    let proxy = c.proxy_ab().expect("proxy");
+    proxy.partition();
+    c.a.wait_list("r1", Duration::from_secs(30), |j| j["status"] == "degraded");
+    let d = c.a.dump("r1");
+    assert_ne!(d["flags"].as_u64(), Some(0), "the copy did not finish: {d}");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -v 46M 4k", &c.a.uri("r1")])
+        .output()
+        .expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Input/output error"),
+        "a read of an extent not copied from the secondary yet must fail, not return \
+         this node's older data:\n{text}"
+    );
+    assert!(!text.contains("10 10 10 10"), "stale data served:\n{text}");
+    // A new connection finishes the copy; every byte is B's.
+    proxy.set_delay(Duration::ZERO);
+    proxy.heal();
+    wait_in_sync(&c.a);
+    qemu_io(&c.a.uri("r1"), &["read -P 0x20 0 48M"]);
+    assert_eq!(c.data_diff("r1"), None, "legs identical");
     c.stop();
 }
 

@@ -34,7 +34,7 @@ use crate::events::{EventKind, EventSink};
 use crate::generation::{target_generation, Decision, Gen, SyncDirection};
 use crate::local::LocalDisk;
 use crate::semaphore::Semaphore;
-use crate::signal::Signal;
+use crate::signal::{Notify, Signal};
 use crate::stats::ResourceStats;
 
 /// When the primary acknowledges a write (hast.conf `replication`).
@@ -105,8 +105,9 @@ enum Conn {
     Down,
     /// Handshake accepted; the peer's dirty extents are being merged. The
     /// link carries no writes yet (they are local and marked), but reads
-    /// of extents this node lacks already go to the peer (and fail until
-    /// the link is up) when `sync` is from the secondary.
+    /// of extents this node lacks already go to the peer when `sync` is
+    /// from the secondary: they wait for the link
+    /// ([`Remote::link_for_read`]).
     Preparing { sync: Option<SyncDirection> },
     /// The link carries writes; `sync` is the synchronisation running.
     Up {
@@ -123,6 +124,8 @@ pub struct Remote {
     pub(super) events: EventSink,
     connector: Connector,
     conn: RefCell<Conn>,
+    /// Woken at every change of `conn`.
+    conn_changed: Notify,
     /// One flush of the secondary at a time (see `durability`).
     pub(super) flush_lock: Semaphore,
     /// Fired by [`Remote::stop`].
@@ -139,6 +142,16 @@ pub struct Remote {
     syncmode: Cell<SyncMode>,
     /// The synchronisation of this connection goes to a new secondary.
     pub(super) full_sync: Cell<bool>,
+    /// This node is the destination of a synchronisation from the
+    /// secondary that has not completed: its extents that need
+    /// synchronisation hold older data than the secondary's, and are read
+    /// from the secondary or not at all (EIO while disconnected), never
+    /// from here. Set when a handshake finds this node out of date,
+    /// cleared when that synchronisation completes; it outlives the
+    /// connection, so a primary that loses its peer halfway does not fall
+    /// back to its stale copy. (A node promoted with `--force` starts
+    /// without it: the operator chose its data.)
+    lacks_data: Cell<bool>,
     /// The verify running or last run (see `super::verify`).
     pub(super) verify: RefCell<Option<super::verify::VerifyRun>>,
     /// The TCP connector's timeout, when it is ours.
@@ -201,6 +214,7 @@ impl Remote {
             compression: Cell::new(cfg.compression),
             syncmode: Cell::new(cfg.syncmode),
             full_sync: Cell::new(false),
+            lacks_data: Cell::new(false),
             verify: RefCell::new(None),
             connect_timeout: RefCell::new(None),
             cfg,
@@ -209,6 +223,7 @@ impl Remote {
             events,
             connector,
             conn: RefCell::new(Conn::Down),
+            conn_changed: Notify::new(),
             flush_lock: Semaphore::new(1),
             stop: Signal::new(),
             first: Signal::new(),
@@ -236,6 +251,7 @@ impl Remote {
             self.stats.set_sync_state(sync);
         }
         *self.conn.borrow_mut() = c;
+        self.conn_changed.notify_all();
     }
 
     /// Records the synchronisation running on the live connection.
@@ -317,16 +333,28 @@ impl Remote {
         }
     }
 
+    /// The link for a read this node cannot serve itself. While the
+    /// connection is being prepared (between an accepted handshake and the
+    /// link carrying requests) it waits, at most the peer timeout, for the
+    /// link to come up, so that a read arriving in that window (an out of
+    /// date primary that has just connected) is served, not failed.
+    pub async fn link_for_read(&self) -> Option<PeerLink> {
+        let preparing = || matches!(&*self.conn.borrow(), Conn::Preparing { .. });
+        if preparing() {
+            let up = self.conn_changed.wait_until(|| !preparing());
+            let late = glommio::timer::sleep(self.timeout.get());
+            futures_lite::future::or(up, async {
+                late.await;
+            })
+            .await;
+        }
+        self.link()
+    }
+
     /// Must a read of this range be served by the secondary (the primary
     /// is being synchronised from it and the range is not done yet)?
     pub fn reads_from_peer(&self, offset: u64, len: u64) -> bool {
-        let from_peer = match &*self.conn.borrow() {
-            Conn::Preparing { sync } | Conn::Up { sync, .. } => {
-                *sync == Some(SyncDirection::FromSecondary)
-            }
-            Conn::Down => false,
-        };
-        from_peer
+        self.lacks_data.get()
             && self
                 .disk
                 .with_map(|m| m.extent_range(offset, len).any(|e| m.needs_sync(e)))
@@ -443,6 +471,7 @@ impl Remote {
         // Out of date: reads of not-yet-copied extents go to the peer from
         // the moment anything can see this connection.
         if dir == SyncDirection::FromSecondary && !detached {
+            self.lacks_data.set(true);
             self.set_conn(Conn::Preparing { sync: Some(dir) });
         }
         let link = self.start_link(stream);
@@ -478,10 +507,15 @@ impl Remote {
         let _detach = self.watch_detach(&link);
         if detached {
             // Nothing can be written here: no synchronisation.
-        } else if let Err(e) = self.synchronise(&link, dir, target, &p_gen).await {
-            if link.is_alive() && !self.stop.is_fired() {
-                tracing::warn!(resource = %self.cfg.resource, error = %e, "synchronisation failed");
-                link.kill(e);
+        } else {
+            match self.synchronise(&link, dir, target, &p_gen).await {
+                // Whatever the direction, this node's data is now current.
+                Ok(()) => self.lacks_data.set(false),
+                Err(e) if link.is_alive() && !self.stop.is_fired() => {
+                    tracing::warn!(resource = %self.cfg.resource, error = %e, "synchronisation failed");
+                    link.kill(e);
+                }
+                Err(_) => {}
             }
         }
         self.serve(&link).await;
