@@ -410,7 +410,7 @@ impl Primary {
             tracing::debug!(
                 offset,
                 len,
-                "read refused: the secondary holds the only current copy and is not connected"
+                "read refused: it needs the secondary, which is not connected"
             );
             return None;
         };

@@ -14,8 +14,8 @@ const EXTENT: u64 = 2 * MIB;
 const SYNC_LIMIT: Duration = Duration::from_secs(90);
 
 fn cluster(mode: &str, size: u64, proxy: bool, exec: Option<&Path>) -> Cluster {
-    let mut c = Cluster::new(
-        vec![ResourceDef::file("r1", size)],
+    cluster_with(
+        size,
         ClusterOptions {
             replication: mode.into(),
             timeout_secs: 5,
@@ -23,7 +23,12 @@ fn cluster(mode: &str, size: u64, proxy: bool, exec: Option<&Path>) -> Cluster {
             exec: exec.map(Path::to_path_buf),
             ..Default::default()
         },
-    );
+    )
+}
+
+/// A pair with one resource r1 of `size`, B secondary, A primary, in sync.
+fn cluster_with(size: u64, opts: ClusterOptions) -> Cluster {
+    let mut c = Cluster::new(vec![ResourceDef::file("r1", size)], opts);
     c.create_all();
     c.start();
     c.b.hastctl(&["role", "secondary", "r1"]);
@@ -394,19 +399,14 @@ fn out_of_date_primary_never_serves_its_older_copy() {
     if !require_tool("qemu-io") {
         return;
     }
-    let mut c = Cluster::new(
-        vec![ResourceDef::file("r1", 64 * MIB)],
+    let mut c = cluster_with(
+        64 * MIB,
         ClusterOptions {
             timeout_secs: 60,
             with_proxy: true,
             ..Default::default()
         },
     );
-    c.create_all();
-    c.start();
-    c.b.hastctl(&["role", "secondary", "r1"]);
-    c.a.role("primary", "r1");
-    wait_in_sync(&c.a);
     qemu_io(&c.a.uri("r1"), &["write -P 0x10 0 48M", "flush"]);
     wait_in_sync(&c.a);
     c.a.kill9();
