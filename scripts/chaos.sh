@@ -3,7 +3,10 @@
 # export; random kill -9 of either node, partitions and heals through the
 # test proxy, SIGSTOP/SIGCONT of either node, role switches; at the end
 # every acknowledged record is read back and the legs compared byte for
-# byte. The driver is tests/tests/chaos.rs (the suite runs it for 120 s).
+# byte. Both providers fail on demand (write errors on the secondary's
+# disk, read and write errors on the primary's) where root and nbdkit
+# allow; HAST_CHAOS_DISKS=0 leaves disk faults out. The driver is
+# tests/tests/chaos.rs (the suite runs it for 120 s).
 #
 #   scripts/chaos.sh [DURATION_SECONDS] [SEED]
 #

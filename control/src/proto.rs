@@ -233,6 +233,11 @@ pub struct ResourceReport {
     pub window_waits: u64,
     /// The last handshake found a split-brain.
     pub split_brain: bool,
+    /// A primary whose data is out of date: the extents not copied from
+    /// the secondary yet are read from it, and fail (EIO) while it is not
+    /// connected.
+    #[serde(default)]
+    pub out_of_date: bool,
     /// This node's disk: `ok`, or `failed` (detached after its errors;
     /// `disk_error` says why); None in role init.
     #[serde(default)]

@@ -148,6 +148,18 @@ pub fn list(resources: &[ResourceReport]) -> String {
         if r.split_brain {
             let _ = writeln!(out, "  split-brain: yes");
         }
+        if r.out_of_date {
+            let _ = writeln!(
+                out,
+                "  warning: this node's data is out of date: extents not copied from the \
+                 secondary yet are read from it{}",
+                if r.connected {
+                    ""
+                } else {
+                    ", and fail while it is not connected"
+                }
+            );
+        }
         if let Some(d) = &r.disk {
             match &r.disk_error {
                 Some(why) => {

@@ -235,6 +235,12 @@ impl LocalDisk {
         stats.datasize.store(md.datasize, Relaxed);
         stats.dirty_bytes.store(map.dirty_bytes(), Relaxed);
         stats.ondisk_extents.store(map.ondisk_extents(), Relaxed);
+        // A newly opened disk is in use: the detach of the one before it
+        // (`role init` after a disk failure) is over.
+        stats.disk_failed.store(false, Relaxed);
+        if let Ok(mut e) = stats.disk_error.lock() {
+            e.clear();
+        }
         let zeros = Rc::new({
             let mut b = store.alloc(ZERO_CHUNK);
             b.as_bytes_mut().fill(0);

@@ -264,6 +264,20 @@ impl Primary {
         let range = self.disk.lock_range(offset, len).await;
         let remote = self.remote();
         let link = remote.as_ref().and_then(|r| r.link());
+        // An out-of-date node's copy is not the data: a write counts only
+        // once the secondary, which holds the data, has it. Without the
+        // secondary it is refused, so this node never writes alone (a new
+        // generation here would make the two nodes' changes a split-brain).
+        let stale = remote.as_ref().is_some_and(|r| r.out_of_date());
+        if stale && link.is_none() {
+            tracing::debug!(
+                offset,
+                len,
+                "write refused: this node is out of date and the secondary is not connected"
+            );
+            errors.fetch_add(1, Relaxed);
+            return Err(BackendError::Io);
+        }
         // The local mark, while the disk is used.
         let mut marked = false;
         if !self.disk.failed() {
@@ -318,6 +332,11 @@ impl Primary {
             if marked {
                 self.disk.write_complete(offset, len, Settled::NeedsSync);
             }
+            if stale {
+                // Lost with the connection: only the secondary's copy
+                // counts (the extent is copied back from it).
+                return Err(BackendError::Io);
+            }
             return local.map_err(|e| client_error(&e, None));
         };
         let leg = RemoteLeg {
@@ -331,15 +350,21 @@ impl Primary {
         };
         // The acknowledgement point of the replication mode. FUA always
         // waits for the secondary's Done (it flushed before sending it),
-        // and so does a write this disk did not take: the secondary's copy
-        // is then the only one.
-        let acked = match (self.mode(), fua || !local_ok) {
+        // and so does a write this disk did not take, or one of an
+        // out-of-date node: the secondary's copy is then the one that
+        // counts.
+        let acked = match (self.mode(), fua || !local_ok || stale) {
             (ReplicationMode::FullSync, _) | (_, true) => {
                 let done = pending.done().await.map(|_| ());
                 let remote_err = done.as_ref().err().cloned();
                 let link = leg.link.clone();
                 leg.settle(done);
                 match (&local, remote_err) {
+                    (Ok(()), Some(r)) if stale => {
+                        tracing::debug!(offset, len, error = %r,
+                            "write failed: this node is out of date and the secondary did not take it");
+                        Err(BackendError::Io)
+                    }
                     (Ok(()), _) => Ok(()),
                     (Err(e), None) => self.covered_by_peer(&remote, &link, offset, len, e).await,
                     (Err(e), Some(r)) => Err(client_error(e, Some(&r))),
@@ -448,9 +473,12 @@ impl Primary {
     async fn flush_inner(&self) -> Result<(), BackendError> {
         let remote_leg = self.remote();
         let link = remote_leg.as_ref().and_then(|r| r.link());
+        // An out-of-date node's writes count on the secondary only: its
+        // flush is what makes them durable, in every mode.
+        let stale = remote_leg.as_ref().is_some_and(|r| r.out_of_date());
         let remote = async {
             match (&link, &remote_leg) {
-                (Some(l), Some(r)) if self.mode() != ReplicationMode::Async => {
+                (Some(l), Some(r)) if self.mode() != ReplicationMode::Async || stale => {
                     // Also releases the extents held for the secondary's
                     // flush. A failed flush there drops the link, so the
                     // reconnect resynchronises every extent still marked.
@@ -460,6 +488,12 @@ impl Primary {
             }
         };
         let (local, remote_ok) = futures_lite::future::zip(self.disk.flush(), remote).await;
+        if stale && !remote_ok {
+            tracing::debug!(
+                "flush failed: this node is out of date and the secondary did not flush"
+            );
+            return Err(BackendError::Io);
+        }
         let Err(e) = local else {
             return Ok(());
         };

@@ -88,6 +88,10 @@ pub struct ResourceStats {
     pub disk_failed: AtomicBool,
     /// Why the provider was detached (empty while it is used).
     pub disk_error: std::sync::Mutex<String>,
+    /// A primary whose data is out of date: it is being synchronised from
+    /// the secondary (or was, when the connection broke), and serves the
+    /// extents not copied yet only from there.
+    pub out_of_date: AtomicBool,
     /// The peer's provider is detached, as the peer said: on a primary,
     /// the secondary refused the connection for it; on a secondary, the
     /// primary writes only here (this node holds the only copy).

@@ -519,6 +519,21 @@ impl Drop for TestNode {
             signal(c.id(), libc::SIGKILL);
             let _ = c.wait();
         }
+        // A failing test's whole log, where `HAST_KEEP_LOGS` says (the
+        // panic message shows only a tail).
+        if let (true, Ok(dir)) = (std::thread::panicking(), std::env::var("HAST_KEEP_LOGS")) {
+            let dir = PathBuf::from(dir);
+            let name = format!("{}-{}.log", self.name, std::process::id());
+            if std::fs::create_dir_all(&dir).is_ok()
+                && std::fs::write(dir.join(&name), self.log()).is_ok()
+            {
+                eprintln!(
+                    "{}: whole log kept in {}",
+                    self.name,
+                    dir.join(name).display()
+                );
+            }
+        }
     }
 }
 

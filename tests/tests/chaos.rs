@@ -2,14 +2,21 @@
 //! through the fault-injecting proxies, a verifying record writer on the
 //! primary's export, and a seeded random sequence of faults: kill -9 of
 //! either node, partitions and heals, SIGSTOP/SIGCONT of either node and
-//! planned role switches. Every writer epoch (the stream between two
+//! planned role switches, and — where the fault-injecting disks of
+//! `hast_tests::faulty` can be built (root, nbdkit, nbdfuse) — failing
+//! disks: write errors on the secondary's disk (it detaches it; repaired
+//! and re-attached with `role init` + `role secondary`), read and write
+//! errors on the primary's disk (reads and writes go to the secondary; the
+//! repaired disk is reopened with `role init` + `role primary` and
+//! synchronised from the secondary). Every writer epoch (the stream between two
 //! faults that end its connection) is read back from the primary: no
 //! acknowledged or flushed record is missing, no write failed. At the end
 //! the legs are byte-identical.
 //!
 //! `HAST_CHAOS_SECS` (default 120) sets the duration, `HAST_CHAOS_SEED`
 //! the seed (default: from the clock; printed either way, and a run with
-//! the same seed draws the same faults). `scripts/chaos.sh DURATION`
+//! the same seed draws the same faults), `HAST_CHAOS_DISKS=0` leaves the
+//! disk faults out. `scripts/chaos.sh DURATION`
 //! runs it.
 
 use std::time::{Duration, Instant};
@@ -19,6 +26,7 @@ use rand::{Rng, SeedableRng};
 
 use hast_tests::cluster::{Cluster, ClusterOptions};
 use hast_tests::failover::{check_records, RecordWriter, WriterLog};
+use hast_tests::faulty::{FaultyDisk, FaultyOptions};
 use hast_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -33,16 +41,44 @@ struct Counts {
     stop_primary: u32,
     stop_secondary: u32,
     switches: u32,
+    secondary_disk_errors: u32,
+    secondary_disk_detached: u32,
+    primary_disk_errors: u32,
     epochs: u32,
     records_checked: u64,
 }
 
 struct Chaos {
+    // Declared (so dropped) before the disks the nodes use.
     c: Cluster,
+    /// nodeA's and nodeB's fault-injecting providers, when they exist.
+    disks: Option<[FaultyDisk; 2]>,
     a_primary: bool,
     writer: Option<RecordWriter>,
     next_seq: u64,
     counts: Counts,
+    seed: u64,
+}
+
+impl Drop for Chaos {
+    /// A failed run keeps both nodes' whole logs (the panic message shows
+    /// only a tail of one).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let dir = test_root().join(format!("hast-chaos-failure-{}", self.seed));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            for n in [&self.c.a, &self.c.b] {
+                let _ = std::fs::write(dir.join(format!("{}.log", n.name)), n.log());
+            }
+            eprintln!(
+                "chaos: seed {}: both nodes' logs kept in {}",
+                self.seed,
+                dir.display()
+            );
+        }
+    }
 }
 
 impl Chaos {
@@ -60,6 +96,11 @@ impl Chaos {
         } else {
             &mut self.c.a
         }
+    }
+
+    fn disk(&self, primary: bool) -> &FaultyDisk {
+        let d = self.disks.as_ref().expect("faulty disks");
+        &d[usize::from(primary != self.a_primary)]
     }
 
     fn start_writer(&mut self) {
@@ -84,6 +125,11 @@ impl Chaos {
     }
 
     fn check(&mut self, log: &WriterLog) {
+        // An out-of-date primary reads what it lacks from the secondary
+        // (docs/failover.md): wait for the connection, if it broke.
+        self.primary().wait_list(RES, LIMIT, |j| {
+            j["out_of_date"] != true || j["connected"] == true
+        });
         let sock = self.primary().export_socket(RES);
         let check = check_records(&sock, RES, log);
         assert!(
@@ -155,6 +201,53 @@ impl Chaos {
         signal(pid, libc::SIGCONT);
     }
 
+    /// Write errors on the secondary's disk for `d`: the primary goes on
+    /// serving; a secondary that detached its disk is re-attached.
+    fn secondary_disk_errors(&mut self, d: Duration) {
+        self.counts.secondary_disk_errors += 1;
+        self.disk(false).fail_writes(true);
+        self.run_writes(d);
+        self.disk(false).fail_writes(false);
+        let s = self.secondary();
+        if s.list(RES)["disk"] == "failed" {
+            s.hastctl(&["role", "init", RES]);
+            s.hastctl(&["role", "secondary", RES]);
+            self.counts.secondary_disk_detached += 1;
+        }
+    }
+
+    /// Read and write errors on the primary's disk for `d` while the
+    /// secondary is connected: the primary detaches its disk and serves
+    /// from the secondary, the epoch is read back through it; then the
+    /// repaired disk is reopened and synchronised from the secondary.
+    fn primary_disk_errors(&mut self, d: Duration) {
+        self.counts.primary_disk_errors += 1;
+        // Only with a connected secondary is a local write error hidden
+        // from the client.
+        self.primary().wait_in_sync(RES, LIMIT);
+        self.disk(true).fail_writes(true);
+        self.disk(true).fail_reads(true);
+        self.run_writes(d);
+        let l = self.primary().list(RES);
+        let log = self.end_epoch(false);
+        self.check(&log);
+        self.disk(true).fail_writes(false);
+        self.disk(true).fail_reads(false);
+        if l["disk"] == "failed" || self.primary().list(RES)["disk"] == "failed" {
+            let p = self.primary();
+            p.hastctl(&["role", "init", RES]);
+            p.role("primary", RES);
+        }
+        self.start_writer();
+        // Written while the reopened disk is synchronised from the
+        // secondary; the next fault comes once the copy is done (an
+        // out-of-date primary refuses writes while its secondary is
+        // away: docs/failover.md).
+        self.run_writes(Duration::from_millis(500));
+        self.primary()
+            .wait_list(RES, LIMIT, |j| j["out_of_date"] == false);
+    }
+
     fn switch(&mut self) {
         self.counts.switches += 1;
         let log = self.end_epoch(false);
@@ -185,6 +278,26 @@ fn chaos() {
     eprintln!("chaos: seed {seed} (HAST_CHAOS_SEED={seed} replays the faults), {secs} s");
     let mut rng = StdRng::seed_from_u64(seed);
 
+    // Built first, dropped last (after the nodes).
+    let disks = if std::env::var("HAST_CHAOS_DISKS").as_deref() == Ok("0") {
+        None
+    } else {
+        let opts = FaultyOptions {
+            size: 64 * MIB,
+            ..Default::default()
+        };
+        FaultyDisk::new(opts.clone())
+            .zip(FaultyDisk::new(opts))
+            .map(|(a, b)| [a, b])
+    };
+    eprintln!(
+        "chaos: {}",
+        if disks.is_some() {
+            "failing disks included"
+        } else {
+            "file providers, no disk faults"
+        }
+    );
     let mut c = Cluster::new(
         vec![ResourceDef::file(RES, 64 * MIB)],
         ClusterOptions {
@@ -193,6 +306,12 @@ fn chaos() {
             ..Default::default()
         },
     );
+    if let Some(d) = &disks {
+        for (node, disk) in [(&mut c.a, &d[0]), (&mut c.b, &d[1])] {
+            node.resources[0].path = Some(disk.device());
+            node.write_conf();
+        }
+    }
     c.create_all();
     c.start();
     c.b.hastctl(&["role", "secondary", RES]);
@@ -200,10 +319,12 @@ fn chaos() {
     c.a.wait_in_sync(RES, LIMIT);
     let mut ch = Chaos {
         c,
+        disks,
         a_primary: true,
         writer: None,
         next_seq: 0,
         counts: Counts::default(),
+        seed,
     };
     ch.start_writer();
 
@@ -212,7 +333,8 @@ fn chaos() {
     while start.elapsed() < Duration::from_secs(secs) {
         ch.run_writes(Duration::from_millis(rng.gen_range(500..3000)));
         let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.gen_range(lo..hi));
-        let fault = rng.gen_range(0..6);
+        let kinds = if ch.disks.is_some() { 8 } else { 6 };
+        let fault = rng.gen_range(0..kinds);
         eprintln!(
             "chaos: t={:?} fault {faults}: {}",
             start.elapsed(),
@@ -222,7 +344,9 @@ fn chaos() {
                 "partition",
                 "SIGSTOP secondary",
                 "SIGSTOP primary",
-                "role switch"
+                "role switch",
+                "write errors on the secondary's disk",
+                "read and write errors on the primary's disk",
             ][fault]
         );
         match fault {
@@ -231,7 +355,9 @@ fn chaos() {
             2 => ch.partition(ms(&mut rng, 500, 6000)),
             3 => ch.stop_cont(false, ms(&mut rng, 500, 6000)),
             4 => ch.stop_cont(true, ms(&mut rng, 200, 2500)),
-            _ => ch.switch(),
+            5 => ch.switch(),
+            6 => ch.secondary_disk_errors(ms(&mut rng, 200, 3000)),
+            _ => ch.primary_disk_errors(ms(&mut rng, 200, 3000)),
         }
         faults += 1;
     }

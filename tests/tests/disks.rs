@@ -432,6 +432,54 @@ fn enospc_on_a_sparse_secondary_provider_is_reported_and_retried_slowly() {
 }
 
 #[test]
+fn a_repaired_secondary_disk_is_attached_again_by_role_init_and_catches_up() {
+    if !have(&["qemu-io"]) {
+        return;
+    }
+    let Some(disk) = FaultyDisk::new(FaultyOptions::default()) else {
+        return;
+    };
+    let c = pair(64 * MIB, None, Some(disk.device()), None);
+    let uri = c.a.uri("r1");
+    disk.fail_writes(true);
+    // Sixteen writes in flight at once: the primary drops the connection
+    // at the first error, and the others reach the secondary meanwhile,
+    // which detaches its disk after 8 failures in a row (more may need a
+    // reconnection or two: each retry's synchronisation start fails too).
+    let mut cmds: Vec<String> = (0..16)
+        .map(|i| format!("aio_write -P 0x61 {}k 64k", i * 64))
+        .collect();
+    cmds.push("aio_flush".into());
+    qemu_io(&uri, &strs(&cmds));
+    let lb =
+        c.b.wait_list("r1", Duration::from_secs(180), |j| j["disk"] == "failed");
+    assert!(lb["disk_error"].as_str().is_some(), "{lb}");
+    c.a.wait_list("r1", LONG, |j| j["peer_disk"] == "failed");
+    // Written while the secondary's disk is detached: marked on the
+    // primary.
+    qemu_io(&uri, &["write -P 0x62 8M 1M", "flush"]);
+    disk.fail_writes(false);
+    // Repaired: `role init` lets go of the disk, `role secondary` opens it
+    // again — in use, no failure reported any more.
+    c.b.hastctl(&["role", "init", "r1"]);
+    c.b.hastctl(&["role", "secondary", "r1"]);
+    let lb = c.b.list("r1");
+    assert_eq!(lb["disk"], "ok", "{lb}");
+    assert!(lb["disk_error"].is_null(), "{lb}");
+    // The primary reconnects within its retry pause (at most 30 s).
+    let l = c.a.wait_in_sync("r1", Duration::from_secs(90));
+    assert_eq!(l["peer_disk"], "ok", "{l}");
+    assert_eq!(c.data_diff("r1"), None, "legs byte-identical");
+    assert!(c
+        .b
+        .read_provider_data("r1", 8 * MIB, MIB as usize)
+        .iter()
+        .all(|&x| x == 0x62));
+    drop(c);
+    drop(disk);
+}
+
+#[test]
 fn enospc_on_a_sparse_primary_provider_is_covered_by_the_secondary() {
     if !have(&["qemu-io"]) {
         return;

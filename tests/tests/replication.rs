@@ -423,9 +423,10 @@ fn out_of_date_primary_never_serves_its_older_copy() {
         .set_delay(Duration::from_millis(200));
     c.a.start();
     c.a.role("primary", "r1");
-    c.a.wait_list("r1", SYNC_LIMIT, |j| {
+    let l = c.a.wait_list("r1", SYNC_LIMIT, |j| {
         j["sync"]["direction"] == "from-secondary"
     });
+    assert_eq!(l["out_of_date"], true, "{l}");
     // While connected, a read of an extent not copied yet is served by
     // the secondary.
     qemu_io(&c.a.uri("r1"), &["read -P 0x20 46M 4k"]);
@@ -451,13 +452,31 @@ fn out_of_date_primary_never_serves_its_older_copy() {
          this node's older data:\n{text}"
     );
     assert!(!text.contains("10 10 10 10"), "stale data served:\n{text}");
+    // Nor does it take writes on its own: they would make its changes and
+    // the secondary's (the data it has not copied yet) a split-brain.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 46M 4k", &c.a.uri("r1")])
+        .output()
+        .expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Input/output error"),
+        "a write of an out-of-date primary without its secondary must fail:\n{text}"
+    );
+    let l = c.a.list("r1");
+    assert_eq!(l["out_of_date"], true, "{l}");
     // A new connection finishes the copy; every byte is B's.
     proxy.set_delay(Duration::ZERO);
     proxy.heal();
-    // Bounded by the peer timeout (60 s here) plus a retry pause: an
-    // interrupted copy has been seen to notice the reset only then (see
-    // the stop note of 2026-12-02).
-    c.a.wait_in_sync("r1", Duration::from_secs(180));
+    // Bounded by the peer timeout (60 s here) plus a retry pause.
+    let l = c.a.wait_in_sync("r1", Duration::from_secs(180));
+    assert_eq!(l["out_of_date"], false, "{l}");
+    assert_eq!(l["split_brain"], false, "{l}");
+    // The refused write left nothing behind: every byte is B's.
     qemu_io(&c.a.uri("r1"), &["read -P 0x20 0 48M"]);
     assert_eq!(c.data_diff("r1"), None, "legs identical");
     c.stop();

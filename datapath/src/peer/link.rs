@@ -441,9 +441,18 @@ impl PeerLink {
         }));
         self.inner.inflight.borrow_mut().insert(seq, slot.clone());
         let out = Outgoing { header, payload };
-        if self.inner.out.send(out).await.is_err() {
+        // Raced against the link's death: glommio's bounded `send` stays
+        // pending when the receiver (the writer task) is dropped while the
+        // queue is full (docs/upstream.md), and the writer stops at once
+        // when the link dies.
+        let queued = async { self.inner.out.send(out).await.is_ok() };
+        let died = async {
+            self.inner.death.wait().await;
+            false
+        };
+        if !futures_lite::future::or(died, queued).await {
             self.inner.inflight.borrow_mut().remove(&seq);
-            return Err(LinkError::Disconnected);
+            return Err(self.death_reason().unwrap_or(LinkError::Disconnected));
         }
         Ok(Pending { slot })
     }
@@ -558,8 +567,11 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
                     }
                     continue;
                 }
+                // Left in the map until its payload is read: a death
+                // meanwhile (this read cut short, or the reader cancelled
+                // by a kill from elsewhere) completes it with the rest.
                 Kind::Done | Kind::ReadReply | Kind::ChecksumsReply | Kind::WrittenMapReply => {
-                    link.inner.inflight.borrow_mut().remove(&hdr.seq)
+                    link.inner.inflight.borrow().get(&hdr.seq).cloned()
                 }
                 other => {
                     break LinkError::Protocol(format!("unexpected {other:?} from the secondary"));
@@ -577,6 +589,7 @@ async fn reader_task<S: AsyncRead + Unpin>(link: PeerLink, r: ReadHalf<S>) {
             let Some(slot) = slot else {
                 break LinkError::Protocol(format!("reply for unknown request {}", hdr.seq));
             };
+            link.inner.inflight.borrow_mut().remove(&hdr.seq);
             let result = if hdr.status != 0 {
                 Err(LinkError::Remote(hdr.status))
             } else {
@@ -621,7 +634,11 @@ async fn keepalive_task(link: PeerLink) {
             break;
         }
         let idle_tx = now.duration_since(link.inner.last_tx.get());
-        if idle_tx >= limits.keepalive || silent >= limits.keepalive {
+        // Only into an empty queue: frames already queued prompt the
+        // peer's replies as well, and keepalives piling up behind a slow
+        // writer would take the room the window's requests count on.
+        let queue_empty = link.inner.out.len() == 0;
+        if queue_empty && (idle_tx >= limits.keepalive || silent >= limits.keepalive) {
             // Fire and forget: the reply only refreshes last_rx.
             let seq = 0;
             let hdr = Header::request(Kind::Keepalive, 0, seq, 0, 0);
@@ -637,5 +654,124 @@ async fn keepalive_task(link: PeerLink) {
                 link.inner.last_tx.set(now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request queued while the writer is stuck (the peer reads
+    /// nothing) must fail when the link is killed, not wait forever for
+    /// room in a queue nobody drains (glommio's bounded `send` does not
+    /// return when the receiver is dropped with the queue full:
+    /// docs/upstream.md).
+    #[test]
+    fn a_request_queued_behind_a_stuck_writer_fails_when_the_link_dies() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                // The far end never reads: the writer blocks once 4 KiB
+                // are buffered.
+                let (a, _b) = crate::pipe::pipe(4096);
+                let limits = LinkLimits {
+                    max_inflight: 4,
+                    keepalive: Duration::from_millis(100),
+                    timeout: Duration::from_secs(3600),
+                    max_bytes: 1 << 20,
+                };
+                let link = PeerLink::start(a, limits, |_| unreachable!("no replies"));
+                let big = Payload::Bytes(vec![7u8; 64 * 1024]);
+                let first = link
+                    .request(Kind::Write, 0, 0, 64 * 1024, big)
+                    .await
+                    .expect("queued");
+                // Keepalive ticks while the writer is stuck: one at most
+                // is queued.
+                glommio::timer::sleep(Duration::from_millis(800)).await;
+                assert!(link.inner.out.len() <= 1, "{}", link.inner.out.len());
+                // Fill the queue (as keepalives piling up once did): the
+                // next request waits for room.
+                let ka = || Outgoing {
+                    header: Header::request(Kind::Keepalive, 0, 0, 0, 0),
+                    payload: Payload::None,
+                };
+                while link.inner.out.try_send(ka()).is_ok() {}
+                let l2 = link.clone();
+                let second = glommio::spawn_local(async move {
+                    l2.call(Kind::Flush, 0, 0, 0, Payload::None).await
+                });
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                link.kill(LinkError::Disconnected);
+                let ended = futures_lite::future::or(async { Some(second.await) }, async {
+                    glommio::timer::sleep(Duration::from_secs(5)).await;
+                    None
+                })
+                .await;
+                let r = ended.expect("the request returned after the link died");
+                assert!(r.is_err(), "{r:?}");
+                assert!(first.done().await.is_err());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// A read whose reply the connection cut halfway through its payload
+    /// fails, and so does one whose link is killed (from another task)
+    /// meanwhile: neither is left waiting (its slot once left the map
+    /// before its payload was read).
+    #[test]
+    fn a_read_whose_reply_is_cut_short_fails() {
+        for killed in [false, true] {
+            read_cut_short(killed);
+        }
+    }
+
+    fn read_cut_short(killed: bool) {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let (a, mut b) = crate::pipe::pipe(1 << 20);
+                let limits = LinkLimits {
+                    max_inflight: 4,
+                    keepalive: Duration::from_secs(3600),
+                    timeout: Duration::from_secs(3600),
+                    max_bytes: 1 << 20,
+                };
+                let link = PeerLink::start(a, limits, glommio::allocate_dma_buffer);
+                let l2 = link.clone();
+                let read = glommio::spawn_local(async move {
+                    l2.call(Kind::Read, 0, 0, 4096, Payload::None).await
+                });
+                // The secondary: the request, then a reply header and a
+                // tenth of its payload, then the connection is gone.
+                let req = frame::read_header(&mut b).await.expect("request");
+                assert_eq!(req.kind, Kind::Read);
+                let payload = vec![0x5au8; 4096];
+                let reply = Header::reply(Kind::ReadReply, req.seq, 0).with_payload(&payload);
+                futures_lite::AsyncWriteExt::write_all(&mut b, &reply.encode())
+                    .await
+                    .unwrap();
+                futures_lite::AsyncWriteExt::write_all(&mut b, &payload[..400])
+                    .await
+                    .unwrap();
+                if killed {
+                    // The reader waits for the rest of the payload.
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    link.kill(LinkError::Disconnected);
+                } else {
+                    drop(b);
+                }
+                let ended = futures_lite::future::or(async { Some(read.await) }, async {
+                    glommio::timer::sleep(Duration::from_secs(5)).await;
+                    None
+                })
+                .await;
+                let r = ended.expect("the read returned after the connection broke");
+                assert!(r.is_err(), "{:?}", r.map(|d| d.map(|b| b.len())));
+                assert!(!link.is_alive());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -351,6 +351,18 @@ impl Remote {
         self.link()
     }
 
+    /// Is this node's data out of date (being synchronised from the
+    /// secondary, or it was when the connection broke)? Its writes then
+    /// count only once the secondary has them.
+    pub fn out_of_date(&self) -> bool {
+        self.lacks_data.get()
+    }
+
+    fn set_lacks_data(&self, on: bool) {
+        self.lacks_data.set(on);
+        self.stats.out_of_date.store(on, Relaxed);
+    }
+
     /// Must a read of this range be served by the secondary (the primary
     /// is being synchronised from it and the range is not done yet)?
     pub fn reads_from_peer(&self, offset: u64, len: u64) -> bool {
@@ -471,7 +483,7 @@ impl Remote {
         // Out of date: reads of not-yet-copied extents go to the peer from
         // the moment anything can see this connection.
         if dir == SyncDirection::FromSecondary && !detached {
-            self.lacks_data.set(true);
+            self.set_lacks_data(true);
             self.set_conn(Conn::Preparing { sync: Some(dir) });
         }
         let link = self.start_link(stream);
@@ -510,7 +522,7 @@ impl Remote {
         } else {
             match self.synchronise(&link, dir, target, &p_gen).await {
                 // Whatever the direction, this node's data is now current.
-                Ok(()) => self.lacks_data.set(false),
+                Ok(()) => self.set_lacks_data(false),
                 Err(e) if link.is_alive() && !self.stop.is_fired() => {
                     tracing::warn!(resource = %self.cfg.resource, error = %e, "synchronisation failed");
                     link.kill(e);
