@@ -233,7 +233,16 @@ impl Remote {
         match dir {
             SyncDirection::ToSecondary => {
                 tell_peer().await?;
-                record_here.await.map_err(lerr)?;
+                // The secondary holds every byte and has recorded the
+                // generation: a local failure now is this disk's (counted
+                // towards its detach), not the connection's. Dropping the
+                // link would fail the writes the secondary could cover.
+                // The next handshake recognises the generation recorded
+                // on one side only, as after a crash in between.
+                if let Err(e) = record_here.await {
+                    tracing::error!(resource = %self.cfg.resource, error = %e,
+                        "cannot record the new generation on this node's disk; the secondary has it");
+                }
             }
             SyncDirection::FromSecondary => {
                 record_here.await.map_err(lerr)?;
