@@ -16,6 +16,8 @@ cd "$(dirname "$0")/.."
 secs="${1:-120}"
 case "$secs" in ''|*[!0-9]*) echo "usage: $0 [DURATION_SECONDS] [SEED]" >&2; exit 64;; esac
 export HAST_CHAOS_SECS="$secs"
+# A failed run leaves both nodes' whole logs here.
+export HAST_KEEP_LOGS="${HAST_KEEP_LOGS:-$PWD/target/chaos-logs}"
 if [ $# -ge 2 ]; then export HAST_CHAOS_SEED="$2"; fi
 cargo build --workspace --bins
 exec cargo test -p hast-tests --test chaos -- --nocapture --test-threads=1

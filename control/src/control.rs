@@ -436,7 +436,7 @@ pub fn report(cfg: &Config, r: &ResourceConfig, daemon: &Daemon) -> ResourceRepo
         connected: stats.connected.load(Relaxed),
         window_waits: g(&stats.window_waits),
         split_brain: stats.split_brain.load(Relaxed),
-        out_of_date: stats.out_of_date.load(Relaxed),
+        out_of_date: role == Role::Primary && stats.out_of_date.load(Relaxed),
         disk: active.then(|| if disk_failed { "failed" } else { "ok" }.to_string()),
         disk_error: stats
             .disk_error

@@ -269,11 +269,17 @@ impl Primary {
         // secondary it is refused, so this node never writes alone (a new
         // generation here would make the two nodes' changes a split-brain).
         let stale = remote.as_ref().is_some_and(|r| r.out_of_date());
-        if stale && link.is_none() {
+        // Only the secondary's copy would count, and there is none.
+        if link.is_none() && (stale || self.disk.failed()) {
+            let why = if stale {
+                "this node is out of date"
+            } else {
+                "the disk is detached"
+            };
             tracing::debug!(
                 offset,
                 len,
-                "write refused: this node is out of date and the secondary is not connected"
+                "write refused: {why} and the secondary is not connected"
             );
             errors.fetch_add(1, Relaxed);
             return Err(BackendError::Io);
@@ -296,15 +302,6 @@ impl Primary {
                     return Err(BackendError::Io);
                 }
             }
-        }
-        if !marked && link.is_none() {
-            tracing::debug!(
-                offset,
-                len,
-                "write refused: the disk is detached and the secondary is not connected"
-            );
-            errors.fetch_add(1, Relaxed);
-            return Err(BackendError::Io);
         }
         // Remote first (it only queues), then the local write runs while
         // the data travels.

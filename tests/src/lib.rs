@@ -609,6 +609,26 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs qemu-io commands against an NBD URI without asserting: whether
+/// they all succeeded, and qemu-io's output (stdout and stderr).
+pub fn qemu_io_result(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    let out = c.arg(uri).output().expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = out.status.success()
+        && !text.contains("failed")
+        && !text.contains("Pattern verification failed");
+    (ok, text)
+}
+
 /// Runs qemu-io commands against an NBD URI; asserts success and that no
 /// pattern mismatch was reported.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {

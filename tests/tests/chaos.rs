@@ -57,28 +57,6 @@ struct Chaos {
     writer: Option<RecordWriter>,
     next_seq: u64,
     counts: Counts,
-    seed: u64,
-}
-
-impl Drop for Chaos {
-    /// A failed run keeps both nodes' whole logs (the panic message shows
-    /// only a tail of one).
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let dir = test_root().join(format!("hast-chaos-failure-{}", self.seed));
-        if std::fs::create_dir_all(&dir).is_ok() {
-            for n in [&self.c.a, &self.c.b] {
-                let _ = std::fs::write(dir.join(format!("{}.log", n.name)), n.log());
-            }
-            eprintln!(
-                "chaos: seed {}: both nodes' logs kept in {}",
-                self.seed,
-                dir.display()
-            );
-        }
-    }
 }
 
 impl Chaos {
@@ -324,7 +302,6 @@ fn chaos() {
         writer: None,
         next_seq: 0,
         counts: Counts::default(),
-        seed,
     };
     ch.start_writer();
 

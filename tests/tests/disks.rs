@@ -101,25 +101,6 @@ fn pair(size: u64, a: Option<PathBuf>, b: Option<PathBuf>, exec: Option<PathBuf>
     c
 }
 
-/// Runs qemu-io; returns whether it succeeded and its output.
-fn qemu_io_result(uri: &str, cmds: &[&str]) -> (bool, String) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    let out = c.arg(uri).output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ok = out.status.success()
-        && !text.contains("failed")
-        && !text.contains("Pattern verification failed");
-    (ok, text)
-}
-
 /// qemu-io `op`s (`write` or `read`) of six 8 MiB runs from 0, the run at
 /// `i * 8M` with the pattern `base + i` (48 MiB: more than a 24 MiB
 /// filesystem holds).

@@ -437,15 +437,7 @@ fn out_of_date_primary_never_serves_its_older_copy() {
     proxy.partition();
     let d = c.a.dump("r1");
     assert_ne!(d["flags"].as_u64(), Some(0), "the copy did not finish: {d}");
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -v 46M 4k", &c.a.uri("r1")])
-        .output()
-        .expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = qemu_io_result(&c.a.uri("r1"), &["read -v 46M 4k"]);
     assert!(
         text.contains("Input/output error"),
         "a read of an extent not copied from the secondary yet must fail, not return \
@@ -454,15 +446,8 @@ fn out_of_date_primary_never_serves_its_older_copy() {
     assert!(!text.contains("10 10 10 10"), "stale data served:\n{text}");
     // Nor does it take writes on its own: they would make its changes and
     // the secondary's (the data it has not copied yet) a split-brain.
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x77 46M 4k", &c.a.uri("r1")])
-        .output()
-        .expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text) = qemu_io_result(&c.a.uri("r1"), &["write -P 0x77 46M 4k"]);
+    assert!(!ok, "{text}");
     assert!(
         text.contains("Input/output error"),
         "a write of an out-of-date primary without its secondary must fail:\n{text}"

@@ -208,6 +208,8 @@ impl Remote {
         stats: Arc<ResourceStats>,
         events: EventSink,
     ) -> Rc<Remote> {
+        // The report's copy of `lacks_data`: a new leg starts current.
+        stats.out_of_date.store(false, Relaxed);
         let r = Rc::new(Remote {
             mode: Cell::new(cfg.mode),
             timeout: Cell::new(cfg.timeout),
