@@ -2,7 +2,10 @@
 //! with relaxed atomics on its own core) and the control plane (which reads
 //! them for `hastctl list`/`status` without a cross-core hop).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicU8,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -277,7 +280,8 @@ impl ResourceStats {
 
     /// The synchronisation running, and its direction.
     pub fn sync_state(&self) -> Option<SyncDirection> {
-        match self.sync_direction.load(Relaxed) {
+        // Acquire: pairs with the Release below (see set_sync_state).
+        match self.sync_direction.load(Acquire) {
             1 => Some(SyncDirection::ToSecondary),
             2 => Some(SyncDirection::FromSecondary),
             _ => None,
@@ -291,7 +295,9 @@ impl ResourceStats {
             Some(SyncDirection::ToSecondary) => 1,
             Some(SyncDirection::FromSecondary) => 2,
         };
-        self.sync_direction.store(code, Relaxed);
+        // Release: a reader that sees a pass ended also sees what the
+        // remote leg stored before ending it (out_of_date cleared).
+        self.sync_direction.store(code, Release);
     }
 }
 

@@ -360,7 +360,7 @@ impl Remote {
         self.lacks_data.get()
     }
 
-    fn set_lacks_data(&self, on: bool) {
+    pub(super) fn set_lacks_data(&self, on: bool) {
         self.lacks_data.set(on);
         self.stats.out_of_date.store(on, Relaxed);
     }

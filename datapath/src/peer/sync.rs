@@ -199,14 +199,45 @@ impl Remote {
             checksums = self.pass_checksums(), compression = %self.compression(),
             "synchronisation started");
         self.events.emit(EventKind::SyncStart);
-        let result = self.copy_dirty(link, dir).await;
-        self.set_sync(None);
-        if let Err(e) = result {
-            tracing::warn!(resource = %self.cfg.resource, error = %e,
-                done = stats.sync_done.load(Relaxed), "synchronisation interrupted");
-            self.events.emit(EventKind::SyncIntr);
-            return Err(e);
+        let result = match self.copy_dirty(link, dir).await {
+            Ok(()) => self.record_completion(link, dir, target).await,
+            Err(e) => {
+                tracing::warn!(resource = %self.cfg.resource, error = %e,
+                    done = stats.sync_done.load(Relaxed), "synchronisation interrupted");
+                self.events.emit(EventKind::SyncIntr);
+                Err(e)
+            }
+        };
+        // The pass ends (in the status) only once its result is recorded:
+        // a client that sees no synchronisation running sees this node
+        // current, never the moment between the last chunk and the new
+        // generation. Whatever the direction, this node's data is current
+        // once both legs recorded the copy.
+        if result.is_ok() {
+            self.set_lacks_data(false);
         }
+        self.set_sync(None);
+        let generation = result?;
+        self.full_sync.set(false);
+        let secs = started.elapsed().as_secs_f64();
+        let bytes = stats.sync_done.load(Relaxed);
+        tracing::info!(resource = %self.cfg.resource, bytes, seconds = secs,
+            mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+            sent = stats.net_sent_bytes.load(Relaxed) - sent_before,
+            received = stats.net_received_bytes.load(Relaxed) - received_before,
+            generation, "synchronisation complete");
+        self.events.emit(EventKind::SyncDone);
+        Ok(())
+    }
+
+    /// Records a finished copy on both legs (see [`Self::synchronise`]).
+    async fn record_completion(
+        &self,
+        link: &PeerLink,
+        dir: SyncDirection,
+        target: u64,
+    ) -> Result<u64, LinkError> {
+        let lerr = |e| LinkError::disk("metadata update", None, e);
         // Everything copied: both legs are identical. The destination
         // records the new generation first (after flushing the copied
         // data), then the source: a crash in between is recognised at the
@@ -249,16 +280,7 @@ impl Remote {
                 tell_peer().await?;
             }
         }
-        self.full_sync.set(false);
-        let secs = started.elapsed().as_secs_f64();
-        let bytes = stats.sync_done.load(Relaxed);
-        tracing::info!(resource = %self.cfg.resource, bytes, seconds = secs,
-            mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
-            sent = stats.net_sent_bytes.load(Relaxed) - sent_before,
-            received = stats.net_received_bytes.load(Relaxed) - received_before,
-            generation = target, "synchronisation complete");
-        self.events.emit(EventKind::SyncDone);
-        Ok(())
+        Ok(target)
     }
 
     /// Does this pass compare checksums first (`syncmode`, and whether
