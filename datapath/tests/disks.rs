@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +22,7 @@ use hast_datapath::metadata::Role;
 use hast_datapath::peer::remote::ReplicationMode;
 use hast_datapath::primary::Primary;
 use hast_datapath::stats::ResourceStats;
-use hast_datapath::storage::MemFaults;
+use hast_datapath::storage::{MemFaults, Tripwire};
 
 const SIZE: usize = 16 << 20;
 const EXTENT: u64 = 1 << 20;
@@ -35,6 +37,7 @@ fn reopen(d: &NodeDisk) -> NodeDisk {
         mem: d.mem.clone(),
         stats: Arc::new(ResourceStats::default()),
         md: d.md.clone(),
+        wire: d.wire.clone(),
     }
 }
 
@@ -505,4 +508,128 @@ fn after_a_detach_the_data_is_recovered_from_the_secondary() {
             pair.stop().await;
         });
     }
+}
+
+/// Arms `wire` to run `on` at the first flush at which `cond` holds
+/// (checked just before each flush).
+fn at_flush_when(wire: &Rc<Tripwire>, cond: Rc<dyn Fn() -> bool>, on: Rc<dyn Fn()>) {
+    let again = wire.clone();
+    wire.arm_at_flush(0, move || {
+        if cond() {
+            on();
+        } else {
+            at_flush_when(&again, cond, on);
+        }
+    });
+}
+
+/// A synchronisation to the secondary whose last step fails on the
+/// primary: the secondary recorded the new generation, then the primary
+/// cannot flush its own disk to record it. The connection stays (the
+/// secondary holds every byte; dropping the link would fail writes it
+/// covers), writes keep replicating over it, and the next handshake
+/// recognises the generation recorded on one side only: no split-brain,
+/// legs identical.
+#[test]
+fn a_local_failure_to_record_a_completed_sync_keeps_the_connection() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        for i in 0..4u64 {
+            pair.write(i * EXTENT, &pattern(i, 64 << 10)).await;
+        }
+        pair.primary.flush().await.expect("flush");
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        assert_eq!(pair.attempts.get(), 1);
+        let b_before = pair.secondary.disk().metadata();
+
+        // Armed before the cut: the first flush of A once B recorded a
+        // new generation fails, and so does every flush of A until the
+        // pass has ended.
+        let fired = Rc::new(Cell::new(false));
+        {
+            let sec = pair.secondary.clone();
+            let cond = Rc::new(move || sec.disk().metadata().localcnt > b_before.localcnt);
+            let (mem, fired) = (pair.a.mem.clone(), fired.clone());
+            let on = Rc::new(move || {
+                mem.borrow_mut().faults.flush_error = true;
+                fired.set(true);
+            });
+            at_flush_when(&pair.a.wire, cond, on);
+        }
+        // Apart: A writes alone, then reconnects and copies to B.
+        pair.cut();
+        for i in 4..8u64 {
+            pair.write(i * EXTENT, &pattern(i, 64 << 10)).await;
+        }
+        wait_for(
+            Duration::from_secs(20),
+            "the fault at the end of the pass",
+            || fired.get() && pair.a.stats.sync_state().is_none(),
+        )
+        .await;
+        pair.a.mem.borrow_mut().faults.flush_error = false;
+        let (a_md, b_md) = (
+            pair.primary.disk().metadata(),
+            pair.secondary.disk().metadata(),
+        );
+        assert_eq!(
+            b_md.localcnt, b_md.remotecnt,
+            "B recorded the pass: {b_md:?}"
+        );
+        assert_ne!(
+            (a_md.localcnt, a_md.remotecnt),
+            (b_md.localcnt, b_md.remotecnt),
+            "A could not record it"
+        );
+        assert_eq!(pair.attempts.get(), 2, "one reconnection, after the cut");
+        assert!(
+            !pair.primary.disk().failed(),
+            "one failed flush does not detach"
+        );
+
+        // The same connection carries new writes to B.
+        let late = pattern(99, 32 << 10);
+        pair.write(9 * EXTENT, &late).await;
+        pair.primary
+            .flush()
+            .await
+            .expect("flush once the fault is gone");
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        let off = 9 * EXTENT as usize;
+        assert_eq!(pair.b.data()[off..off + late.len()], late[..]);
+        assert_eq!(pair.attempts.get(), 2, "the link was never dropped");
+        let ev = pair.events(true);
+        assert_eq!(count(&ev, EventKind::Disconnect), 1, "{ev:?}");
+        // The first connection's pass and this one: the legs are
+        // identical, though only B recorded it.
+        assert_eq!(count(&ev, EventKind::SyncDone), 2, "{ev:?}");
+
+        // The next handshake settles the generation A missed.
+        pair.cut();
+        wait_for(Duration::from_secs(10), "the reconnection", || {
+            pair.attempts.get() >= 3
+        })
+        .await;
+        pair.wait_in_sync(Duration::from_secs(20)).await;
+        assert!(!pair.a.stats.split_brain.load(Relaxed), "no split-brain");
+        let (a_md, b_md) = (
+            pair.primary.disk().metadata(),
+            pair.secondary.disk().metadata(),
+        );
+        assert_eq!(
+            (a_md.localcnt, a_md.remotecnt),
+            (b_md.localcnt, b_md.remotecnt),
+            "both record one generation"
+        );
+        assert!(pair.a.data() == pair.b.data(), "the legs are identical");
+        for i in 0..8u64 {
+            let off = (i * EXTENT) as usize;
+            assert_eq!(
+                pair.a.data()[off..off + (64 << 10)],
+                pattern(i, 64 << 10)[..]
+            );
+        }
+        pair.stop().await;
+    });
 }

@@ -28,7 +28,7 @@ use hast_datapath::pipe::{pipe, Cutter};
 use hast_datapath::primary::Primary;
 use hast_datapath::provider::ProviderInfo;
 use hast_datapath::stats::ResourceStats;
-use hast_datapath::storage::{MemDisk, MemStorage};
+use hast_datapath::storage::{MemDisk, MemStorage, Tripwire};
 
 /// Sector size of the in-memory disks.
 pub const SECTOR: usize = 4096;
@@ -38,6 +38,9 @@ pub struct NodeDisk {
     pub mem: Rc<RefCell<MemDisk>>,
     pub stats: Arc<ResourceStats>,
     pub md: Metadata,
+    /// Stepped by every operation of this disk (unarmed unless a test
+    /// arms it).
+    pub wire: Rc<Tripwire>,
 }
 
 impl NodeDisk {
@@ -49,6 +52,7 @@ impl NodeDisk {
             mem: MemDisk::with_metadata(&md, size, volatile),
             stats: Arc::new(ResourceStats::default()),
             md,
+            wire: Tripwire::new(),
         }
     }
 
@@ -61,7 +65,10 @@ impl NodeDisk {
             blockdev: false,
         };
         let disk = LocalDisk::with_storage(
-            Box::new(MemStorage::new(self.mem.clone())),
+            Box::new(MemStorage::with_tripwire(
+                self.mem.clone(),
+                self.wire.clone(),
+            )),
             Path::new("mem"),
             info,
             "r0",
