@@ -14,15 +14,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{pattern, run, NodeDisk, Pair};
+use common::{pattern, run, Hooks, NodeDisk, Opts, Pair};
 use hast_datapath::events::{EventKind, Leg};
 use hast_datapath::export::{BackendError, BlockBackend, WriteFlags};
 use hast_datapath::health::FAIL_AFTER;
-use hast_datapath::metadata::Role;
+use hast_datapath::metadata::{Metadata, Role, FLAG_INCONSISTENT, METADATA_SIZE};
 use hast_datapath::peer::remote::ReplicationMode;
 use hast_datapath::primary::Primary;
 use hast_datapath::stats::ResourceStats;
-use hast_datapath::storage::{MemFaults, Tripwire};
+use hast_datapath::storage::{MemDisk, MemFaults, Tripwire};
 
 const SIZE: usize = 16 << 20;
 const EXTENT: u64 = 1 << 20;
@@ -632,4 +632,130 @@ fn a_local_failure_to_record_a_completed_sync_keeps_the_connection() {
         }
         pair.stop().await;
     });
+}
+
+/// A synchronisation from the secondary (the primary was out of date)
+/// whose last reply is lost: the primary had copied everything and
+/// recorded the new generation, then the link broke before the secondary
+/// answered `SyncComplete`. The primary is current: it serves and writes
+/// alone at once (it is not held back as out of date until a reconnection),
+/// and the next handshake settles the counters — no split-brain, legs
+/// identical.
+#[test]
+fn a_primary_that_recorded_its_sync_from_the_secondary_is_current_without_the_last_reply() {
+    run(|| async {
+        let pair = Pair::start(disk(), disk(), ReplicationMode::MemSync).await;
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        for i in 0..4u64 {
+            pair.write(i * EXTENT, &pattern(i, 64 << 10)).await;
+        }
+        pair.primary.flush().await.expect("flush");
+        pair.wait_in_sync(Duration::from_secs(10)).await;
+        let (a, b) = (reopen(&pair.a), reopen(&pair.b));
+        pair.stop().await;
+
+        // A is gone; B becomes primary and writes alone: A is out of date.
+        let newer: Vec<_> = (1..3u64).map(|i| pattern(i + 10, 64 << 10)).collect();
+        {
+            let bd = b.open(Role::Primary).await;
+            let p = Primary::new(bd.clone(), b.stats.clone(), None);
+            for (i, data) in (1..3u64).zip(&newer) {
+                assert!(try_write(&p, i * EXTENT, data).await, "B alone");
+            }
+            p.flush().await.expect("flush B");
+            drop(p);
+            bd.close(Role::Primary).await.expect("close B");
+        }
+        let b_md = md_of(&b.mem.borrow());
+        assert_eq!(b_md.localcnt, b_md.remotecnt + 1, "B wrote alone: {b_md:?}");
+        let target = b_md.localcnt;
+
+        // A comes back as primary without writing and pulls B's writes.
+        // At B's first disk operation after A recorded the new generation
+        // (the flush for SyncComplete), the link breaks and stays down.
+        let hooks = Hooks::default();
+        let recorded = Rc::new(Cell::new(false));
+        {
+            let a_mem = a.mem.clone();
+            let cond = Rc::new(move || {
+                let md = md_of(&a_mem.borrow());
+                md.localcnt == target && md.flags & FLAG_INCONSISTENT == 0
+            });
+            let (hooks, recorded) = (hooks.clone(), recorded.clone());
+            let on = Rc::new(move || {
+                hooks.refuse.set(true);
+                hooks.cut();
+                recorded.set(true);
+            });
+            at_op_when(&b.wire, cond, on);
+        }
+        let pair = Pair::start_hooked(a, b, ReplicationMode::MemSync, Opts::default(), hooks).await;
+        wait_for(
+            Duration::from_secs(20),
+            "the link to break after A recorded",
+            || {
+                recorded.get()
+                    && pair.a.stats.sync_state().is_none()
+                    && !pair.a.stats.connected.load(Relaxed)
+            },
+        )
+        .await;
+        assert!(
+            !pair.remote.out_of_date(),
+            "A holds and recorded every byte"
+        );
+        assert!(!pair.a.stats.out_of_date.load(Relaxed));
+        let a_md = pair.primary.disk().metadata();
+        assert_eq!(
+            (a_md.localcnt, a_md.remotecnt),
+            (target, target),
+            "{a_md:?}"
+        );
+        // Served and written alone.
+        for (i, data) in (1..3u64).zip(&newer) {
+            assert_eq!(&pair.read(i * EXTENT, 64 << 10).await, data);
+        }
+        let late = pattern(77, 32 << 10);
+        assert!(
+            try_write(&pair.primary, 6 * EXTENT, &late).await,
+            "a current primary writes without its secondary"
+        );
+        assert_eq!(pair.read(6 * EXTENT, 32 << 10).await, late);
+
+        // The secondary comes back: counters settled, legs identical.
+        pair.refuse.set(false);
+        pair.wait_in_sync(Duration::from_secs(20)).await;
+        assert!(!pair.a.stats.split_brain.load(Relaxed), "no split-brain");
+        assert!(pair.a.data() == pair.b.data(), "the legs are identical");
+        let (a_md, b_md) = (
+            pair.primary.disk().metadata(),
+            pair.secondary.disk().metadata(),
+        );
+        assert_eq!(
+            (a_md.localcnt, a_md.remotecnt),
+            (b_md.localcnt, b_md.remotecnt),
+            "both record one generation"
+        );
+        let off = (6 * EXTENT) as usize;
+        assert_eq!(pair.b.data()[off..off + late.len()], late[..]);
+        pair.stop().await;
+    });
+}
+
+/// Arms `wire` to run `on` at the first operation (of any kind) at which
+/// `cond` holds.
+fn at_op_when(wire: &Rc<Tripwire>, cond: Rc<dyn Fn() -> bool>, on: Rc<dyn Fn()>) {
+    let again = wire.clone();
+    wire.arm(0, move || {
+        if cond() {
+            on();
+        } else {
+            at_op_when(&again, cond, on);
+        }
+    });
+}
+
+/// The metadata stored on an in-memory disk now.
+fn md_of(d: &MemDisk) -> Metadata {
+    Metadata::decode(&d.contents()[..METADATA_SIZE], d.size() as u64).expect("metadata")
 }

@@ -277,6 +277,11 @@ impl Remote {
             }
             SyncDirection::FromSecondary => {
                 record_here.await.map_err(lerr)?;
+                // This disk holds and has recorded every byte: it is
+                // current even if the secondary never hears of it (the
+                // next handshake settles its counters), so its writes
+                // need not wait for the secondary any more.
+                self.set_lacks_data(false);
                 tell_peer().await?;
             }
         }

@@ -104,6 +104,27 @@ pub struct Pair {
     pub events_b: flume::Receiver<Event>,
     /// Connection attempts of A so far.
     pub attempts: Rc<Cell<u32>>,
+    /// While set, A's connection attempts are refused.
+    pub refuse: Rc<Cell<bool>>,
+}
+
+/// Handles on a [`Pair`]'s transport made before it starts (for a
+/// tripwire's action that cuts or refuses the link).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Cuts the current connection.
+    pub wire: Rc<RefCell<Option<Cutter>>>,
+    /// While set, A's connection attempts are refused.
+    pub refuse: Rc<Cell<bool>>,
+}
+
+impl Hooks {
+    /// Cuts the current connection (a reset).
+    pub fn cut(&self) {
+        if let Some(c) = self.wire.borrow().as_ref() {
+            c.cut();
+        }
+    }
 }
 
 fn peer_addr() -> SocketAddr {
@@ -127,6 +148,17 @@ impl Pair {
 
     /// [`Pair::start`] with `opts`.
     pub async fn start_opts(a: NodeDisk, b: NodeDisk, mode: ReplicationMode, opts: Opts) -> Pair {
+        Self::start_hooked(a, b, mode, opts, Hooks::default()).await
+    }
+
+    /// [`Pair::start_opts`] over the transport handles `hooks`.
+    pub async fn start_hooked(
+        a: NodeDisk,
+        b: NodeDisk,
+        mode: ReplicationMode,
+        opts: Opts,
+        hooks: Hooks,
+    ) -> Pair {
         let (tx_a, events_a) = flume::bounded(1024);
         let (tx_b, events_b) = flume::bounded(1024);
         let (sink_a, sink_b) = (
@@ -147,12 +179,21 @@ impl Pair {
             max_bytes: 64 << 20,
             compression: opts.compression,
         });
-        let wire: Rc<RefCell<Option<Cutter>>> = Rc::new(RefCell::new(None));
+        let Hooks { wire, refuse } = hooks;
         let attempts = Rc::new(Cell::new(0u32));
         let connector: Connector = {
-            let (secondary, wire, attempts) = (secondary.clone(), wire.clone(), attempts.clone());
+            let (secondary, wire, attempts, refuse) = (
+                secondary.clone(),
+                wire.clone(),
+                attempts.clone(),
+                refuse.clone(),
+            );
             Box::new(move || {
                 attempts.set(attempts.get() + 1);
+                if refuse.get() {
+                    let e = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+                    return Box::pin(async move { Err(e.into()) });
+                }
                 let (ours, mut theirs) = pipe(256 << 10);
                 *wire.borrow_mut() = Some(ours.cutter());
                 let secondary = secondary.clone();
@@ -204,6 +245,7 @@ impl Pair {
             events_a,
             events_b,
             attempts,
+            refuse,
         }
     }
 
