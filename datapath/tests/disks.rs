@@ -510,19 +510,6 @@ fn after_a_detach_the_data_is_recovered_from_the_secondary() {
     }
 }
 
-/// Arms `wire` to run `on` at the first flush at which `cond` holds
-/// (checked just before each flush).
-fn at_flush_when(wire: &Rc<Tripwire>, cond: Rc<dyn Fn() -> bool>, on: Rc<dyn Fn()>) {
-    let again = wire.clone();
-    wire.arm_at_flush(0, move || {
-        if cond() {
-            on();
-        } else {
-            at_flush_when(&again, cond, on);
-        }
-    });
-}
-
 /// A synchronisation to the secondary whose last step fails on the
 /// primary: the secondary recorded the new generation, then the primary
 /// cannot flush its own disk to record it. The connection stays (the
@@ -555,7 +542,7 @@ fn a_local_failure_to_record_a_completed_sync_keeps_the_connection() {
                 mem.borrow_mut().faults.flush_error = true;
                 fired.set(true);
             });
-            at_flush_when(&pair.a.wire, cond, on);
+            at_first_when(&pair.a.wire, true, cond, on);
         }
         // Apart: A writes alone, then reconnects and copies to B.
         pair.cut();
@@ -687,7 +674,7 @@ fn a_primary_that_recorded_its_sync_from_the_secondary_is_current_without_the_la
                 hooks.cut();
                 recorded.set(true);
             });
-            at_op_when(&b.wire, cond, on);
+            at_first_when(&b.wire, false, cond, on);
         }
         let pair = Pair::start_hooked(a, b, ReplicationMode::MemSync, Opts::default(), hooks).await;
         wait_for(
@@ -723,7 +710,7 @@ fn a_primary_that_recorded_its_sync_from_the_secondary_is_current_without_the_la
         assert_eq!(pair.read(6 * EXTENT, 32 << 10).await, late);
 
         // The secondary comes back: counters settled, legs identical.
-        pair.refuse.set(false);
+        pair.hooks.refuse.set(false);
         pair.wait_in_sync(Duration::from_secs(20)).await;
         assert!(!pair.a.stats.split_brain.load(Relaxed), "no split-brain");
         assert!(pair.a.data() == pair.b.data(), "the legs are identical");
@@ -742,17 +729,22 @@ fn a_primary_that_recorded_its_sync_from_the_secondary_is_current_without_the_la
     });
 }
 
-/// Arms `wire` to run `on` at the first operation (of any kind) at which
-/// `cond` holds.
-fn at_op_when(wire: &Rc<Tripwire>, cond: Rc<dyn Fn() -> bool>, on: Rc<dyn Fn()>) {
+/// Arms `wire` to run `on` at the first operation (only flushes when
+/// `flushes`) at which `cond` holds, checked just before each one.
+fn at_first_when(wire: &Rc<Tripwire>, flushes: bool, cond: Rc<dyn Fn() -> bool>, on: Rc<dyn Fn()>) {
     let again = wire.clone();
-    wire.arm(0, move || {
+    let action = move || {
         if cond() {
             on();
         } else {
-            at_op_when(&again, cond, on);
+            at_first_when(&again, flushes, cond, on);
         }
-    });
+    };
+    if flushes {
+        wire.arm_at_flush(0, action);
+    } else {
+        wire.arm(0, action);
+    }
 }
 
 /// The metadata stored on an in-memory disk now.

@@ -96,16 +96,14 @@ pub struct Pair {
     pub primary: Rc<Primary>,
     pub remote: Rc<Remote>,
     pub secondary: Rc<Secondary>,
-    /// Cuts the current connection.
-    pub wire: Rc<RefCell<Option<Cutter>>>,
+    /// Cuts or refuses A's connections.
+    pub hooks: Hooks,
     /// Events of A (the primary) and B (the secondary), disk detaches
     /// included.
     pub events_a: flume::Receiver<Event>,
     pub events_b: flume::Receiver<Event>,
     /// Connection attempts of A so far.
     pub attempts: Rc<Cell<u32>>,
-    /// While set, A's connection attempts are refused.
-    pub refuse: Rc<Cell<bool>>,
 }
 
 /// Handles on a [`Pair`]'s transport made before it starts (for a
@@ -179,14 +177,13 @@ impl Pair {
             max_bytes: 64 << 20,
             compression: opts.compression,
         });
-        let Hooks { wire, refuse } = hooks;
         let attempts = Rc::new(Cell::new(0u32));
         let connector: Connector = {
             let (secondary, wire, attempts, refuse) = (
                 secondary.clone(),
-                wire.clone(),
+                hooks.wire.clone(),
                 attempts.clone(),
-                refuse.clone(),
+                hooks.refuse.clone(),
             );
             Box::new(move || {
                 attempts.set(attempts.get() + 1);
@@ -241,11 +238,10 @@ impl Pair {
             primary,
             remote,
             secondary,
-            wire,
+            hooks,
             events_a,
             events_b,
             attempts,
-            refuse,
         }
     }
 
@@ -284,9 +280,7 @@ impl Pair {
 
     /// Cuts the current connection (a reset: what was buffered is lost).
     pub fn cut(&self) {
-        if let Some(c) = self.wire.borrow().as_ref() {
-            c.cut();
-        }
+        self.hooks.cut();
     }
 
     /// Writes `data` at `offset` through the primary, as the export does.
